@@ -1,0 +1,91 @@
+"""Completion writer: a consumer's finished tasks reach Redis in batches.
+
+Handlers hand their finished task to :class:`Completer` and move on; the writer task
+writes everything that accumulated in one pipeline (final bodies, lease release,
+metrics).  Until that write succeeds the task keeps its lease (renewed like any other),
+so a crash before the write means redelivery, never loss.  Redis errors keep the batch
+and retry with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import anyio
+
+from ._task import Task
+from .backend import TRANSIENT_ERRORS, KartonBackend
+
+__all__ = ["Completer"]
+
+
+@dataclass(slots=True)
+class _Done:
+    task: Task
+    crashed: bool
+    dead: bool
+
+
+class Completer:
+    """Batches final task writes for one consumer identity."""
+
+    def __init__(
+        self,
+        backend: KartonBackend,
+        identity: str,
+        leased: dict[str, Task],
+        log: logging.Logger,
+    ) -> None:
+        self._backend = backend
+        self._identity = identity
+        self._leased = leased
+        self._log = log
+        self._pending: list[_Done] = []
+        self._wake = anyio.Event()
+
+    def add(self, task: Task, *, crashed: bool, dead: bool = False) -> None:
+        """Queue ``task`` (already in its final state) for writing."""
+        self._pending.append(_Done(task, crashed, dead))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write batches as they accumulate, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            await self._write_pending()
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Write whatever is pending (used at shutdown, shielded by the caller)."""
+        with anyio.move_on_after(timeout):
+            while self._pending:
+                await self._write_pending()
+        if self._pending:
+            self._log.error(
+                "%d finished task(s) could not be recorded; they will be redelivered",
+                len(self._pending),
+            )
+
+    async def _write_pending(self) -> None:
+        backoff = 0.2
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._write(batch)
+            except TRANSIENT_ERRORS as exc:
+                self._pending[:0] = batch
+                self._log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _write(self, batch: list[_Done]) -> None:
+        tasks = [done.task for done in batch]
+        crashed = sum(1 for done in batch if done.crashed)
+        await self._backend.complete(self._identity, tasks, crashed)
+        dead = [done.task.uid for done in batch if done.dead]
+        if dead:
+            await self._backend.dead_letter(self._identity, dead)
+        for task in tasks:
+            self._leased.pop(task.uid, None)

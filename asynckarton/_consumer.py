@@ -1,0 +1,397 @@
+"""Consumer: take routed tasks for one identity and run ``async def process(task)``.
+
+Structure (one task group per concern, all owned by ``run``)::
+
+    run ─┬─ background: bind watcher (on the named presence connection), lease renewer +
+         │              reclaimer, retry releaser, completion writer
+         └─ lifetime scope ── work group ── handlers (≤ concurrency_limit at once)
+                          └── fetching scope ── fetch loop
+
+Fetching is cancel-safe: a batch is popped and leased in one Lua call, which runs
+shielded; a task whose consumer dies is requeued when its lease expires.  ``stop(grace)``
+cancels fetching at once and gives in-flight handlers ``grace`` seconds; handlers still
+running then are cancelled and their tasks handed back to the queue (not Crashed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from ._completion import Completer
+from ._config import Config
+from ._errors import ConfigError, InvalidTaskError, Retry, TaskTimeoutError
+from ._query import compile_filters
+from ._service import ServiceBase
+from ._task import Task, TaskState, bind_resources, current_task
+from .backend import TRANSIENT_ERRORS, Bind
+
+__all__ = ["Consumer"]
+
+PreHook = Callable[[Task], Any]
+PostHook = Callable[[Task, BaseException | None], Any]
+
+BIND_CHECK_INTERVAL = 5.0
+BLOCKING_POP_TIMEOUT = 1.0
+
+
+def _load_exception(dotted: str) -> type[BaseException]:
+    module, _, name = dotted.strip().rpartition(".")
+    try:
+        value = getattr(importlib.import_module(module or "builtins"), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import exception {dotted!r}: {exc}") from None
+    if not (isinstance(value, type) and issubclass(value, BaseException)):
+        raise ConfigError(f"{dotted!r} is not an exception class")
+    return value
+
+
+class Consumer(ServiceBase):
+    """Base class of a service that processes tasks matching ``filters``.
+
+    Class attributes (each overridable by ``[karton]`` config and CLI options):
+        identity, filters, persistent, version: as in Karton.
+        concurrency_limit: handlers running at once (default 1, as Karton's asyncio).
+        task_timeout: seconds per task (fractions allowed); None = config, 0 = none.
+        max_retries, retry_for, retry_backoff, retry_backoff_max: automatic retries.
+        lease_timeout: seconds after which a dead consumer's task is redelivered.
+    """
+
+    filters: ClassVar[list[dict[str, Any]]] = []
+    persistent: ClassVar[bool] = True
+    concurrency_limit: ClassVar[int | None] = None
+    task_timeout: ClassVar[float | None] = None
+    max_retries: ClassVar[int | None] = None
+    retry_for: ClassVar[tuple[type[BaseException], ...]] = (Exception,)
+    retry_backoff: ClassVar[float] = 1.0
+    retry_backoff_max: ClassVar[float] = 300.0
+    lease_timeout: ClassVar[float | None] = None
+
+    def __init__(self, config: Config | None = None, identity: str | None = None) -> None:
+        super().__init__(config, identity)
+        if self.filters is None:
+            raise ValueError("filters must be a list of dicts (use [] to match nothing)")
+        self._match = compile_filters(list(self.filters))
+        self._read_policy(self.config)
+        self._pre_hooks: list[tuple[str | None, PreHook]] = []
+        self._post_hooks: list[tuple[str | None, PostHook]] = []
+        self._scopes: tuple[anyio.CancelScope, anyio.CancelScope] | None = None
+        self._leased: dict[str, Task] = {}
+        self._completer: Completer | None = None
+
+    def _read_policy(self, config: Config) -> None:
+        settings = config.karton_settings()
+        cls = type(self)
+        persistent = settings.persistent if settings.persistent is not None else cls.persistent
+        self.persistent = bool(persistent) and not self.debug  # type: ignore[misc]
+        self.concurrency_limit = settings.concurrency_limit or cls.concurrency_limit or 1  # type: ignore[misc]
+        timeout = settings.task_timeout if cls.task_timeout is None else cls.task_timeout
+        self.task_timeout = timeout or None  # type: ignore[misc]
+        retries = settings.max_retries if settings.max_retries is not None else cls.max_retries
+        self.max_retries = retries or 0  # type: ignore[misc]
+        if settings.retry_for:
+            self.retry_for = tuple(_load_exception(name) for name in settings.retry_for)  # type: ignore[misc]
+        if settings.retry_backoff is not None:
+            self.retry_backoff = settings.retry_backoff  # type: ignore[misc]
+        if settings.retry_backoff_max is not None:
+            self.retry_backoff_max = settings.retry_backoff_max  # type: ignore[misc]
+        self.lease_timeout = cls.lease_timeout or settings.lease_timeout  # type: ignore[misc]
+        self.shutdown_grace = settings.shutdown_grace
+
+    # -- user API -------------------------------------------------------------------------
+
+    async def process(self, task: Task) -> None:
+        """Handle one task (override this)."""
+        raise NotImplementedError(f"{type(self).__name__} must define async def process()")
+
+    def add_pre_hook(self, callback: PreHook, name: str | None = None) -> None:
+        """Run ``callback(task)`` (sync or async) before each task."""
+        self._pre_hooks.append((name, callback))
+
+    def add_post_hook(self, callback: PostHook, name: str | None = None) -> None:
+        """Run ``callback(task, exception_or_None)`` (sync or async) after each task."""
+        self._post_hooks.append((name, callback))
+
+    @property
+    def bind(self) -> Bind:
+        """This consumer's registration in ``karton.binds``."""
+        return Bind(
+            identity=self.identity,
+            filters=list(self.filters),
+            info=type(self).__doc__,
+            persistent=self.persistent,
+            service_version=self.version,
+        )
+
+    def stop(self, *, grace: float | None = None) -> None:
+        """Stop fetching now; cancel (and hand back) what still runs after ``grace`` s."""
+        if self._scopes is None:
+            return
+        lifetime, fetching = self._scopes
+        fetching.cancel()
+        grace = self.shutdown_grace if grace is None else grace
+        if grace <= 0:
+            lifetime.cancel()
+        else:
+            deadline = anyio.current_time() + grace
+            lifetime.deadline = min(lifetime.deadline, deadline)
+
+    # -- main loop ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Register the bind and process tasks until :meth:`stop` (or cancellation)."""
+        if self._stack is None:
+            async with self:
+                await self._run(task_status)
+        else:
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
+        presence = self.backend.connector.named(self.client_name)
+        blocking = self.backend.connector.blocking()
+        try:
+            await self._register()
+            self._completer = Completer(self.backend, self.identity, self._leased, self.log)
+            async with anyio.create_task_group() as background:
+                background.start_soon(self._completer.run)
+                background.start_soon(self._watch_bind, presence)
+                background.start_soon(self._keep_leases)
+                await self._consume(blocking, task_status)
+                with anyio.CancelScope(shield=True):
+                    await self._completer.drain()
+                background.cancel_scope.cancel()
+        finally:
+            self._scopes = None
+            with anyio.CancelScope(shield=True):
+                await presence.aclose()
+                await blocking.aclose()
+
+    async def _register(self) -> None:
+        old = await self.backend.register_bind(self.bind)
+        if old is None:
+            self.log.info("Service %s registered its bind", self.identity)
+        elif old != self.bind:
+            self.log.info("Service %s replaced an older bind", self.identity)
+        self.log.info("Service %s started (concurrency %d)", self.identity, self.concurrency_limit)
+
+    async def _consume(self, blocking: Any, task_status: TaskStatus[None]) -> None:
+        limit = self.concurrency_limit or 1
+        slots = anyio.Semaphore(limit)
+        with anyio.CancelScope() as lifetime:
+            async with anyio.create_task_group() as work:
+                with anyio.CancelScope() as fetching:
+                    self._scopes = lifetime, fetching
+                    task_status.started()
+                    await self._fetch_loop(work, slots, blocking)
+        self.log.info("Service %s stopped", self.identity)
+
+    async def _fetch_loop(self, work: TaskGroup, slots: anyio.Semaphore, blocking: Any) -> None:
+        backoff = 0.5
+        while True:
+            await slots.acquire()
+            free = 1
+            while free < 256:  # take every free slot at once: one fetch per batch
+                try:
+                    slots.acquire_nowait()
+                except anyio.WouldBlock:
+                    break
+                free += 1
+            try:
+                with anyio.CancelScope(shield=True):
+                    items = await self._fetch(free, blocking)
+                backoff = 0.5
+            except TRANSIENT_ERRORS as exc:
+                items = []
+                self.log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                for _ in range(free):
+                    slots.release()
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            tasks = await self._accept(items)
+            for _ in range(free - len(tasks)):
+                slots.release()
+            for task in tasks:
+                work.start_soon(self._handle, task, slots)
+            await anyio.lowlevel.checkpoint()
+
+    async def _fetch(self, count: int, blocking: Any) -> list[tuple[str, str]]:
+        lease = float(self.lease_timeout or 60.0)
+        items = await self.backend.fetch(self.identity, count, lease)
+        if items:
+            return items
+        return await self.backend.wait_fetch(blocking, self.identity, lease, BLOCKING_POP_TIMEOUT)
+
+    async def _accept(self, items: list[tuple[str, str]]) -> list[Task]:
+        """Parse fetched bodies, drop broken ones (logged), mark the rest Started."""
+        tasks: list[Task] = []
+        gone: list[str] = []
+        for uid, body in items:
+            if not body:
+                self.log.warning("Task %s vanished before it could start; skipped", uid)
+                gone.append(uid)
+                continue
+            try:
+                task = Task.unserialize(body)
+            except InvalidTaskError as exc:
+                self.log.error("Task %s has an unreadable body, quarantined: %s", uid, exc)
+                gone.append(uid)
+                await self.backend.quarantine([uid])
+                continue
+            bind_resources(task, self.storage)
+            task.status, task.last_update = TaskState.STARTED, time.time()
+            self._leased[uid] = task
+            tasks.append(task)
+        with anyio.CancelScope(shield=True):
+            await self.backend.drop_leases(self.identity, gone)
+            await self.backend.set_tasks(tasks)
+        return tasks
+
+    # -- one task -------------------------------------------------------------------------
+
+    async def _handle(self, task: Task, slots: anyio.Semaphore) -> None:
+        token = current_task.set(task)
+        try:
+            if not self._match(task.headers):
+                self.log.info("Task rejected because binds are no longer valid.")
+                task.status = TaskState.FINISHED
+                self._completer_add(task, crashed=False)
+                return
+            attempt = f" (attempt {task.attempt + 1})" if task.attempt else ""
+            self.log.info("Received new task - %s%s", task.uid, attempt)
+            await self._run_hooks_pre(task)
+            error = await self._run_process(task)
+            await self._run_hooks_post(task, error)
+            await self._finish(task, error)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._hand_back(task)
+            raise
+        finally:
+            current_task.reset(token)
+            slots.release()
+
+    async def _run_process(self, task: Task) -> BaseException | None:
+        with anyio.CancelScope() as scope:
+            if self.task_timeout:
+                scope.deadline = anyio.current_time() + self.task_timeout
+            try:
+                result = self.process(task)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                return exc
+        if scope.cancelled_caught:
+            try:
+                raise TaskTimeoutError(float(self.task_timeout or 0))
+            except TaskTimeoutError as exc:
+                return exc
+        return None
+
+    async def _finish(self, task: Task, error: BaseException | None) -> None:
+        if error is None:
+            task.status, task.error = TaskState.FINISHED, None
+            self.log.info("Task done - %s", task.uid)
+            self._completer_add(task, crashed=False)
+            return
+        task.error = traceback.format_exception(type(error), error, error.__traceback__)
+        if self._should_retry(task, error):
+            await self._schedule_retry(task, error)
+            return
+        task.status = TaskState.CRASHED
+        self.log.error("Failed to process task - %s", task.uid, exc_info=error)
+        self._completer_add(task, crashed=True, dead=self.max_retries > 0)
+
+    def _should_retry(self, task: Task, error: BaseException) -> bool:
+        if task.attempt >= (self.max_retries or 0):
+            return False
+        return isinstance(error, Retry) or isinstance(error, self.retry_for)
+
+    async def _schedule_retry(self, task: Task, error: BaseException) -> None:
+        after = error.after if isinstance(error, Retry) and error.after is not None else None
+        if after is None:  # exponential backoff with full jitter, capped
+            cap = min(self.retry_backoff_max, self.retry_backoff * 2**task.attempt)
+            after = random.uniform(0, cap)
+        task.attempt += 1
+        task.status, task.last_update = TaskState.SPAWNED, time.time()
+        self.log.warning(
+            "Task %s failed (%s); retry %d/%d in %.2fs",
+            task.uid, type(error).__name__, task.attempt, self.max_retries, after,
+        )  # fmt: skip
+        with anyio.CancelScope(shield=True):
+            await self.backend.schedule_retry(self.identity, task, time.time() + after)
+        self._leased.pop(task.uid, None)
+
+    def _completer_add(self, task: Task, *, crashed: bool, dead: bool = False) -> None:
+        task.last_update = time.time()
+        assert self._completer is not None
+        self._completer.add(task, crashed=crashed, dead=dead)
+
+    async def _hand_back(self, task: Task) -> None:
+        if self._leased.pop(task.uid, None) is None:
+            return  # already completed or rescheduled
+        try:
+            await self.backend.hand_back(self.identity, [task])
+            self.log.warning("Task %s handed back to the queue (shutdown)", task.uid)
+        except TRANSIENT_ERRORS as exc:
+            self.log.error("Could not hand back %s (%s); its lease will expire", task.uid, exc)
+
+    async def _run_hooks_pre(self, task: Task) -> None:
+        for name, hook in self._pre_hooks:
+            await self._call_hook(name, hook, task)
+
+    async def _run_hooks_post(self, task: Task, error: BaseException | None) -> None:
+        for name, hook in self._post_hooks:
+            await self._call_hook(name, hook, task, error)
+
+    async def _call_hook(self, name: str | None, hook: Callable[..., Any], *args: Any) -> None:
+        try:
+            result = hook(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self.log.exception("Hook %s failed", name or getattr(hook, "__name__", hook))
+
+    # -- background -----------------------------------------------------------------------
+
+    async def _watch_bind(self, presence: Any) -> None:
+        """Keep the named presence connection alive; stop if a newer replica took over."""
+        mine = self.bind
+        while True:
+            try:
+                raw = await presence.hget("karton.binds", self.identity)
+                current = Bind.from_json(self.identity, raw) if raw else None
+                if current is None:
+                    self.log.warning("Bind of %s disappeared; registering again", self.identity)
+                    await self.backend.register_bind(mine)
+                elif current != mine:
+                    self.log.warning("Binds changed, shutting down.")
+                    self.stop()
+                    return
+            except TRANSIENT_ERRORS as exc:
+                self.log.warning("Redis unavailable for the bind check: %s", exc)
+            await anyio.sleep(BIND_CHECK_INTERVAL)
+
+    async def _keep_leases(self) -> None:
+        """Renew our leases (one ZADD), requeue expired ones, release due retries."""
+        lease = float(self.lease_timeout or 60.0)
+        period = max(0.2, min(lease / 3, 1.0))
+        while True:
+            try:
+                if self._leased:
+                    await self.backend.renew_leases(self.identity, list(self._leased), lease)
+                moved = await self.backend.reclaim(self.identity)
+                if moved:
+                    self.log.warning("Requeued %d task(s) whose consumer died", moved)
+                await self.backend.release_delayed()
+            except TRANSIENT_ERRORS as exc:
+                self.log.warning("Redis unavailable for lease renewal: %s", exc)
+            await anyio.sleep(period)

@@ -1,0 +1,137 @@
+"""Every exception asynckarton raises on purpose.
+
+    KartonError
+    ├── ConfigError               a bad or missing configuration value (names option and source)
+    ├── InvalidIdentityError      an identity with a space or '?'
+    ├── BackendError              Redis refused or went away
+    ├── StorageError              S3 / local storage failures
+    │   ├── ResourceNotFoundError the object behind a resource is gone
+    │   ├── UnsafeArchiveError    a directory archive that tries to escape or explode
+    │   └── PartialDeleteError    a batch delete where some objects could not be removed
+    ├── InvalidTaskError          a task body that cannot be (de)serialised
+    ├── TaskTimeoutError          a handler ran past its deadline
+    └── QueryError                a filter that cannot be compiled or evaluated
+
+``Retry`` is not an error: a handler raises it to ask for another attempt.
+"""
+
+from __future__ import annotations
+
+
+class KartonError(Exception):
+    """Base class for errors raised by asynckarton itself."""
+
+
+class ConfigError(KartonError, ValueError):
+    """A configuration value is missing or invalid.
+
+    Attributes:
+        section: the ini section (``redis``, ``karton``...).
+        option: the option name inside the section.
+        source: where the value came from (``/etc/karton/karton.ini:12``,
+            ``env KARTON_REDIS_PORT``, ``--redis-port``, ``default``).
+        value: the raw value as read, or None when missing.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        section: str | None = None,
+        option: str | None = None,
+        source: str | None = None,
+        value: object = None,
+    ) -> None:
+        where = f"[{section}] {option}" if section and option else (section or option or "")
+        parts = [message]
+        if where:
+            parts.append(f"option {where}")
+        if value is not None:
+            parts.append(f"value {value!r}")
+        if source:
+            parts.append(f"from {source}")
+        super().__init__(": ".join(parts[:1]) + (" (" + ", ".join(parts[1:]) + ")" if parts[1:] else ""))
+        self.section = section
+        self.option = option
+        self.source = source
+        self.value = value
+
+
+class InvalidIdentityError(KartonError, ValueError):
+    """An identity contains characters Karton cannot use in client names."""
+
+
+class BackendError(KartonError):
+    """Redis failed in a way the caller has to know about."""
+
+
+class StorageError(KartonError):
+    """A storage (S3 or local directory) operation failed."""
+
+
+class ResourceNotFoundError(StorageError):
+    """The object behind a resource does not exist."""
+
+    def __init__(self, bucket: str | None, key: str) -> None:
+        super().__init__(f"resource {key!r} not found in bucket {bucket!r}")
+        self.bucket = bucket
+        self.key = key
+
+
+class UnsafeArchiveError(StorageError):
+    """A directory resource archive would write outside its target or expand too far."""
+
+    def __init__(self, member: str, reason: str) -> None:
+        super().__init__(f"refusing to extract {member!r}: {reason}")
+        self.member = member
+        self.reason = reason
+
+
+class InvalidTaskError(KartonError, ValueError):
+    """A task body or payload cannot be (de)serialised."""
+
+    def __init__(self, message: str, *, uid: str | None = None) -> None:
+        super().__init__(f"{message} (task {uid})" if uid else message)
+        self.uid = uid
+
+
+class TaskTimeoutError(KartonError):
+    """A handler ran past its ``task_timeout``."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"task exceeded its timeout of {timeout:g} seconds")
+        self.timeout = timeout
+
+
+class QueryError(KartonError):
+    """A filter uses an unsupported operator or malformed operand."""
+
+
+class Retry(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a handler to ask for another attempt after ``after`` seconds."""
+
+    def __init__(self, *, after: float | None = None, reason: str = "") -> None:
+        super().__init__(reason or (f"retry in {after:g}s" if after is not None else "retry"))
+        self.after = after
+        self.reason = reason
+
+
+class PartialDeleteError(StorageError):
+    """A batch delete removed some objects but the storage refused others.
+
+    Attributes:
+        bucket: the bucket the delete ran against.
+        deleted: how many entries were deleted.
+        failed: ``(key, reason)`` for every entry that was not deleted.
+    """
+
+    def __init__(self, bucket: str, deleted: int, failed: list[tuple[str, str]]) -> None:
+        sample = ", ".join(f"{key!r} ({reason})" for key, reason in failed[:3])
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        super().__init__(
+            f"deleted {deleted} objects from bucket {bucket!r} but {len(failed)} failed: "
+            f"{sample}{more}"
+        )
+        self.bucket = bucket
+        self.deleted = deleted
+        self.failed = failed

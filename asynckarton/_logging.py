@@ -1,0 +1,109 @@
+"""Karton log publishing: records of a service's logger go to ``karton.log.<level>.<id>``.
+
+The handler never does I/O: ``emit`` (sync, any thread) formats the record in Karton's
+shape and appends it to a bounded buffer; the service's publisher task drains the
+buffer in pipelined batches.  Nothing here configures logging: the handler is attached
+to the service's own logger for the service's lifetime only.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import platform
+import traceback
+from typing import Any
+
+import anyio
+
+from ._task import get_current_task
+from .backend import TRANSIENT_ERRORS, KartonBackend
+from .backend._keys import log_channel
+
+__all__ = ["KartonLogHandler", "format_record"]
+
+HOSTNAME = platform.node()
+_IGNORED = frozenset(
+    {
+        "args", "asctime", "msecs", "msg", "pathname", "process", "processName",
+        "relativeCreated", "exc_info", "exc_text", "stack_info", "thread", "threadName",
+        "taskName",
+    }
+)  # fmt: skip
+_MESSAGE_FORMATTER = logging.Formatter()
+
+
+def format_record(record: logging.LogRecord) -> dict[str, Any]:
+    """Return ``record`` as the JSON object Karton's log consumers expect (karton.md §4.6)."""
+    line = {k: v for k, v in record.__dict__.items() if k not in _IGNORED}
+    if record.exc_info and record.exc_info[0] is not None:
+        exc_type, exc, tb = record.exc_info
+        line["excText"] = _MESSAGE_FORMATTER.formatException(record.exc_info)
+        line["excValue"] = str(exc)
+        line["excTraceback"] = traceback.format_exception(exc_type, exc, tb)
+        line["excType"] = exc_type.__name__
+    line["type"] = "log"
+    line["message"] = _MESSAGE_FORMATTER.format(record)
+    task = get_current_task()
+    line["task_id"] = task.task_uid if task is not None else "(no task)"
+    if task is not None:
+        line["task"] = task.serialize()
+    line["hostname"] = HOSTNAME
+    return line
+
+
+class KartonLogHandler(logging.Handler):
+    """Buffers records for publishing; ``run()`` publishes them.
+
+    Args:
+        backend: where to PUBLISH.
+        channel: the logger part of the channel name (the service identity).
+        max_buffer: records kept while Redis is slow; the oldest are dropped beyond it.
+    """
+
+    def __init__(self, backend: KartonBackend, channel: str, max_buffer: int = 10_000) -> None:
+        super().__init__()
+        self._backend = backend
+        self._channel = channel
+        self._buffer: collections.deque[tuple[str, str]] = collections.deque(maxlen=max_buffer)
+        self._warned = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            body = json.dumps(format_record(record), default=str)
+        except Exception:  # a bad record must never break the service
+            self.handleError(record)
+            return
+        self._buffer.append((log_channel(record.levelname, self._channel), body))
+
+    async def run(self, interval: float = 0.05) -> None:
+        """Publish buffered records until cancelled (flushing what is left, shielded)."""
+        try:
+            while True:
+                await self.flush_async()
+                await anyio.sleep(interval)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await self.flush_async()
+
+    async def flush_async(self) -> None:
+        """Publish everything buffered now; on Redis errors keep the records for later."""
+        if not self._buffer:
+            return
+        batch = list(self._buffer)
+        try:
+            delivered = await self._backend.publish_logs(batch)
+        except TRANSIENT_ERRORS as exc:
+            logging.getLogger("asynckarton").debug("log publishing failed: %s", exc)
+            return
+        for _ in batch:
+            if self._buffer:
+                self._buffer.popleft()
+        if delivered == 0 and not self._warned:
+            self._warned = True
+            logging.getLogger("asynckarton").warning(
+                "no active log consumer receives %s's logs", self._channel
+            )
+        elif delivered:
+            self._warned = False

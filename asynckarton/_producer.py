@@ -1,0 +1,117 @@
+"""Producer: declare tasks, upload their resources, hand them to the router.
+
+Order per task (karton.md §4.13, kept because Karton's GC depends on it): the task key is
+written (Declared) *before* its resources are uploaded, so a GC listing objects never
+sees an upload without a task referencing it, and the uid reaches ``karton.tasks`` only
+after every upload finished.  Tasks without local resources skip the first write: one
+pipeline (SET + RPUSH + HINCRBY) per batch is the whole cost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import anyio
+
+from ._errors import InvalidTaskError
+from ._resource import LocalResource
+from ._service import ServiceBase
+from ._task import Task, get_current_task
+from .backend._keys import task_key
+
+__all__ = ["Producer"]
+
+#: Resource uploads a producer runs at once.
+UPLOAD_CONCURRENCY = 8
+
+
+class Producer(ServiceBase):
+    """Sends tasks.  ``async with Producer(config, identity=...) as p: await p.send_task(t)``.
+
+    Args:
+        config: configuration (default: Karton's layered loading).
+        identity: the producer's identity, written to each task's ``origin`` header.
+        deduplicate: upload a resource only if no object with its sha256 exists yet
+            (default: ``[asynckarton] deduplicate``).
+    """
+
+    with_service_info = False
+
+    async def send_task(self, task: Task) -> bool:
+        """Send one task; returns True like Karton's (there is no routing result)."""
+        await self.send_tasks([task])
+        return True
+
+    async def send_tasks(self, tasks: Iterable[Task]) -> None:
+        """Send a batch of tasks in one Redis round trip (plus their resource uploads).
+
+        Raises:
+            InvalidTaskError: a task's payload is not JSON-serialisable; nothing of the
+                batch was written to Redis or uploaded.
+        """
+        batch = list(tasks)
+        if not batch:
+            return
+        parent = get_current_task()
+        now = time.time()
+        for task in batch:
+            self._prepare(task, parent, now)
+        bodies = self._serialize(batch)  # fail before anything is written
+        local = [
+            (task, res)
+            for task in batch
+            for res in task.iterate_resources()
+            if isinstance(res, LocalResource)
+        ]
+        if local:
+            await self._declare_and_upload(batch, local)
+            bodies = self._serialize(batch)  # now with sha256 and sizes
+        await self.backend.enqueue_unrouted(bodies, self.identity)
+
+    def _prepare(self, task: Task, parent: Task | None, now: float) -> None:
+        if parent is not None:
+            task.set_task_parent(parent)
+            task.merge_persistent_payload(parent)
+            task.merge_persistent_headers(parent)
+            task.priority = parent.priority
+        task.last_update = now
+        task.headers["origin"] = self.identity
+
+    @staticmethod
+    def _serialize(batch: Sequence[Task]) -> dict[str, str]:
+        bodies: dict[str, str] = {}
+        for task in batch:
+            try:
+                bodies[task.uid] = task.serialize()
+            except InvalidTaskError as exc:
+                raise InvalidTaskError(str(exc), uid=task.uid) from None
+        return bodies
+
+    async def _declare_and_upload(
+        self, batch: Sequence[Task], local: Sequence[tuple[Task, LocalResource]]
+    ) -> None:
+        bucket = self.runtime.bucket
+        dedup = bool(self.config.getboolean("asynckarton", "deduplicate", False))
+        for _, resource in local:
+            if resource.bucket is None:
+                resource.bucket = bucket
+            if dedup:  # the uid becomes the sha256: declare the final object key
+                await resource.prepare(deduplicate=True)
+        await self.backend.set_tasks(batch)  # Declared, before any upload (GC safety)
+        try:
+            limiter = anyio.CapacityLimiter(UPLOAD_CONCURRENCY)
+
+            async def upload(resource: LocalResource) -> None:
+                async with limiter:
+                    await resource.upload(self.storage, deduplicate=dedup)
+
+            async with anyio.create_task_group() as group:
+                for _, resource in local:
+                    group.start_soon(upload, resource)
+        except BaseException:
+            # Nothing half-written: the declared keys go, unreferenced objects are
+            # orphans the resource GC removes.
+            with anyio.CancelScope(shield=True):
+                await self.backend.delete_task_keys([task_key(t.uid) for t in batch])
+            raise

@@ -1,0 +1,142 @@
+"""What every asynckarton component shares: configuration, identity, runtime, logging.
+
+``ServiceBase`` is an async context manager.  Entering it acquires the process's shared
+runtime (Redis pool + storage client) and starts publishing the service logger's records
+to Karton's log channels; leaving it releases both.  Constructors do no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import ClassVar, Self
+from urllib.parse import urlencode
+
+import anyio
+
+from ._version import __version__ as _version
+from ._config import Config
+from ._errors import InvalidIdentityError
+from ._logging import KartonLogHandler
+from ._runtime import Runtime, acquire_runtime
+from .backend import KARTON_PROTOCOL_VERSION, KartonBackend
+from .storage import Storage
+
+__all__ = ["ServiceBase"]
+
+
+def validate_identity(identity: str) -> str:
+    """Return ``identity`` if Karton can use it in client names and keys."""
+    if not identity:
+        raise InvalidIdentityError("identity must not be empty")
+    if " " in identity or "?" in identity:
+        raise InvalidIdentityError(f"identity {identity!r} must not contain a space or '?'")
+    return identity
+
+
+class ServiceBase:
+    """Base of Producer, Consumer and SystemService.
+
+    Args:
+        config: configuration (default: ``Config()``, Karton's layered loading).
+        identity: identity when the class does not set one; ``[karton] identity``
+            overrides both, as in Karton.
+    """
+
+    identity: ClassVar[str] = ""
+    version: ClassVar[str | None] = None
+    #: Karton's flag: put service info (versions, instance) into the client name.
+    with_service_info: ClassVar[bool] = True
+
+    def __init__(self, config: Config | None = None, identity: str | None = None) -> None:
+        self.config = config if config is not None else Config()
+        resolved = self.config.get("karton", "identity") or identity or type(self).identity
+        self.debug = bool(self.config.getboolean("karton", "debug", False))
+        if self.debug and resolved:
+            resolved = f"{resolved}-{uuid.uuid4().hex[:8]}-dev"
+        self.identity = validate_identity(str(resolved or ""))  # type: ignore[misc]
+        self.instance_id = uuid.uuid4().hex
+        self.log = logging.getLogger(self.identity)
+        self._stack: AsyncExitStack | None = None
+        self._runtime: Runtime | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise RuntimeError(f"{type(self).__name__} {self.identity!r} is already open")
+        stack = AsyncExitStack()
+        try:
+            self._runtime = await stack.enter_async_context(acquire_runtime(self.config))
+            await self._start_log_publishing(stack)
+        except BaseException:
+            await stack.aclose()
+            self._runtime = None
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop publishing logs and release the shared runtime."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            try:
+                await stack.aclose()
+            finally:
+                self._runtime = None
+
+    async def _start_log_publishing(self, stack: AsyncExitStack) -> None:
+        publish = self.config.logging_settings().enable_publish and not self.debug
+        if not publish:
+            return
+        handler = KartonLogHandler(self.backend, self.identity)
+        self.log.addHandler(handler)
+        stack.callback(self.log.removeHandler, handler)
+        group = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(group.cancel_scope.cancel)  # runs first on exit: stop the publisher
+        group.start_soon(handler.run)
+
+    # -- shared runtime -----------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        """The shared runtime (only while the service is open)."""
+        if self._runtime is None:
+            raise RuntimeError(
+                f"{type(self).__name__} {self.identity!r} is not open: use 'async with'"
+            )
+        return self._runtime
+
+    @property
+    def backend(self) -> KartonBackend:
+        """Redis access."""
+        return self.runtime.backend
+
+    @property
+    def storage(self) -> Storage:
+        """Resource storage (S3 or a local directory)."""
+        return self.runtime.storage
+
+    @property
+    def client_name(self) -> str:
+        """Name of this service's presence connection, as Karton formats it."""
+        if not self.with_service_info:
+            return self.identity
+        info = {
+            "karton_version": KARTON_PROTOCOL_VERSION,
+            "service_version": self.version,
+            "instance_id": self.instance_id,
+            "asynckarton_version": _version,
+        }
+        query = urlencode({k: v for k, v in info.items() if v is not None})
+        return f"{self.identity}?{query}"

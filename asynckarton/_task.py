@@ -1,0 +1,462 @@
+"""Tasks: Karton 5's unit of work and its exact JSON wire format.
+
+A task is headers (what routing looks at), payload (data and resources) and bookkeeping
+(uids, status, priority).  The JSON written here is read by karton-core services and
+karton-dashboard, so the field set and meanings follow Karton 5 (karton.md §4.2):
+
+* persistent headers are written twice, top level and as
+  ``payload_persistent["__headers_persistent"]`` (readers older than 5.2 need it);
+* resources sit anywhere in the payload as ``{"__karton_resource__": {...}}``;
+* ``error`` is a list of strings.
+
+Serialisation uses orjson with sorted keys (the same JSON document as Karton's
+``json.dumps(sort_keys=True)``, without the optional spaces) and falls back to ``json``
+for integers orjson cannot represent.  asynckarton's own bookkeeping (the retry count)
+travels in one extra top-level field, ``asynckarton``; Karton readers ignore it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+import orjson
+
+from ._errors import InvalidTaskError
+from ._resource import RESOURCE_KEY, RemoteResource, ResourceBase, resource_from_wire
+from .storage import Storage
+
+__all__ = ["Task", "TaskPriority", "TaskState", "current_task", "get_current_task"]
+
+#: The task a handler is processing right now; ``send_task`` links children to it.
+current_task: ContextVar[Task | None] = ContextVar("asynckarton_current_task", default=None)
+
+
+def get_current_task() -> Task | None:
+    """Return the task being processed in this context, if any."""
+    return current_task.get()
+
+
+class TaskState(enum.Enum):
+    """Lifecycle states, with Karton's exact wire strings."""
+
+    DECLARED = "Declared"
+    SPAWNED = "Spawned"
+    STARTED = "Started"
+    FINISHED = "Finished"
+    CRASHED = "Crashed"
+
+
+class TaskPriority(enum.Enum):
+    """Queue priority, inherited by the whole task tree."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+_STATES = {state.value: state for state in TaskState}
+_PRIORITIES = {prio.value: prio for prio in TaskPriority}
+_EXTRA = "asynckarton"  # our own top-level field; Karton ignores unknown fields
+
+
+def _new_uid(root_uid: str | None) -> tuple[str, str]:
+    own = str(uuid.uuid4())
+    root = root_uid or own
+    return "{" + root + "}:" + own, root
+
+
+class Task:
+    """A Karton task.
+
+    Args:
+        headers: routing information; consumers' filters match against these.
+        payload: data for the receiver (values may contain resources).
+        headers_persistent: headers inherited by every task derived from this one.
+        payload_persistent: payload inherited by every task derived from this one.
+        priority: queue priority of the whole tree (default normal).
+        parent_uid, root_uid, orig_uid, uid, error: bookkeeping, normally left alone.
+    """
+
+    __slots__ = (
+        "_headers_persistent_keys",
+        "attempt",
+        "error",
+        "headers",
+        "last_update",
+        "orig_uid",
+        "parent_uid",
+        "payload",
+        "payload_persistent",
+        "priority",
+        "root_uid",
+        "status",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        headers: Mapping[str, Any],
+        payload: Mapping[str, Any] | None = None,
+        headers_persistent: Mapping[str, Any] | None = None,
+        payload_persistent: Mapping[str, Any] | None = None,
+        priority: TaskPriority | None = None,
+        parent_uid: str | None = None,
+        root_uid: str | None = None,
+        orig_uid: str | None = None,
+        uid: str | None = None,
+        error: list[str] | None = None,
+        _status: TaskState | None = None,
+        _last_update: float | None = None,
+    ) -> None:
+        payload = {} if payload is None else payload
+        payload_persistent = {} if payload_persistent is None else payload_persistent
+        headers_persistent = {} if headers_persistent is None else headers_persistent
+        for value, what in (
+            (payload, "payload"),
+            (payload_persistent, "payload_persistent"),
+            (headers_persistent, "headers_persistent"),
+            (headers, "headers"),
+        ):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{what} must be a dict, not {type(value).__name__}")
+        if uid is None:
+            self.uid, self.root_uid = _new_uid(root_uid)
+        else:
+            if root_uid is None:
+                raise ValueError("root_uid is required when uid is given")
+            self.uid, self.root_uid = uid, root_uid
+        self.orig_uid = orig_uid
+        self.parent_uid = parent_uid
+        self.error = error
+        self.headers: dict[str, Any] = {**headers, **headers_persistent}
+        self._headers_persistent_keys: set[str] = set(headers_persistent)
+        self.status = _status or TaskState.DECLARED
+        self.last_update: float = _last_update or time.time()
+        self.priority = priority or TaskPriority.NORMAL
+        self.payload: dict[str, Any] = dict(payload)
+        self.payload_persistent: dict[str, Any] = dict(payload_persistent)
+        self.attempt = 0  # retries so far (asynckarton extension)
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def headers_persistent(self) -> dict[str, Any]:
+        """Headers that every descendant task inherits."""
+        keys = self._headers_persistent_keys
+        return {k: v for k, v in self.headers.items() if k in keys}
+
+    @property
+    def receiver(self) -> str | None:
+        """Identity of the consumer this routed copy was sent to."""
+        value = self.headers.get("receiver")
+        return value if isinstance(value, str) else None
+
+    @property
+    def task_uid(self) -> str:
+        """The uid without its ``{root}:`` prefix."""
+        return self.fquid_to_uid(self.uid)
+
+    @staticmethod
+    def fquid_to_uid(fquid: str) -> str:
+        """Strip the ``{root}:`` prefix from a fully qualified uid."""
+        return fquid.rsplit(":", 1)[-1]
+
+    # -- tree operations --------------------------------------------------------------
+
+    def fork_task(self) -> Task:
+        """Copy this task under a new uid in the same tree (the router's fan-out)."""
+        forked = Task(
+            headers=self.headers,
+            headers_persistent=self.headers_persistent,
+            payload=self.payload,
+            payload_persistent=self.payload_persistent,
+            priority=self.priority,
+            parent_uid=self.parent_uid,
+            root_uid=self.root_uid,
+            orig_uid=self.uid,
+        )
+        forked.attempt = self.attempt
+        return forked
+
+    def derive_task(self, headers: Mapping[str, Any]) -> Task:
+        """Return a new task with other headers, carrying payloads and persistent headers."""
+        return Task(
+            headers=headers,
+            headers_persistent=self.headers_persistent,
+            payload=self.payload,
+            payload_persistent=self.payload_persistent,
+        )
+
+    def set_task_parent(self, parent: Task) -> None:
+        """Attach this task under ``parent`` in its analysis tree."""
+        self.parent_uid = parent.uid
+        self.root_uid = parent.root_uid
+
+    def merge_persistent_payload(self, other: Task) -> None:
+        """Inherit ``other``'s persistent payload; it wins over our non-persistent keys."""
+        for name, content in other.payload_persistent.items():
+            self.payload_persistent[name] = content
+            self.payload.pop(name, None)
+
+    def merge_persistent_headers(self, other: Task) -> None:
+        """Inherit ``other``'s persistent headers."""
+        self.headers.update(other.headers_persistent)
+        self._headers_persistent_keys |= other._headers_persistent_keys
+
+    def matches_filters(self, filters: list[dict[str, Any]]) -> bool:
+        """Tell whether this task's headers match Karton ``filters``."""
+        from ._query import matches_filters
+
+        return matches_filters(filters, self.headers)
+
+    # -- payload access ---------------------------------------------------------------
+
+    def add_payload(self, name: str, content: Any, persistent: bool = False) -> None:
+        """Add a payload value; a name may exist in only one of the two bags."""
+        if name in self.payload:
+            raise ValueError(f"payload {name!r} already exists")
+        if name in self.payload_persistent:
+            raise ValueError(f"payload {name!r} already exists in persistent payload")
+        (self.payload_persistent if persistent else self.payload)[name] = content
+
+    def add_resource(self, name: str, resource: ResourceBase, persistent: bool = False) -> None:
+        """Add a resource (Karton's deprecated alias of :meth:`add_payload`)."""
+        self.add_payload(name, resource, persistent)
+
+    def get_payload(self, name: str, default: Any = None) -> Any:
+        """Return a payload value, looking at the persistent bag first."""
+        if name in self.payload_persistent:
+            return self.payload_persistent[name]
+        return self.payload.get(name, default)
+
+    def get_resource(self, name: str) -> ResourceBase:
+        """Return the resource stored under ``name``; TypeError if it is not one."""
+        value = self.get_payload(name)
+        if not isinstance(value, ResourceBase):
+            raise TypeError(f"payload {name!r} is not a resource")
+        return value
+
+    def remove_payload(self, name: str) -> None:
+        """Remove a non-persistent payload value (KeyError if absent)."""
+        del self.payload[name]
+
+    def has_payload(self, name: str) -> bool:
+        """Tell whether ``name`` is in either payload bag."""
+        return name in self.payload or name in self.payload_persistent
+
+    def is_header_persistent(self, name: str) -> bool:
+        """Tell whether header ``name`` is persistent."""
+        return name in self._headers_persistent_keys
+
+    def is_payload_persistent(self, name: str) -> bool:
+        """Tell whether payload ``name`` is persistent."""
+        return name in self.payload_persistent
+
+    def walk_payload_bags(self) -> Iterator[tuple[dict[str, Any], str, Any]]:
+        """Yield ``(bag, key, value)`` for the top level of both payload bags."""
+        for bag in (self.payload, self.payload_persistent):
+            for key, value in bag.items():
+                yield bag, key, value
+
+    def walk_payload_items(self) -> Iterator[tuple[str, Any]]:
+        """Yield ``(dotted path, value)`` for every leaf in both payload bags."""
+        yield from _iter_with_paths(self.payload, "payload")
+        yield from _iter_with_paths(self.payload_persistent, "payload_persistent")
+
+    def transform_payload_bags(self, func: Callable[[Any], Any]) -> None:
+        """Replace every leaf in both payload bags with ``func(leaf)``."""
+        self.payload = _map_leaves(func, self.payload)
+        self.payload_persistent = _map_leaves(func, self.payload_persistent)
+
+    def iterate_resources(self) -> Iterator[ResourceBase]:
+        """Yield every resource anywhere in the payloads."""
+        for bag in (self.payload, self.payload_persistent):
+            yield from _iter_resources(bag)
+
+    # -- wire format ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the task as the Karton 5 JSON document (resources encoded)."""
+        headers_persistent = self.headers_persistent
+        payload_persistent = _encode(self.payload_persistent) if self.payload_persistent else {}
+        payload_persistent["__headers_persistent"] = headers_persistent
+        data: dict[str, Any] = {
+            "uid": self.uid,
+            "root_uid": self.root_uid,
+            "parent_uid": self.parent_uid,
+            "orig_uid": self.orig_uid,
+            "status": self.status.value,
+            "priority": self.priority.value,
+            "last_update": self.last_update,
+            "payload": _encode(self.payload) if self.payload else {},
+            "payload_persistent": payload_persistent,
+            "headers": self.headers,
+            "headers_persistent": headers_persistent,
+            "error": self.error,
+        }
+        if self.attempt:
+            data[_EXTRA] = {"attempt": self.attempt}
+        return data
+
+    def serialize(self, indent: int | None = None) -> str:
+        """Return the task's JSON text (sorted keys, as Karton writes it)."""
+        return dumps(self.to_dict(), indent=indent)
+
+    @staticmethod
+    def unserialize(
+        data: str | bytes,
+        storage: Storage | None = None,
+        parse_resources: bool = True,
+    ) -> Task:
+        """Build a task from its JSON, accepting every legacy variant Karton reads.
+
+        Raises:
+            InvalidTaskError: the text is not JSON or lacks a required field.
+        """
+        try:
+            doc = loads(data)
+        except ValueError as exc:
+            raise InvalidTaskError(f"task body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise InvalidTaskError(f"task body is a JSON {type(doc).__name__}, not an object")
+        return Task.from_dict(doc, storage=storage, parse_resources=parse_resources)
+
+    @staticmethod
+    def from_dict(
+        doc: Mapping[str, Any], storage: Storage | None = None, parse_resources: bool = True
+    ) -> Task:
+        """Build a task from an already parsed JSON document."""
+        uid = doc.get("uid")
+        try:
+            payload_persistent = doc["payload_persistent"]
+            headers = doc["headers"]
+            status = _STATES[doc["status"]]
+            root_uid = doc["root_uid"]
+            priority = _PRIORITIES[doc.get("priority") or "normal"]
+            payload = doc["payload"]
+        except KeyError as exc:
+            raise InvalidTaskError(f"task body lacks or has an invalid {exc}", uid=uid) from None
+        if not isinstance(uid, str) or not isinstance(payload_persistent, dict):
+            raise InvalidTaskError("task body has no string uid or no payload dicts", uid=uid)
+        headers_persistent = doc.get("headers_persistent")
+        if headers_persistent is None:
+            headers_persistent = payload_persistent.get("__headers_persistent")
+        if parse_resources:
+            payload = _decode(payload, storage)
+            payload_persistent = _decode(payload_persistent, storage)
+        try:
+            task = Task(
+                headers,
+                payload=payload,
+                headers_persistent=headers_persistent,
+                payload_persistent=payload_persistent,
+                priority=priority,
+                parent_uid=doc.get("parent_uid"),
+                root_uid=root_uid,
+                orig_uid=doc.get("orig_uid"),
+                uid=uid,
+                error=doc.get("error"),
+                _status=status,
+                _last_update=doc.get("last_update"),
+            )
+        except ValueError as exc:
+            raise InvalidTaskError(str(exc), uid=uid) from None
+        extra = doc.get(_EXTRA)
+        if isinstance(extra, dict) and isinstance(extra.get("attempt"), int):
+            task.attempt = extra["attempt"]
+        return task
+
+    def __repr__(self) -> str:
+        return f"<Task {self.uid} {self.status.value} headers={self.headers!r}>"
+
+
+# -- JSON -----------------------------------------------------------------------------
+
+
+def dumps(data: Any, indent: int | None = None) -> str:
+    """Serialise like Karton (sorted keys), fast; falls back to json for huge ints.
+
+    Raises:
+        InvalidTaskError: ``data`` holds something JSON cannot represent.
+    """
+    if indent is None:
+        try:
+            return orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
+        except TypeError as exc:
+            if "Integer exceeds" not in str(exc):
+                raise InvalidTaskError(f"task is not JSON-serialisable: {exc}") from None
+    try:
+        return json.dumps(data, sort_keys=True, indent=indent)
+    except (TypeError, ValueError) as exc:
+        raise InvalidTaskError(f"task is not JSON-serialisable: {exc}") from None
+
+
+def loads(data: str | bytes) -> Any:
+    """Parse JSON fast, falling back to json for numbers orjson rejects."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encode(v) for v in value]
+    if isinstance(value, ResourceBase):
+        return {RESOURCE_KEY: value.to_dict()}
+    return value
+
+
+def _decode(value: Any, storage: Storage | None) -> Any:
+    if isinstance(value, dict):
+        if RESOURCE_KEY in value:
+            return resource_from_wire(value[RESOURCE_KEY], storage)
+        return {k: _decode(v, storage) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, storage) for v in value]
+    return value
+
+
+def _iter_resources(value: Any) -> Iterator[ResourceBase]:
+    if isinstance(value, ResourceBase):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _iter_resources(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _iter_resources(item)
+
+
+def _iter_with_paths(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _iter_with_paths(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _iter_with_paths(item, f"{path}.{index}")
+    else:
+        yield path, value
+
+
+def _map_leaves(func: Callable[[Any], Any], value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _map_leaves(func, v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_map_leaves(func, v) for v in value]
+    return func(value)
+
+
+def bind_resources(task: Task, storage: Storage) -> None:
+    """Attach ``storage`` to every remote resource of ``task`` (for downloads)."""
+    for resource in task.iterate_resources():
+        if isinstance(resource, RemoteResource):
+            resource.bind(storage)

@@ -1,0 +1,15 @@
+"""The Redis seam: KartonBackend over a RedisConnector (real server or embedded)."""
+
+from ._connect import EmbeddedConnector, RedisConnector, ServerConnector
+from ._redis import KARTON_PROTOCOL_VERSION, TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch
+
+__all__ = [
+    "KARTON_PROTOCOL_VERSION",
+    "TRANSIENT_ERRORS",
+    "Bind",
+    "EmbeddedConnector",
+    "KartonBackend",
+    "RedisConnector",
+    "RoutedBatch",
+    "ServerConnector",
+]

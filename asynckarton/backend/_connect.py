@@ -1,0 +1,138 @@
+"""How asynckarton reaches Redis: a real server, or the in-process one of the embedded mode.
+
+Both paths hand out ``redis.asyncio.Redis`` clients, so every command goes through the
+same backend code (decisions.md #1).  A connector gives:
+
+* one shared, *unnamed* connection pool for ordinary commands, and
+* dedicated *named* single connections, one per service per process, which is how
+  Karton (and karton-dashboard) count replicas from ``CLIENT LIST``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis.asyncio as aredis
+
+
+class RedisConnector(Protocol):
+    """Makes Redis clients for one deployment."""
+
+    def pool(self) -> aredis.Redis:
+        """Return the shared client (pooled, unnamed connections)."""
+        ...
+
+    def named(self, client_name: str) -> aredis.Redis:
+        """Return a new client holding one dedicated connection named ``client_name``."""
+        ...
+
+    def blocking(self) -> aredis.Redis:
+        """Return a new client with one connection for blocking pops."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the shared pool."""
+        ...
+
+
+@dataclass(kw_only=True)
+class ServerConnector:
+    """Connects to a real redis-server (host/port or URL, as Karton's ``[redis]``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+    url: str | None = None
+    socket_timeout: float | None = 30.0
+    max_connections: int = 64
+    _pool: aredis.Redis | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ServerConnector:
+        """Build from a RedisSettings-like object (attributes named as ``[redis]``)."""
+        return cls(
+            host=settings.host or "127.0.0.1",
+            port=settings.port,
+            db=settings.db,
+            username=settings.username,
+            password=settings.password,
+            ssl=settings.ssl,
+            url=settings.url,
+            socket_timeout=settings.socket_timeout,
+        )
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {
+            "decode_responses": True,
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": 10.0,
+            "health_check_interval": 15,
+        }
+
+    def _client(self, **extra: Any) -> aredis.Redis:
+        kwargs = {**self._kwargs(), **extra}
+        if self.url:
+            return aredis.Redis.from_url(self.url, **kwargs)
+        return aredis.Redis(
+            host=self.host,
+            port=self.port,
+            db=self.db,
+            username=self.username,
+            password=self.password,
+            ssl=self.ssl,
+            **kwargs,
+        )
+
+    def pool(self) -> aredis.Redis:
+        if self._pool is None:
+            self._pool = self._client(max_connections=self.max_connections)
+        return self._pool
+
+    def named(self, client_name: str) -> aredis.Redis:
+        return self._client(client_name=client_name, single_connection_client=True)
+
+    def blocking(self) -> aredis.Redis:
+        return self._client(single_connection_client=True)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.aclose()
+
+
+class EmbeddedConnector:
+    """An in-process Redis (fakeredis) shared by every service of this process."""
+
+    def __init__(self, server: Any | None = None) -> None:
+        import fakeredis
+
+        self.server = server if server is not None else fakeredis.FakeServer()
+        self._pool: aredis.Redis | None = None
+
+    def _client(self, **extra: Any) -> aredis.Redis:
+        import fakeredis
+
+        client: aredis.Redis = fakeredis.FakeAsyncRedis(
+            server=self.server, decode_responses=True, **extra
+        )
+        return client
+
+    def pool(self) -> aredis.Redis:
+        if self._pool is None:
+            self._pool = self._client()
+        return self._pool
+
+    def named(self, client_name: str) -> aredis.Redis:
+        return self._client(client_name=client_name, single_connection_client=True)
+
+    def blocking(self) -> aredis.Redis:
+        return self._client(single_connection_client=True)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.aclose()

@@ -1,0 +1,74 @@
+"""The whole Redis schema, readable in one screen.
+
+Karton's names (shared with karton-core services and karton-dashboard) come first; they
+must keep their exact meaning.  Everything asynckarton adds lives under ``asynckarton.``,
+which Karton ignores (decisions.md #3).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- Karton 5 keys (the compatibility contract, karton.md §4.1) -------------------------
+TASKS_QUEUE: Final = "karton.tasks"  # list: unrouted task uids (producers RPUSH)
+OPERATIONS_QUEUE: Final = "karton.operations"  # list: legacy (<= 4.3) status changes
+TASK_PREFIX: Final = "karton.task:"  # string: task JSON, key = prefix + uid
+BINDS: Final = "karton.binds"  # hash: identity -> bind JSON
+METRICS_PREFIX: Final = "karton.metrics."  # hashes: identity -> counter
+OUTPUTS_PREFIX: Final = "karton.outputs:"  # set per origin: JSON of routed headers
+LOG_CHANNEL_PREFIX: Final = "karton.log."  # pub/sub: karton.log.<level>.<logger>
+PRIORITIES: Final = ("high", "normal", "low")  # strict order consumers read queues in
+
+# -- asynckarton's own keys --------------------------------------------------------------
+LEASES_PREFIX: Final = "asynckarton.leases:"  # zset per identity: uid -> lease deadline (ms)
+ROUTING_PREFIX: Final = "asynckarton.routing:"  # list per router instance: batch in flight
+ROUTERS: Final = "asynckarton.routers"  # zset: router instance -> heartbeat deadline (ms)
+DELAYED: Final = "asynckarton.delayed"  # zset: uid -> due time (ms) of a scheduled retry
+DEAD_PREFIX: Final = "asynckarton.dead:"  # list per identity: uids that used every retry
+STATS: Final = "asynckarton.stats"  # hash: redelivered / rerouted / invalid counters
+INVALID: Final = "asynckarton.invalid"  # list: uids whose body could not be parsed
+
+
+def task_key(uid: str) -> str:
+    """Key holding the JSON of task ``uid``."""
+    return TASK_PREFIX + uid
+
+
+def queue_key(priority: str, identity: str) -> str:
+    """Queue the router fills for ``identity`` at ``priority``."""
+    return f"karton.queue.{priority}:{identity}"
+
+
+def consumer_queues(identity: str) -> list[str]:
+    """Queues a consumer reads, in strict priority order (the bare name is Karton 2.x's)."""
+    return [identity, *(queue_key(p, identity) for p in PRIORITIES)]
+
+
+def metrics_key(metric: str) -> str:
+    """Hash of per-identity counters for ``metric`` (produced, consumed...)."""
+    return METRICS_PREFIX + metric
+
+
+def outputs_key(origin: str) -> str:
+    """Set recording which headers an identity produced (dashboard graph)."""
+    return OUTPUTS_PREFIX + origin
+
+
+def log_channel(level: str | None, logger: str | None) -> str:
+    """Pub/sub channel of a log record, as Karton names it."""
+    return f"{LOG_CHANNEL_PREFIX}{(level or '*').lower()}.{logger or '*'}"
+
+
+def leases_key(identity: str) -> str:
+    """Leases of tasks that consumers of ``identity`` are processing."""
+    return LEASES_PREFIX + identity
+
+
+def routing_key(instance: str) -> str:
+    """Batch a router instance has taken but not finished routing."""
+    return ROUTING_PREFIX + instance
+
+
+def dead_key(identity: str) -> str:
+    """Dead-letter list of ``identity``: tasks crashed after their last retry."""
+    return DEAD_PREFIX + identity

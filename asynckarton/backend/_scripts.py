@@ -1,0 +1,138 @@
+"""Lua scripts that fuse multi-step queue transitions into one atomic round trip.
+
+Task bodies are never re-encoded in Lua (cjson would round floats and big integers);
+scripts only move uids between lists and sorted sets, and at most *read* a body.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Pop up to ARGV[1] uids from the queues in KEYS[1..n-1] (strict priority order), lease
+# each one in KEYS[n] until ARGV[2] (ms), and return uid, body pairs ('' = body missing).
+FETCH: Final = """
+local want = tonumber(ARGV[1])
+local leases = KEYS[#KEYS]
+local out = {}
+local n = 0
+for i = 1, #KEYS - 1 do
+  if n >= want then break end
+  local got = redis.call('LPOP', KEYS[i], want - n)
+  if got then
+    for _, uid in ipairs(got) do
+      n = n + 1
+      redis.call('ZADD', leases, ARGV[2], uid)
+      out[#out + 1] = uid
+      out[#out + 1] = redis.call('GET', 'karton.task:' .. uid) or ''
+    end
+  end
+end
+return out
+"""
+
+# Lease uids a blocking pop already took (KEYS[1] = leases; ARGV = deadline, uids...) and
+# return their bodies.
+LEASE: Final = """
+local out = {}
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+  out[#out + 1] = redis.call('GET', 'karton.task:' .. ARGV[i]) or ''
+end
+return out
+"""
+
+# Requeue (at the head of their queue) the tasks whose lease in KEYS[1] expired before
+# ARGV[1] (ms); ARGV[2] = identity, ARGV[3] = max uids per call.  Tasks already Finished
+# or Crashed (or deleted) only lose their stale lease.
+RECLAIM: Final = """
+local uids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local moved = 0
+for _, uid in ipairs(uids) do
+  redis.call('ZREM', KEYS[1], uid)
+  local body = redis.call('GET', 'karton.task:' .. uid)
+  if body then
+    local ok, doc = pcall(cjson.decode, body)
+    local status = ok and type(doc) == 'table' and doc['status'] or 'Spawned'
+    if status == 'Spawned' or status == 'Started' then
+      local prio = ok and type(doc) == 'table' and doc['priority'] or 'normal'
+      if prio ~= 'high' and prio ~= 'low' then prio = 'normal' end
+      redis.call('LPUSH', 'karton.queue.' .. prio .. ':' .. ARGV[2], uid)
+      moved = moved + 1
+    end
+  end
+end
+if moved > 0 then redis.call('HINCRBY', 'asynckarton.stats', 'redelivered', moved) end
+return moved
+"""
+
+# Move up to ARGV[1] uids from the head of KEYS[1] (karton.tasks) to the tail of KEYS[2]
+# (this router's in-flight list) and return them.
+ROUTE_POP: Final = """
+local uids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #uids > 0 then
+  redis.call('LTRIM', KEYS[1], #uids, -1)
+  redis.call('RPUSH', KEYS[2], unpack(uids))
+end
+return uids
+"""
+
+# Give the in-flight batches of routers whose heartbeat (zset KEYS[1]) expired before
+# ARGV[1] back to the head of KEYS[2] (karton.tasks), in their original order.
+RECOVER_ROUTING: Final = """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local moved = 0
+for _, instance in ipairs(dead) do
+  local key = 'asynckarton.routing:' .. instance
+  local uids = redis.call('LRANGE', key, 0, -1)
+  for i = #uids, 1, -1 do
+    redis.call('LPUSH', KEYS[2], uids[i])
+  end
+  moved = moved + #uids
+  redis.call('DEL', key)
+  redis.call('ZREM', KEYS[1], instance)
+end
+if moved > 0 then redis.call('HINCRBY', 'asynckarton.stats', 'rerouted', moved) end
+return moved
+"""
+
+# Move retries that are due (zset KEYS[1] scored by ms, ARGV[1] = now, ARGV[2] = limit)
+# to the tail of their receiver's queue.
+RELEASE_DELAYED: Final = """
+local uids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local moved = 0
+for _, uid in ipairs(uids) do
+  redis.call('ZREM', KEYS[1], uid)
+  local body = redis.call('GET', 'karton.task:' .. uid)
+  if body then
+    local ok, doc = pcall(cjson.decode, body)
+    if ok and type(doc) == 'table' and type(doc['headers']) == 'table'
+        and type(doc['headers']['receiver']) == 'string' then
+      local prio = doc['priority']
+      if prio ~= 'high' and prio ~= 'low' then prio = 'normal' end
+      redis.call('RPUSH', 'karton.queue.' .. prio .. ':' .. doc['headers']['receiver'], uid)
+      moved = moved + 1
+    end
+  end
+end
+return moved
+"""
+
+# Requeue a Spawned task that sits in no queue, under no lease and in no retry schedule
+# (a consumer died between popping and leasing it).  ARGV = uid, identity, priority,
+# last_update upper bound (seconds, float as string).  Returns 1 if requeued.
+REQUEUE_ORPHAN: Final = """
+local uid = ARGV[1]
+local body = redis.call('GET', 'karton.task:' .. uid)
+if not body then return 0 end
+local ok, doc = pcall(cjson.decode, body)
+if not ok or type(doc) ~= 'table' or doc['status'] ~= 'Spawned' then return 0 end
+if tonumber(doc['last_update'] or 0) > tonumber(ARGV[4]) then return 0 end
+if redis.call('ZSCORE', 'asynckarton.leases:' .. ARGV[2], uid) then return 0 end
+if redis.call('ZSCORE', 'asynckarton.delayed', uid) then return 0 end
+local queue = 'karton.queue.' .. ARGV[3] .. ':' .. ARGV[2]
+if redis.call('LPOS', queue, uid) then return 0 end
+if redis.call('LPOS', ARGV[2], uid) then return 0 end
+redis.call('RPUSH', queue, uid)
+redis.call('HINCRBY', 'asynckarton.stats', 'orphans_requeued', 1)
+return 1
+"""

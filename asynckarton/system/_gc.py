@@ -1,0 +1,204 @@
+"""Garbage collector: Karton's task and resource lifecycle rules, off the routing path.
+
+Task rules (karton.md §4.14), applied to one SCAN pass:
+
+* the receiver is a non-persistent bind with no consumer online → delete (and the bind
+  and its queues go first);
+* Declared, not in ``karton.tasks`` and older than ``task_dispatched_timeout`` → delete;
+* Started and older than ``task_started_timeout`` → delete, or mark Crashed when
+  ``crash_started_tasks_on_timeout`` is on;
+* Finished → delete; Crashed older than ``task_crashed_timeout`` → delete;
+* asynckarton's addition: Spawned, older than ``task_spawned_timeout`` and in no queue,
+  lease or retry schedule (its consumer died between popping and leasing it) → requeue.
+
+Resources: every object version in the default bucket not referenced by a surviving
+task is deleted, listing first and scanning tasks second, as Karton does.  A Redis lock
+keeps two collectors from running at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from .._errors import InvalidTaskError
+from .._task import Task, TaskState
+from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend
+from ..backend import _keys as keys
+from ..storage import Storage, collect_orphans
+
+__all__ = ["GarbageCollector", "GCReport"]
+
+STARTED_TIMEOUT_ERROR = (
+    "This task was STARTED too long (TASK_STARTED_TIMEOUT), so status was changes to CRASHED."
+)
+LOCK_KEY = "asynckarton.gc.lock"
+
+
+class _UnreadableTask(Exception):
+    """A task body could not be parsed: its resources are unknown, so delete nothing."""
+
+
+@dataclass
+class GCReport:
+    """What one collection did."""
+
+    deleted_tasks: int = 0
+    crashed_tasks: int = 0
+    requeued_orphans: int = 0
+    removed_binds: list[str] = field(default_factory=list)
+    deleted_objects: int = 0
+
+
+class GarbageCollector:
+    """Runs Karton's GC rules every ``interval`` seconds.
+
+    Args:
+        backend, storage: where tasks and resources live.
+        bucket: the default bucket (the only one Karton collects).
+        settings: a ``SystemSettings`` (timeouts and switches of ``[system]``).
+        log: the system service's logger.
+    """
+
+    def __init__(
+        self,
+        backend: KartonBackend,
+        storage: Storage,
+        bucket: str,
+        settings: Any,
+        log: logging.Logger,
+    ) -> None:
+        self.backend = backend
+        self.storage = storage
+        self.bucket = bucket
+        self.settings = settings
+        self.log = log
+
+    async def run(self) -> None:
+        """Collect every ``gc_interval`` seconds until cancelled."""
+        while True:
+            try:
+                await self.collect()
+            except TRANSIENT_ERRORS as exc:
+                self.log.warning("GC skipped, Redis unavailable: %s", exc)
+            await anyio.sleep(float(self.settings.gc_interval))
+
+    async def collect(self) -> GCReport | None:
+        """Run one collection under the GC lock; None if another collector holds it."""
+        ttl = max(60_000, int(float(self.settings.gc_interval) * 1000))
+        token = f"{time.time()}"
+        if not await self.backend.redis.set(LOCK_KEY, token, nx=True, px=ttl):
+            return None
+        try:
+            report = await self.collect_tasks()
+            report.deleted_objects = await self._collect_resources()
+            return report
+        finally:
+            with anyio.CancelScope(shield=True):
+                if await self.backend.redis.get(LOCK_KEY) == token:
+                    await self.backend.redis.delete(LOCK_KEY)
+
+    async def collect_tasks(self) -> GCReport:
+        """Apply the task rules to every task once."""
+        report = GCReport()
+        to_clear = await self._drop_offline_binds(report)
+        unrouted = set(await self.backend.redis.lrange(keys.TASKS_QUEUE, 0, -1))
+        collected: Counter[str] = Counter()
+        async for batch in self.backend.scan_task_keys():
+            bodies = await self.backend.redis.mget(batch)
+            doomed: list[str] = []
+            for key, body in zip(batch, bodies, strict=True):
+                if body is None:
+                    continue
+                try:
+                    task = Task.unserialize(body, parse_resources=False)
+                except InvalidTaskError as exc:
+                    self.log.error("GC: %s is unreadable and is kept: %s", key, exc)
+                    continue
+                if await self._verdict(task, unrouted, to_clear, report):
+                    doomed.append(key)
+                    collected[task.receiver or "unknown"] += 1
+            await self.backend.delete_task_keys(doomed)
+            report.deleted_tasks += len(doomed)
+            await anyio.lowlevel.checkpoint()
+        await self.backend.increment_metrics("garbage-collected", collected)
+        return report
+
+    async def _verdict(
+        self, task: Task, unrouted: set[str], to_clear: set[str], report: GCReport
+    ) -> bool:
+        """Return True when ``task`` should be deleted (may crash or requeue it instead)."""
+        s = self.settings
+        age = time.time() - task.last_update
+        if task.receiver in to_clear:
+            return True
+        if task.status is TaskState.FINISHED:
+            return True
+        if task.status is TaskState.DECLARED:
+            return task.uid not in unrouted and age > s.task_dispatched_timeout
+        if task.status is TaskState.CRASHED:
+            return age > s.task_crashed_timeout
+        if task.status is TaskState.STARTED and age > s.task_started_timeout:
+            if not s.crash_started_tasks_on_timeout:
+                return True
+            task.status, task.error = TaskState.CRASHED, [STARTED_TIMEOUT_ERROR]
+            task.last_update = time.time()
+            await self.backend.set_tasks([task])
+            await self.backend.increment_metrics("crashed", {task.receiver or "unknown": 1})
+            report.crashed_tasks += 1
+        elif task.status is TaskState.SPAWNED and age > s.task_spawned_timeout:
+            if await self.backend.requeue_orphan(task, time.time() - s.task_spawned_timeout):
+                self.log.warning("Requeued orphaned task %s for %s", task.uid, task.receiver)
+                report.requeued_orphans += 1
+        return False
+
+    async def _drop_offline_binds(self, report: GCReport) -> set[str]:
+        online = await self.backend.online_identities()
+        to_clear: set[str] = set()
+        for identity, raw in (await self.backend.get_binds_raw()).items():
+            try:
+                bind = Bind.from_json(identity, raw)
+            except (ValueError, KeyError, TypeError):
+                continue
+            if not bind.persistent and identity not in online:
+                await self.backend.unregister_bind(identity)
+                self.log.info("Non-persistent bind %s has no consumer online: removed", identity)
+                to_clear.add(identity)
+                report.removed_binds.append(identity)
+        return to_clear
+
+    async def _collect_resources(self) -> int:
+        async def referenced() -> set[str]:
+            found: set[str] = set()
+            async for batch in self.backend.scan_task_keys():
+                for body in await self.backend.redis.mget(batch):
+                    if body is None:
+                        continue
+                    try:
+                        task = Task.unserialize(body)
+                    except InvalidTaskError as exc:
+                        raise _UnreadableTask(str(exc)) from None
+                    for resource in task.iterate_resources():
+                        if resource.bucket in (None, self.bucket):
+                            found.add(resource.uid)
+                await anyio.lowlevel.checkpoint()
+            return found
+
+        try:
+            deleted = await collect_orphans(
+                self.storage,
+                self.bucket,
+                referenced,
+                delete_null_versions=bool(self.settings.enable_null_version_deletion),
+            )
+        except _UnreadableTask as exc:
+            self.log.warning("Resource GC skipped: a task is unreadable (%s)", exc)
+            return 0
+        if deleted:
+            self.log.info("GC removed %d unreferenced object(s)", deleted)
+        return deleted

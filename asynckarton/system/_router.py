@@ -1,0 +1,183 @@
+"""Router: fork each unrouted task to every consumer whose bind's filters match.
+
+One round: take up to ``batch_size`` uids from ``karton.tasks`` into this router's
+journal (one Lua call; a blocking BLMOVE when the queue is empty), MGET their bodies,
+match them against the compiled bind index (rebuilt only when ``karton.binds`` changed),
+and commit every fork, queue push, metric, tracking entry and log record of the batch in
+one MULTI/EXEC that also clears the journal.  A router killed mid-batch leaves the
+journal behind; once its heartbeat expires any router gives it back to ``karton.tasks``,
+so a batch is routed exactly once or, after a crash, again from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .._logging import format_record
+from .._query import BindIndex
+from .._task import Task, TaskState
+from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch
+from ..backend._keys import log_channel, task_key
+
+__all__ = ["Router"]
+
+HEARTBEAT_TTL = 10.0
+
+
+class Router:
+    """Routes batches from ``karton.tasks`` until cancelled.
+
+    Args:
+        backend: Redis access.
+        log: the system service's logger (its records are published like Karton's).
+        instance: this router's id (names its journal).
+        batch_size: most tasks taken per round.
+        publish_logs: publish a "Processing task" record per task, as karton-system does.
+        tracking_ttl: seconds to keep ``karton.outputs:*`` entries; 0 disables tracking.
+    """
+
+    def __init__(
+        self,
+        backend: KartonBackend,
+        log: logging.Logger,
+        *,
+        instance: str,
+        batch_size: int = 500,
+        publish_logs: bool = True,
+        tracking_ttl: int = 2592000,
+    ) -> None:
+        self.backend = backend
+        self.log = log
+        self.instance = instance
+        self.batch_size = batch_size
+        self.publish_logs = publish_logs
+        self.tracking_ttl = tracking_ttl
+        self._binds_raw: dict[str, str] | None = None
+        self._index = BindIndex({})
+        self.routed = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Route until cancelled; Redis outages are waited out with backoff."""
+        blocking = self.backend.connector.blocking()
+        try:
+            async with anyio.create_task_group() as group:
+                await self.backend.heartbeat_router(self.instance, HEARTBEAT_TTL)
+                group.start_soon(self._heartbeat)
+                task_status.started()
+                await self._loop(blocking)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await blocking.aclose()
+                await self._deregister()
+
+    async def _deregister(self) -> None:
+        try:
+            if not await self.backend.journal(self.instance):
+                await self.backend.forget_router(self.instance)
+        except TRANSIENT_ERRORS:
+            pass  # the journal's heartbeat expires; another router recovers it
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.backend.heartbeat_router(self.instance, HEARTBEAT_TTL)
+                moved = await self.backend.recover_routing()
+                if moved:
+                    self.log.warning("Recovered %d task(s) from a router that died", moved)
+            except TRANSIENT_ERRORS as exc:
+                self.log.warning("Redis unavailable for the router heartbeat: %s", exc)
+            await anyio.sleep(HEARTBEAT_TTL / 4)
+
+    async def _loop(self, blocking: Any) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                with anyio.CancelScope(shield=True):
+                    uids = await self._take(blocking)
+                    if uids:
+                        await self.route(uids)
+                backoff = 0.5
+            except TRANSIENT_ERRORS as exc:
+                self.log.warning("Redis unavailable (%s); routing resumes in %.1fs", exc, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            await anyio.lowlevel.checkpoint()
+
+    async def _take(self, blocking: Any) -> list[str]:
+        pending = await self.backend.journal(self.instance)
+        if pending:  # a previous round failed before its commit: route it again
+            return pending
+        uids = await self.backend.route_pop(self.instance, self.batch_size)
+        if uids:
+            return uids
+        if not await self.backend.route_wait(blocking, self.instance, 1.0):
+            return []
+        return await self.backend.journal(self.instance) + await self.backend.route_pop(
+            self.instance, self.batch_size - 1
+        )
+
+    async def route(self, uids: list[str]) -> None:
+        """Route the journalled ``uids`` and commit the result in one transaction."""
+        bodies = await self.backend.get_task_bodies(uids)
+        await self._refresh_binds()
+        batch = RoutedBatch()
+        now = time.time()
+        for uid, body in zip(uids, bodies, strict=True):
+            if body is None:
+                self.log.warning("Task %s has no body (deleted before routing); skipped", uid)
+                continue
+            try:
+                task = Task.unserialize(body, parse_resources=False)
+            except ValueError as exc:
+                self.log.error("Task %s is unreadable, quarantined: %s", uid, exc)
+                batch.invalid.append(uid)
+                continue
+            self._route_one(task, batch, now)
+        await self.backend.route_commit(self.instance, batch, self.tracking_ttl)
+        self.routed += len(uids)
+
+    def _route_one(self, task: Task, batch: RoutedBatch, now: float) -> None:
+        if self.tracking_ttl:
+            origin = task.headers.get("origin") or "unknown"
+            batch.outputs.setdefault(str(origin), set()).add(json.dumps(task.headers))
+        if self.publish_logs:
+            batch.logs.append(self._log_record(task))
+        for identity in self._index.match(task.headers):
+            fork = task.fork_task()
+            fork.status, fork.last_update = TaskState.SPAWNED, now
+            fork.headers["receiver"] = identity
+            batch.add_fork(fork, identity)
+        task.status, task.last_update = TaskState.FINISHED, now
+        batch.bodies[task_key(task.uid)] = task.serialize()
+
+    def _log_record(self, task: Task) -> tuple[str, str]:
+        record = self.log.makeRecord(
+            self.log.name, logging.INFO, __file__, 0,
+            "[%s] Processing task %s", (task.root_uid, task.task_uid), None,
+        )  # fmt: skip
+        line = format_record(record)
+        line["task"] = task.serialize()
+        line["task_id"] = task.task_uid
+        return log_channel("INFO", self.log.name), json.dumps(line, default=str)
+
+    async def _refresh_binds(self) -> None:
+        raw = await self.backend.get_binds_raw()
+        if raw == self._binds_raw:
+            return
+        filters: dict[str, Any] = {}
+        for identity, value in raw.items():
+            try:
+                filters[identity] = Bind.from_json(identity, value).filters
+            except (ValueError, KeyError, TypeError) as exc:
+                self.log.error("Bind of %s is unreadable and is skipped: %s", identity, exc)
+        self._index = BindIndex(filters)
+        for identity, exc in self._index.invalid.items():
+            self.log.error("Bind of %s has invalid filters and is skipped: %s", identity, exc)
+        self._binds_raw = raw

@@ -1,0 +1,107 @@
+"""SystemService: the router and the garbage collector as one async supervisor.
+
+Router and GC are separate tasks of one task group, so a long collection never stalls
+routing; either can be switched off (``--disable-router`` / ``--disable-gc``) to run them
+in separate processes, and several routers may run at once.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .._config import Config
+from .._errors import ConfigError
+from .._service import ServiceBase
+from ._gc import GarbageCollector
+from ._router import Router
+
+__all__ = ["SystemService"]
+
+
+class SystemService(ServiceBase):
+    """karton-system's job, asynchronously: route tasks and collect garbage.
+
+    Args:
+        config: configuration; ``[system]`` holds the GC timeouts and switches.
+        identity: defaults to ``karton.system``.
+        setup_bucket: create the default bucket when it is missing.
+    """
+
+    identity: ClassVar[str] = "karton.system"
+    version: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        identity: str | None = None,
+        *,
+        setup_bucket: bool = False,
+        batch_size: int = 500,
+    ) -> None:
+        super().__init__(config, identity)
+        self.settings = self.config.system_settings()
+        self.setup_bucket = setup_bucket
+        self.batch_size = batch_size
+        self.router: Router | None = None
+        self.gc: GarbageCollector | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Route and collect until :meth:`stop` or cancellation."""
+        if self._stack is None:
+            async with self:
+                await self._run(task_status)
+        else:
+            await self._run(task_status)
+
+    def stop(self, *, grace: float | None = None) -> None:
+        """Stop routing and collecting (a routing round in progress completes first)."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
+        await self._check_bucket()
+        presence = self.backend.connector.named(self.client_name)
+        try:
+            await presence.ping()
+            with anyio.CancelScope() as self._scope:
+                async with anyio.create_task_group() as group:
+                    if self.settings.enable_router:
+                        self.router = Router(
+                            self.backend,
+                            self.log,
+                            instance=self.instance_id,
+                            batch_size=self.batch_size,
+                            publish_logs=self.config.logging_settings().enable_publish,
+                            tracking_ttl=(
+                                self.settings.task_tracking_ttl
+                                if self.settings.enable_task_tracking
+                                else 0
+                            ),
+                        )
+                        await group.start(self.router.run)
+                    if self.settings.enable_gc:
+                        self.gc = GarbageCollector(
+                            self.backend, self.storage, self.runtime.bucket, self.settings, self.log
+                        )
+                        group.start_soon(self.gc.run)
+                    self.log.info("Manager %s started", self.identity)
+                    task_status.started()
+        finally:
+            self._scope = None
+            with anyio.CancelScope(shield=True):
+                await presence.aclose()
+
+    async def _check_bucket(self) -> None:
+        bucket = self.runtime.bucket
+        exists = await self.storage.ensure_bucket(bucket, create=self.setup_bucket)
+        if not exists:
+            raise ConfigError(
+                f"bucket {bucket!r} does not exist; run with --setup-bucket to create it",
+                section="s3",
+                option="bucket",
+                source=self.config.source("s3", "bucket"),
+            )

@@ -1,0 +1,46 @@
+"""Shared fixtures: the anyio backend and the real servers integration tests need."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.servers import RedisServer, S3Server, redis_server, s3_server
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    return "asyncio", {}
+
+
+@pytest.fixture(scope="session")
+def redis_srv() -> Iterator[RedisServer]:
+    """A session-wide redis-server on a free port (flush between tests with ``redis_url``)."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_srv: RedisServer) -> Iterator[str]:
+    """URL of the session redis-server, flushed before each test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_srv.url)
+    client.flushall()
+    client.close()
+    yield redis_srv.url
+
+
+@pytest.fixture(scope="session")
+def s3_srv() -> Iterator[S3Server]:
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_srv: S3Server) -> str:
+    """A fresh, empty bucket name on the session S3 server (created by the test's storage)."""
+    return f"test-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,147 @@
+"""Real servers for the test suite: a redis-server subprocess and a moto S3 server.
+
+Integration tests never share the machine's Redis on 6379: each fixture starts its own
+server on a free loopback port so tests can stop, restart, kill and fault it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    """Return a loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def require(tool: str) -> str:
+    """Return the path of ``tool``; fail under CI, skip elsewhere, when it is missing."""
+    path = shutil.which(tool)
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{tool} must be installed in CI (see .ci/run)")
+    pytest.skip(f"{tool} not installed")
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A redis-server subprocess on a free loopback port that tests can fault.
+
+    With ``persistent=True`` the server writes an append-only file, so a restart keeps
+    its data (what the reliability suite needs: "nothing is lost, with persistence on").
+    """
+
+    def __init__(self, *, persistent: bool = False) -> None:
+        self.binary = require("redis-server")
+        self.port = free_port()
+        self.persistent = persistent
+        self.dir = Path(tempfile.mkdtemp(prefix="asynckarton-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+            if self.persistent
+            else ["--appendonly", "no", "--save", ""]
+        )
+        self.process = subprocess.Popen(
+            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
+             "--dir", str(self.dir), "--protected-mode", "no", *persistence],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _ping(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def redis_server(*, persistent: bool = False) -> Iterator[RedisServer]:
+    server = RedisServer(persistent=persistent)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+class S3Server:
+    """moto's S3 server mode on a free loopback port (a real HTTP endpoint)."""
+
+    access_key = "testing"
+    secret_key = "testing"
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", self.access_key)
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", self.secret_key)
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.url = ""
+
+    def start(self) -> None:
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@contextmanager
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
