@@ -15,6 +15,7 @@ running then are cancelled and their tasks handed back to the queue (not Crashed
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import random
@@ -29,6 +30,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from ._completion import Completer
 from ._config import Config
 from ._errors import ConfigError, InvalidTaskError, Retry, TaskTimeoutError
+from ._options import add_consumer_arguments, consumer_config_from_args
 from ._query import compile_filters
 from ._service import ServiceBase
 from ._task import Task, TaskState, bind_resources, current_task
@@ -105,6 +107,19 @@ class Consumer(ServiceBase):
             self.retry_backoff_max = settings.retry_backoff_max  # type: ignore[misc]
         self.lease_timeout = cls.lease_timeout or settings.lease_timeout  # type: ignore[misc]
         self.shutdown_grace = settings.shutdown_grace
+
+    @classmethod
+    def args_parser(cls) -> argparse.ArgumentParser:
+        """Karton's flags plus ``--non-persistent``, ``--task-timeout``, ``--grace``..."""
+        parser = super().args_parser()
+        add_consumer_arguments(parser)
+        return parser
+
+    @classmethod
+    def config_from_args(cls, config: Config, args: argparse.Namespace) -> None:
+        """Copy consumer flags into ``[karton]``."""
+        super().config_from_args(config, args)
+        consumer_config_from_args(config, args)
 
     # -- user API -------------------------------------------------------------------------
 

@@ -7,8 +7,10 @@ to Karton's log channels; leaving it releases both.  Constructors do no I/O.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import uuid
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import ClassVar, Self
@@ -17,9 +19,10 @@ from urllib.parse import urlencode
 import anyio
 
 from ._version import __version__ as _version
-from ._config import Config
+from ._config import Config, Option
 from ._errors import InvalidIdentityError
 from ._logging import KartonLogHandler
+from ._options import base_args_parser, base_config_from_args
 from ._runtime import Runtime, acquire_runtime
 from .backend import KARTON_PROTOCOL_VERSION, KartonBackend
 from .storage import Storage
@@ -49,6 +52,10 @@ class ServiceBase:
     version: ClassVar[str | None] = None
     #: Karton's flag: put service info (versions, instance) into the client name.
     with_service_info: ClassVar[bool] = True
+    #: Options this service reads, declared once: from ini, env and CLI (``--sec-name``).
+    options: ClassVar[Sequence[Option]] = ()
+    #: Karton's default GC interval, kept so code written against Karton's docs runs.
+    GC_INTERVAL: ClassVar[int] = 180
 
     def __init__(self, config: Config | None = None, identity: str | None = None) -> None:
         self.config = config if config is not None else Config()
@@ -61,6 +68,54 @@ class ServiceBase:
         self.log = logging.getLogger(self.identity)
         self._stack: AsyncExitStack | None = None
         self._runtime: Runtime | None = None
+
+    # -- Karton's command-line hooks ------------------------------------------------------
+
+    @classmethod
+    def args_description(cls) -> str:
+        """Description shown by ``--help`` (the class docstring's first line)."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else f"asynckarton service {cls.identity}"
+
+    @classmethod
+    def args_parser(cls) -> argparse.ArgumentParser:
+        """Return the argument parser of :meth:`main` (extend it and call super)."""
+        parser = base_args_parser(cls.args_description())
+        parser.add_argument("--version", action="version", version=str(cls.version or _version))
+        from ._options import add_options_to_parser
+
+        add_options_to_parser(parser, cls.options)
+        return parser
+
+    @classmethod
+    def config_from_args(cls, config: Config, args: argparse.Namespace) -> None:
+        """Copy parsed arguments into ``config`` (extend it and call super)."""
+        base_config_from_args(config, args)
+        from ._options import options_from_args
+
+        options_from_args(config, cls.options, args)
+
+    @classmethod
+    def karton_from_args(cls, args: argparse.Namespace | None = None) -> Self:
+        """Build the service from command-line arguments, as Karton's classmethod does."""
+        if args is None:
+            args = cls.args_parser().parse_args()
+        config = Config(getattr(args, "config_file", None))
+        cls.config_from_args(config, args)
+        return cls(config)
+
+    @classmethod
+    def main(cls, argv: Sequence[str] | None = None) -> None:
+        """Entry point: parse arguments, run until SIGINT/SIGTERM, drain, exit."""
+        from .cli import serve_forever
+
+        args = cls.args_parser().parse_args(argv)
+        service = cls.karton_from_args(args)
+        serve_forever([service], log_level=getattr(args, "log_level", None))
+
+    def option(self, option: Option) -> object:
+        """Return the value of a declared option (ini, env or CLI; else its default)."""
+        return option.read(self.config)
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ in separate processes, and several routers may run at once.
 
 from __future__ import annotations
 
+import argparse
 from typing import ClassVar
 
 import anyio
@@ -14,6 +15,7 @@ from anyio.abc import TaskStatus
 
 from .._config import Config
 from .._errors import ConfigError
+from .._options import add_system_arguments, system_config_from_args
 from .._service import ServiceBase
 from ._gc import GarbageCollector
 from ._router import Router
@@ -43,11 +45,29 @@ class SystemService(ServiceBase):
     ) -> None:
         super().__init__(config, identity)
         self.settings = self.config.system_settings()
-        self.setup_bucket = setup_bucket
+        self.setup_bucket = setup_bucket or self.settings.setup_bucket
         self.batch_size = batch_size
         self.router: Router | None = None
         self.gc: GarbageCollector | None = None
         self._scope: anyio.CancelScope | None = None
+
+    @classmethod
+    def args_description(cls) -> str:
+        """Karton's description of karton-system."""
+        return "Karton message broker."
+
+    @classmethod
+    def args_parser(cls) -> argparse.ArgumentParser:
+        """karton-system's flags, exactly (plus asynckarton's additions)."""
+        parser = super().args_parser()
+        add_system_arguments(parser)
+        return parser
+
+    @classmethod
+    def config_from_args(cls, config: Config, args: argparse.Namespace) -> None:
+        """Copy system flags into ``[system]``."""
+        super().config_from_args(config, args)
+        system_config_from_args(config, args)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Route and collect until :meth:`stop` or cancellation."""
