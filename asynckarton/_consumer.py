@@ -42,7 +42,7 @@ PreHook = Callable[[Task], Any]
 PostHook = Callable[[Task, BaseException | None], Any]
 
 BIND_CHECK_INTERVAL = 5.0
-BLOCKING_POP_TIMEOUT = 1.0
+BLOCKING_POP_TIMEOUT = 0.5
 
 
 def _load_exception(dotted: str) -> type[BaseException]:
@@ -88,6 +88,7 @@ class Consumer(ServiceBase):
         self._scopes: tuple[anyio.CancelScope, anyio.CancelScope] | None = None
         self._leased: dict[str, Task] = {}
         self._completer: Completer | None = None
+        self._background: TaskGroup | None = None
 
     def _read_policy(self, config: Config) -> None:
         settings = config.karton_settings()
@@ -176,6 +177,7 @@ class Consumer(ServiceBase):
             await self._register()
             self._completer = Completer(self.backend, self.identity, self._leased, self.log)
             async with anyio.create_task_group() as background:
+                self._background = background
                 background.start_soon(self._completer.run)
                 background.start_soon(self._watch_bind, presence)
                 background.start_soon(self._keep_leases)
@@ -185,6 +187,7 @@ class Consumer(ServiceBase):
                 background.cancel_scope.cancel()
         finally:
             self._scopes = None
+            self._background = None
             with anyio.CancelScope(shield=True):
                 await presence.aclose()
                 await blocking.aclose()
@@ -302,7 +305,7 @@ class Consumer(ServiceBase):
                 result = self.process(task)
                 if inspect.isawaitable(result):
                     await result
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a handler's failure is data (R11)
                 return exc
         if scope.cancelled_caught:
             try:
@@ -323,12 +326,12 @@ class Consumer(ServiceBase):
             return
         task.status = TaskState.CRASHED
         self.log.error("Failed to process task - %s", task.uid, exc_info=error)
-        self._completer_add(task, crashed=True, dead=self.max_retries > 0)
+        self._completer_add(task, crashed=True, dead=bool(self.max_retries))
 
     def _should_retry(self, task: Task, error: BaseException) -> bool:
         if task.attempt >= (self.max_retries or 0):
             return False
-        return isinstance(error, Retry) or isinstance(error, self.retry_for)
+        return isinstance(error, (Retry, *self.retry_for))
 
     async def _schedule_retry(self, task: Task, error: BaseException) -> None:
         after = error.after if isinstance(error, Retry) and error.after is not None else None
@@ -344,6 +347,15 @@ class Consumer(ServiceBase):
         with anyio.CancelScope(shield=True):
             await self.backend.schedule_retry(self.identity, task, time.time() + after)
         self._leased.pop(task.uid, None)
+        if self._background is not None:  # release it on time (others' sweeps are the fallback)
+            self._background.start_soon(self._release_after, after)
+
+    async def _release_after(self, delay: float) -> None:
+        await anyio.sleep(delay)
+        try:
+            await self.backend.release_delayed()
+        except TRANSIENT_ERRORS as exc:
+            self.log.warning("Redis unavailable to release a retry: %s", exc)
 
     def _completer_add(self, task: Task, *, crashed: bool, dead: bool = False) -> None:
         task.last_update = time.time()
@@ -372,7 +384,7 @@ class Consumer(ServiceBase):
             result = hook(*args)
             if inspect.isawaitable(result):
                 await result
-        except Exception:
+        except Exception:  # Karton logs and swallows hook errors
             self.log.exception("Hook %s failed", name or getattr(hook, "__name__", hook))
 
     # -- background -----------------------------------------------------------------------

@@ -107,7 +107,7 @@ class QueryError(KartonError):
     """A filter uses an unsupported operator or malformed operand."""
 
 
-class Retry(Exception):  # noqa: N818 - a control-flow signal, not an error
+class Retry(Exception):
     """Raised by a handler to ask for another attempt after ``after`` seconds."""
 
     def __init__(self, *, after: float | None = None, reason: str = "") -> None:

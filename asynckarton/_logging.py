@@ -72,7 +72,7 @@ class KartonLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             body = json.dumps(format_record(record), default=str)
-        except Exception:  # a bad record must never break the service
+        except Exception:  # noqa: BLE001 - a bad record must never break the service
             self.handleError(record)
             return
         self._buffer.append((log_channel(record.levelname, self._channel), body))

@@ -18,12 +18,12 @@ from urllib.parse import urlencode
 
 import anyio
 
-from ._version import __version__ as _version
 from ._config import Config, Option
 from ._errors import InvalidIdentityError
 from ._logging import KartonLogHandler
 from ._options import base_args_parser, base_config_from_args
 from ._runtime import Runtime, acquire_runtime
+from ._version import __version__ as _version
 from .backend import KARTON_PROTOCOL_VERSION, KartonBackend
 from .storage import Storage
 

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aredis
 import redis.exceptions
@@ -143,17 +143,16 @@ class KartonBackend:
             pipe.hget(keys.BINDS, bind.identity)
             pipe.hset(keys.BINDS, bind.identity, bind.to_json())
             old, _ = await pipe.execute()
-        return Bind.from_json(bind.identity, old) if old else None
+        return Bind.from_json(bind.identity, cast(str, old)) if old else None
 
     async def get_bind(self, identity: str) -> Bind | None:
         """Return the bind registered for ``identity``."""
-        raw = await self.redis.hget(keys.BINDS, identity)
+        raw = cast(str | None, await self.redis.hget(keys.BINDS, identity))
         return Bind.from_json(identity, raw) if raw else None
 
     async def get_binds_raw(self) -> dict[str, str]:
         """Return every bind as identity -> raw JSON (parse lazily, cache by value)."""
-        raw: dict[str, str] = await self.redis.hgetall(keys.BINDS)
-        return raw
+        return cast(dict[str, str], await self.redis.hgetall(keys.BINDS))
 
     async def unregister_bind(self, identity: str) -> None:
         """Remove ``identity``'s bind and its queues."""
@@ -175,8 +174,7 @@ class KartonBackend:
 
     async def get_task_body(self, uid: str) -> str | None:
         """Return the raw JSON of task ``uid``."""
-        body: str | None = await self.redis.get(keys.task_key(uid))
-        return body
+        return cast(str | None, await self.redis.get(keys.task_key(uid)))
 
     async def get_task(self, uid: str) -> Task | None:
         """Return task ``uid`` (resources unbound), or None if it is gone."""
@@ -188,7 +186,7 @@ class KartonBackend:
         out: list[str | None] = []
         for start in range(0, len(uids), 1000):
             chunk = uids[start : start + 1000]
-            out.extend(await self.redis.mget([keys.task_key(u) for u in chunk]))
+            out.extend(cast(list[str | None], await self.redis.mget([keys.task_key(u) for u in chunk])))
         return out
 
     async def scan_task_keys(self, match: str = keys.TASK_PREFIX + "*") -> AsyncIterator[list[str]]:
@@ -197,7 +195,7 @@ class KartonBackend:
         while True:
             cursor, found = await self.redis.scan(cursor, match=match, count=1000)
             if found:
-                yield list(found)
+                yield cast(list[str], found)
             if cursor == 0:
                 return
 
@@ -248,7 +246,7 @@ class KartonBackend:
         popped = await client.blpop(keys.consumer_queues(identity), timeout=timeout)
         if not popped:
             return []
-        uid = popped[1]
+        uid = cast(str, popped[1])
         bodies: list[str] = await self._lease(
             keys=[keys.leases_key(identity)], args=[_ms(time.time() + lease), uid]
         )
@@ -264,7 +262,7 @@ class KartonBackend:
         deadline = _ms(time.time() + lease)
         mapping = dict.fromkeys(uids, deadline)
         if mapping:
-            await self.redis.zadd(keys.leases_key(identity), mapping, xx=True)  # type: ignore[arg-type]
+            await self.redis.zadd(keys.leases_key(identity), mapping, xx=True)
 
     async def complete(self, identity: str, tasks: Sequence[Task], crashed: int) -> None:
         """Write final states, release leases and count consumed/crashed: one pipeline."""
@@ -336,14 +334,13 @@ class KartonBackend:
     async def route_wait(self, client: aredis.Redis, instance: str, timeout: float) -> bool:
         """Block until one unrouted uid was moved into the journal (BLMOVE)."""
         moved = await client.blmove(
-            keys.TASKS_QUEUE, keys.routing_key(instance), timeout, "LEFT", "RIGHT"
+            keys.TASKS_QUEUE, keys.routing_key(instance), timeout, "LEFT", "RIGHT"  # type: ignore[arg-type]
         )
         return moved is not None
 
     async def journal(self, instance: str) -> list[str]:
         """Return the uids in this router's journal (a batch taken but not committed)."""
-        uids: list[str] = await self.redis.lrange(keys.routing_key(instance), 0, -1)
-        return uids
+        return cast(list[str], await self.redis.lrange(keys.routing_key(instance), 0, -1))
 
     async def route_commit(self, instance: str, batch: RoutedBatch, tracking_ttl: int) -> None:
         """Apply a routed batch atomically and clear the journal (MULTI/EXEC).
@@ -415,7 +412,7 @@ class KartonBackend:
 
     async def stats(self) -> dict[str, int]:
         """Return asynckarton's own counters (redelivered, rerouted, invalid...)."""
-        raw: dict[str, str] = await self.redis.hgetall(keys.STATS)
+        raw = cast(dict[str, str], await self.redis.hgetall(keys.STATS))
         return {k: int(v) for k, v in raw.items()}
 
     async def queue_lengths(self, identity: str) -> dict[str, int]:

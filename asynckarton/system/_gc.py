@@ -22,17 +22,17 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 
 from .._errors import InvalidTaskError
+from .._options import SystemSettings
 from .._task import Task, TaskState
 from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend
 from ..backend import _keys as keys
 from ..storage import Storage, collect_orphans
 
-__all__ = ["GarbageCollector", "GCReport"]
+__all__ = ["GCReport", "GarbageCollector"]
 
 STARTED_TIMEOUT_ERROR = (
     "This task was STARTED too long (TASK_STARTED_TIMEOUT), so status was changes to CRASHED."
@@ -70,7 +70,7 @@ class GarbageCollector:
         backend: KartonBackend,
         storage: Storage,
         bucket: str,
-        settings: Any,
+        settings: SystemSettings,
         log: logging.Logger,
     ) -> None:
         self.backend = backend
@@ -107,7 +107,7 @@ class GarbageCollector:
         """Apply the task rules to every task once."""
         report = GCReport()
         to_clear = await self._drop_offline_binds(report)
-        unrouted = set(await self.backend.redis.lrange(keys.TASKS_QUEUE, 0, -1))
+        unrouted: set[str] = set(await self.backend.redis.lrange(keys.TASKS_QUEUE, 0, -1))  # type: ignore[arg-type]
         collected: Counter[str] = Counter()
         async for batch in self.backend.scan_task_keys():
             bodies = await self.backend.redis.mget(batch)
@@ -140,9 +140,9 @@ class GarbageCollector:
         if task.status is TaskState.FINISHED:
             return True
         if task.status is TaskState.DECLARED:
-            return task.uid not in unrouted and age > s.task_dispatched_timeout
+            return task.uid not in unrouted and age > float(s.task_dispatched_timeout)
         if task.status is TaskState.CRASHED:
-            return age > s.task_crashed_timeout
+            return age > float(s.task_crashed_timeout)
         if task.status is TaskState.STARTED and age > s.task_started_timeout:
             if not s.crash_started_tasks_on_timeout:
                 return True
@@ -151,10 +151,13 @@ class GarbageCollector:
             await self.backend.set_tasks([task])
             await self.backend.increment_metrics("crashed", {task.receiver or "unknown": 1})
             report.crashed_tasks += 1
-        elif task.status is TaskState.SPAWNED and age > s.task_spawned_timeout:
-            if await self.backend.requeue_orphan(task, time.time() - s.task_spawned_timeout):
-                self.log.warning("Requeued orphaned task %s for %s", task.uid, task.receiver)
-                report.requeued_orphans += 1
+        elif (
+            task.status is TaskState.SPAWNED
+            and age > s.task_spawned_timeout
+            and await self.backend.requeue_orphan(task, time.time() - s.task_spawned_timeout)
+        ):
+            self.log.warning("Requeued orphaned task %s for %s", task.uid, task.receiver)
+            report.requeued_orphans += 1
         return False
 
     async def _drop_offline_binds(self, report: GCReport) -> set[str]:

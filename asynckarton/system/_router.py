@@ -178,6 +178,6 @@ class Router:
             except (ValueError, KeyError, TypeError) as exc:
                 self.log.error("Bind of %s is unreadable and is skipped: %s", identity, exc)
         self._index = BindIndex(filters)
-        for identity, exc in self._index.invalid.items():
-            self.log.error("Bind of %s has invalid filters and is skipped: %s", identity, exc)
+        for identity, error in self._index.invalid.items():
+            self.log.error("Bind of %s has invalid filters and is skipped: %s", identity, error)
         self._binds_raw = raw

@@ -1,0 +1,240 @@
+"""Consumer behaviour on the embedded default: crashes, timeouts, hooks, retries, stop."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from asynckarton import Consumer, Karton, Retry, Task, TaskState, testing
+from asynckarton.backend import _keys as keys
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder(Consumer):
+    identity = "test.recorder"
+    filters = [{"type": "work"}]
+    seen: ClassVar[list[str]] = []
+
+    async def process(self, task: Task) -> None:
+        type(self).seen.append(task.headers.get("n", ""))
+
+
+class Exploder(Consumer):
+    identity = "test.exploder"
+    filters = [{"type": "boom"}]
+
+    async def process(self, task: Task) -> None:
+        raise ValueError("kaboom")
+
+
+class Sleeper(Consumer):
+    identity = "test.sleeper"
+    filters = [{"type": "slow"}]
+    task_timeout = 0.2
+
+    async def process(self, task: Task) -> None:
+        await anyio.sleep(float(task.payload.get("sleep", 5)))
+
+
+async def test_a_crashing_handler_marks_the_task_and_keeps_consuming(tmp_path: Path) -> None:
+    async with testing.pipeline(Exploder, Recorder, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "boom"}), Task({"type": "boom"}), Task({"type": "work", "n": "1"}))
+        await p.wait_idle()
+        crashed = await p.tasks(receiver="test.exploder")
+        metrics = await p.producer.backend.redis.hgetall(keys.metrics_key("crashed"))
+    assert [t.status for t in crashed] == [TaskState.CRASHED, TaskState.CRASHED]
+    assert crashed[0].error is not None and "ValueError: kaboom" in "".join(crashed[0].error)
+    assert metrics["test.exploder"] == "2"
+
+
+async def test_fractional_timeout_crashes_with_task_timeout_error(tmp_path: Path) -> None:
+    async with testing.pipeline(Sleeper, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "slow"}, payload={"sleep": 5}), Task({"type": "slow"}, payload={"sleep": 0}))
+        with anyio.fail_after(5):
+            await p.wait_idle()
+        tasks = await p.tasks(receiver="test.sleeper")
+    by_status = sorted(t.status.value for t in tasks)
+    assert by_status == ["Crashed", "Finished"]
+    crashed = next(t for t in tasks if t.status is TaskState.CRASHED)
+    assert "TaskTimeoutError" in "".join(crashed.error or [])
+
+
+class Hooked(Consumer):
+    identity = "test.hooked"
+    filters = [{"type": "hooked"}]
+    calls: ClassVar[list[str]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_pre_hook(lambda task: self.calls.append("pre-sync"))
+        self.add_pre_hook(self._async_pre, "async-pre")
+        self.add_pre_hook(self._broken, "broken")
+        self.add_post_hook(lambda task, exc: self.calls.append(f"post:{type(exc).__name__}"))
+
+    async def _async_pre(self, task: Task) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.calls.append("pre-async")
+
+    def _broken(self, task: Task) -> None:
+        raise RuntimeError("hook bug")
+
+    async def process(self, task: Task) -> None:
+        self.calls.append("process")
+        raise KeyError("x")
+
+
+async def test_hooks_run_in_order_and_a_failing_hook_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="test.hooked")
+    async with testing.pipeline(Hooked, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "hooked"}))
+        await p.wait_idle()
+    assert Hooked.calls == ["pre-sync", "pre-async", "process", "post:KeyError"]
+    assert any("Hook broken failed" in r.getMessage() for r in caplog.records)
+
+
+class Flaky(Consumer):
+    identity = "test.flaky"
+    filters = [{"type": "flaky"}]
+    max_retries = 2
+    retry_backoff = 0.01
+    attempts: ClassVar[list[int]] = []
+
+    async def process(self, task: Task) -> None:
+        type(self).attempts.append(task.attempt)
+        if task.payload.get("mode") == "retry-after":
+            raise Retry(after=0.05)
+        if task.attempt < 2:
+            raise ConnectionError("flaky upstream")
+
+
+async def test_retries_then_succeeds_with_the_attempt_travelling(tmp_path: Path) -> None:
+    Flaky.attempts.clear()
+    async with testing.pipeline(Flaky, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "flaky"}))
+        with anyio.fail_after(10):
+            await p.wait_idle()
+        [task] = await p.tasks(receiver="test.flaky")
+    assert Flaky.attempts == [0, 1, 2]
+    assert task.status is TaskState.FINISHED and task.attempt == 2
+
+
+async def test_last_failed_attempt_is_crashed_and_dead_lettered(tmp_path: Path) -> None:
+    Flaky.attempts.clear()
+    async with testing.pipeline(Flaky, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "flaky"}, payload={"mode": "retry-after"}))
+        with anyio.fail_after(10):
+            await p.wait_idle()
+        [task] = await p.tasks(receiver="test.flaky")
+        dead = await p.producer.backend.redis.lrange(keys.dead_key("test.flaky"), 0, -1)
+    assert Flaky.attempts == [0, 1, 2]
+    assert task.status is TaskState.CRASHED
+    assert dead == [task.uid]
+
+
+class Parent(Karton):
+    identity = "test.parent"
+    filters = [{"type": "root"}]
+
+    async def process(self, task: Task) -> None:
+        await self.send_task(Task({"type": "work", "n": "child"}))
+
+
+async def test_child_tasks_inherit_tree_persistent_data_and_priority(tmp_path: Path) -> None:
+    from asynckarton import TaskPriority
+
+    Recorder.seen.clear()
+    async with testing.pipeline(Parent, Recorder, data_dir=tmp_path) as p:
+        root = Task(
+            {"type": "root"},
+            headers_persistent={"tlp": "red"},
+            payload_persistent={"case": 7},
+            priority=TaskPriority.HIGH,
+        )
+        await p.send(root)
+        await p.wait_idle()
+        [child] = await p.tasks(receiver="test.recorder")
+        [parent_copy] = await p.tasks(receiver="test.parent")
+    assert Recorder.seen == ["child"]
+    assert child.root_uid == root.root_uid
+    assert child.parent_uid == parent_copy.uid
+    assert child.headers["tlp"] == "red" and child.headers["origin"] == "test.parent"
+    assert child.payload_persistent["case"] == 7
+    assert child.priority is TaskPriority.HIGH
+
+
+class Blocker(Consumer):
+    identity = "test.blocker"
+    filters = [{"type": "block"}]
+    concurrency_limit = 4
+    started = 0
+
+    async def process(self, task: Task) -> None:
+        type(self).started += 1
+        await anyio.sleep(float(task.payload["sleep"]))
+
+
+async def test_stop_drains_short_tasks_and_hands_back_long_ones(tmp_path: Path) -> None:
+    consumer = Blocker(testing.embedded_config(tmp_path))
+    async with testing.pipeline(consumer, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "block"}, payload={"sleep": 0.2}), Task({"type": "block"}, payload={"sleep": 30}))
+        with anyio.fail_after(5):
+            while Blocker.started < 2:
+                await anyio.sleep(0.01)
+        consumer.stop(grace=0.5)
+        with anyio.fail_after(5):
+            while consumer._scopes is not None:
+                await anyio.sleep(0.01)
+        tasks = await p.tasks(receiver="test.blocker")
+        queued = await p.producer.backend.redis.lrange(keys.queue_key("normal", "test.blocker"), 0, -1)
+        leases = await p.producer.backend.redis.zcard(keys.leases_key("test.blocker"))
+    statuses = sorted(t.status.value for t in tasks)
+    assert statuses == ["Finished", "Spawned"]
+    handed_back = next(t for t in tasks if t.status is TaskState.SPAWNED)
+    assert queued == [handed_back.uid]
+    assert leases == 0
+
+
+async def test_concurrency_limit_bounds_running_handlers(tmp_path: Path) -> None:
+    running = 0
+    peak = 0
+
+    class Counter(Consumer):
+        identity = "test.counter"
+        filters = [{"type": "count"}]
+        concurrency_limit = 3
+
+        async def process(self, task: Task) -> None:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await anyio.sleep(0.02)
+            running -= 1
+
+    async with testing.pipeline(Counter, data_dir=tmp_path) as p:
+        await p.send(*(Task({"type": "count"}) for _ in range(20)))
+        with anyio.fail_after(10):
+            await p.wait_idle()
+    assert peak == 3
+
+
+async def test_rejected_when_filters_no_longer_match(tmp_path: Path) -> None:
+    """A task routed under an older bind is finished without processing, as in Karton."""
+    Recorder.seen.clear()
+    async with testing.pipeline(Recorder, data_dir=tmp_path) as p:
+        stale = Task({"type": "other"})
+        stale.status = TaskState.SPAWNED
+        stale.headers["receiver"] = "test.recorder"
+        await p.producer.backend.set_tasks([stale])
+        await p.producer.backend.redis.rpush(keys.queue_key("normal", "test.recorder"), stale.uid)
+        await p.wait_idle()
+        [task] = await p.tasks(receiver="test.recorder")
+    assert task.status is TaskState.FINISHED
+    assert Recorder.seen == []
