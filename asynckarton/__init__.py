@@ -10,6 +10,7 @@ storage -> _task -> backend -> _service -> _producer, _consumer -> _karton -> sy
 -> cli, fastapi.
 """
 
+from ._blocking import to_process, to_thread
 from ._config import Config, Option
 from ._consumer import Consumer
 from ._errors import (
@@ -57,4 +58,6 @@ __all__ = [
     "UnsafeArchiveError",
     "__version__",
     "get_current_task",
+    "to_process",
+    "to_thread",
 ]

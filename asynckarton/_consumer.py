@@ -34,7 +34,7 @@ from ._options import add_consumer_arguments, consumer_config_from_args
 from ._query import compile_filters
 from ._service import ServiceBase
 from ._task import Task, TaskState, bind_resources, current_task
-from .backend import TRANSIENT_ERRORS, Bind
+from .backend import TRANSIENT_ERRORS, Bind, until_done
 
 __all__ = ["Consumer"]
 
@@ -42,6 +42,8 @@ PreHook = Callable[[Task], Any]
 PostHook = Callable[[Task, BaseException | None], Any]
 
 BIND_CHECK_INTERVAL = 5.0
+LOOP_LAG_PROBE = 0.25  # seconds between event-loop lag probes
+LOOP_LAG_WARNING = 0.5  # lag (seconds) that earns a warning naming the running tasks
 BLOCKING_POP_TIMEOUT = 0.5
 
 
@@ -89,6 +91,8 @@ class Consumer(ServiceBase):
         self._leased: dict[str, Task] = {}
         self._completer: Completer | None = None
         self._background: TaskGroup | None = None
+        self._running: set[str] = set()
+        self._ran_since_probe: set[str] = set()  # handlers active since the last lag probe
 
     def _read_policy(self, config: Config) -> None:
         settings = config.karton_settings()
@@ -181,6 +185,7 @@ class Consumer(ServiceBase):
                 background.start_soon(self._completer.run)
                 background.start_soon(self._watch_bind, presence)
                 background.start_soon(self._keep_leases)
+                background.start_soon(self._watch_loop_lag)
                 await self._consume(blocking, task_status)
                 with anyio.CancelScope(shield=True):
                     await self._completer.drain()
@@ -224,17 +229,15 @@ class Consumer(ServiceBase):
                 free += 1
             try:
                 with anyio.CancelScope(shield=True):
-                    items = await self._fetch(free, blocking)
+                    tasks = await self._accept(await self._fetch(free, blocking))
                 backoff = 0.5
             except TRANSIENT_ERRORS as exc:
-                items = []
                 self.log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 for _ in range(free):
                     slots.release()
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            tasks = await self._accept(items)
             for _ in range(free - len(tasks)):
                 slots.release()
             for task in tasks:
@@ -249,9 +252,14 @@ class Consumer(ServiceBase):
         return await self.backend.wait_fetch(blocking, self.identity, lease, BLOCKING_POP_TIMEOUT)
 
     async def _accept(self, items: list[tuple[str, str]]) -> list[Task]:
-        """Parse fetched bodies, drop broken ones (logged), mark the rest Started."""
+        """Parse fetched bodies, drop broken ones (logged), mark the rest Started.
+
+        Until the Started write succeeds nothing is tracked locally: if it fails, the
+        leases simply expire and the tasks are redelivered.
+        """
         tasks: list[Task] = []
         gone: list[str] = []
+        broken: list[str] = []
         for uid, body in items:
             if not body:
                 self.log.warning("Task %s vanished before it could start; skipped", uid)
@@ -261,16 +269,17 @@ class Consumer(ServiceBase):
                 task = Task.unserialize(body)
             except InvalidTaskError as exc:
                 self.log.error("Task %s has an unreadable body, quarantined: %s", uid, exc)
-                gone.append(uid)
-                await self.backend.quarantine([uid])
+                broken.append(uid)
                 continue
             bind_resources(task, self.storage)
             task.status, task.last_update = TaskState.STARTED, time.time()
-            self._leased[uid] = task
             tasks.append(task)
         with anyio.CancelScope(shield=True):
-            await self.backend.drop_leases(self.identity, gone)
             await self.backend.set_tasks(tasks)
+            await self.backend.quarantine(broken)
+            await self.backend.drop_leases(self.identity, gone + broken)
+        for task in tasks:
+            self._leased[task.uid] = task
         return tasks
 
     # -- one task -------------------------------------------------------------------------
@@ -286,7 +295,12 @@ class Consumer(ServiceBase):
             attempt = f" (attempt {task.attempt + 1})" if task.attempt else ""
             self.log.info("Received new task - %s%s", task.uid, attempt)
             await self._run_hooks_pre(task)
-            error = await self._run_process(task)
+            self._running.add(task.uid)
+            self._ran_since_probe.add(task.uid)
+            try:
+                error = await self._run_process(task)
+            finally:
+                self._running.discard(task.uid)
             await self._run_hooks_post(task, error)
             await self._finish(task, error)
         except anyio.get_cancelled_exc_class():
@@ -344,8 +358,13 @@ class Consumer(ServiceBase):
             "Task %s failed (%s); retry %d/%d in %.2fs",
             task.uid, type(error).__name__, task.attempt, self.max_retries, after,
         )  # fmt: skip
+        due = time.time() + after
         with anyio.CancelScope(shield=True):
-            await self.backend.schedule_retry(self.identity, task, time.time() + after)
+            await until_done(
+                lambda: self.backend.schedule_retry(self.identity, task, due),
+                log=self.log,
+                what=f"schedule the retry of {task.uid}",
+            )
         self._leased.pop(task.uid, None)
         if self._background is not None:  # release it on time (others' sweeps are the fallback)
             self._background.start_soon(self._release_after, after)
@@ -406,6 +425,21 @@ class Consumer(ServiceBase):
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("Redis unavailable for the bind check: %s", exc)
             await anyio.sleep(BIND_CHECK_INTERVAL)
+
+    async def _watch_loop_lag(self) -> None:
+        """Warn when a handler blocks the event loop (leases and other tasks starve)."""
+        while True:
+            self._ran_since_probe = set(self._running)
+            started = anyio.current_time()
+            await anyio.sleep(LOOP_LAG_PROBE)
+            lag = anyio.current_time() - started - LOOP_LAG_PROBE
+            if lag > LOOP_LAG_WARNING:
+                self.log.warning(
+                    "Event loop blocked for %.2fs while running task(s) %s; move blocking "
+                    "code to asynckarton.to_thread() or asynckarton.to_process()",
+                    lag,
+                    ", ".join(sorted(self._ran_since_probe)) or "(none)",
+                )
 
     async def _keep_leases(self) -> None:
         """Renew our leases (one ZADD), requeue expired ones, release due retries."""

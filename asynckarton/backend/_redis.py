@@ -9,11 +9,14 @@ meaning; leases, router journals and retry schedules live under ``asynckarton.``
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
+
+import anyio
 
 import redis.asyncio as aredis
 import redis.exceptions
@@ -23,7 +26,7 @@ from . import _keys as keys
 from . import _scripts as scripts
 from ._connect import RedisConnector
 
-__all__ = ["TRANSIENT_ERRORS", "Bind", "KartonBackend", "RoutedBatch"]
+__all__ = ["TRANSIENT_ERRORS", "Bind", "KartonBackend", "RoutedBatch", "until_done"]
 
 #: Errors after which a Redis call may succeed if retried (server restarting, network).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -35,8 +38,28 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+T = TypeVar("T")
+
 #: The Karton wire protocol version asynckarton speaks; written as a bind's ``version``.
 KARTON_PROTOCOL_VERSION = "5.9.1"
+
+
+async def until_done(
+    call: Callable[[], Awaitable[T]], *, log: logging.Logger, what: str, max_delay: float = 10.0
+) -> T:
+    """Run ``call`` until Redis accepts it, backing off on transient errors.
+
+    For writes that must not be dropped (a task's final state, a retry schedule): the
+    caller holds the task's lease meanwhile, so waiting here never loses anything.
+    """
+    delay = 0.2
+    while True:
+        try:
+            return await call()
+        except TRANSIENT_ERRORS as exc:
+            log.warning("Redis unavailable to %s (%s); retrying in %.1fs", what, exc, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, max_delay)
 
 
 def _ms(seconds: float) -> int:

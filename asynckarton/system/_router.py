@@ -103,12 +103,15 @@ class Router:
                     if uids:
                         await self.route(uids)
                 backoff = 0.5
+                await anyio.lowlevel.checkpoint()
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("Redis unavailable (%s); routing resumes in %.1fs", exc, backoff)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+            except Exception:  # a bug or a bad server reply must not stop routing for good
+                self.log.exception("Routing round failed; the batch stays journalled")
+            else:
                 continue
-            await anyio.lowlevel.checkpoint()
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
 
     async def _take(self, blocking: Any) -> list[str]:
         pending = await self.backend.journal(self.instance)

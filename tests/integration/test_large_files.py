@@ -1,8 +1,9 @@
 """A 256 MiB resource through S3Storage in constant memory, with throughput printed.
 
 The client runs in a subprocess (``_large_file_client``) because the moto server shares the
-pytest process and buffers the whole upload in memory. ``ru_maxrss`` only ever grows, so
-"peak after minus peak before" is an upper bound on what the transfer added.
+pytest process and buffers the whole upload in memory. The client resets and reads its own
+peak RSS around each transfer (``VmHWM``; ``ru_maxrss`` is inherited across fork + exec on
+Linux, see the client's docstring), so the figures are what the transfer itself added.
 """
 
 from __future__ import annotations
@@ -59,13 +60,15 @@ def test_256_mib_round_trip_in_constant_memory(
     assert (report["sha256"], report["size"]) == (expected, SIZE)
     assert sha256_file(target) == expected
 
-    growth_mib = (report["peak_rss_kib"] - report["baseline_rss_kib"]) / 1024
+    up_growth = report["upload_growth_kib"] / 1024
+    down_growth = report["download_growth_kib"] / 1024
     up = SIZE / MiB / report["upload_seconds"]
     down = SIZE / MiB / report["download_seconds"]
     with capsys.disabled():
         print(
-            f"\n256 MiB via S3Storage (moto): upload {up:.0f} MiB/s, download {down:.0f} MiB/s, "
-            f"client peak RSS {report['peak_rss_kib'] / 1024:.0f} MiB "
-            f"(+{growth_mib:.0f} MiB over the warmed-up baseline)"
+            f"\n256 MiB via S3Storage (moto): upload {up:.0f} MiB/s (peak RSS +{up_growth:.0f} MiB), "
+            f"download {down:.0f} MiB/s (peak RSS +{down_growth:.0f} MiB); "
+            f"baseline {(report['baseline_rss_kib'] or 0) / 1024:.0f} MiB, by {report['method']}"
         )
-    assert growth_mib < RSS_BUDGET_MIB
+    assert up_growth < RSS_BUDGET_MIB
+    assert down_growth < RSS_BUDGET_MIB

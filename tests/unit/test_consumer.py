@@ -238,3 +238,62 @@ async def test_rejected_when_filters_no_longer_match(tmp_path: Path) -> None:
         [task] = await p.tasks(receiver="test.recorder")
     assert task.status is TaskState.FINISHED
     assert Recorder.seen == []
+
+
+class Blocking(Consumer):
+    identity = "test.blocking"
+    filters = [{"type": "blocking"}]
+
+    async def process(self, task: Task) -> None:
+        import time
+
+        time.sleep(0.9)  # deliberately blocks the event loop
+
+
+async def test_loop_lag_watchdog_names_the_blocking_task(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="test.blocking")
+    async with testing.pipeline(Blocking, data_dir=tmp_path) as p:
+        task = Task({"type": "blocking"})
+        await p.send(task)
+        await p.wait_idle()
+        [routed] = await p.tasks(receiver="test.blocking")
+    warnings = [r.getMessage() for r in caplog.records if "Event loop blocked" in r.getMessage()]
+    assert warnings and routed.uid in warnings[0]
+
+
+def _cpu_bound(n: int) -> int:
+    import time
+
+    time.sleep(n)
+    return n * 2
+
+
+class Offloader(Consumer):
+    identity = "test.offloader"
+    filters = [{"type": "offload"}]
+    task_timeout = 8.0  # worker-process start-up (imports) takes a second or two here
+    results: ClassVar[list[int]] = []
+
+    async def process(self, task: Task) -> None:
+        from asynckarton import to_process, to_thread
+
+        seconds = int(task.payload["seconds"])
+        type(self).results.append(await to_thread(lambda: seconds + 1))
+        type(self).results.append(await to_process(_cpu_bound, seconds))
+
+
+async def test_to_process_returns_results_and_is_killed_on_timeout(tmp_path: Path) -> None:
+    Offloader.results.clear()
+    async with testing.pipeline(Offloader, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "offload"}, payload={"seconds": 0}))
+        await p.wait_idle(timeout=20)
+        await p.send(Task({"type": "offload"}, payload={"seconds": 60}))
+        with anyio.fail_after(20):  # far less than the 60 s the worker would sleep
+            await p.wait_idle(timeout=20)
+        tasks = await p.tasks(receiver="test.offloader")
+    assert Offloader.results == [1, 0, 61]
+    assert sorted(t.status.value for t in tasks) == ["Crashed", "Finished"]
+    crashed = next(t for t in tasks if t.status is TaskState.CRASHED)
+    assert "TaskTimeoutError" in "".join(crashed.error or [])

@@ -1,0 +1,340 @@
+"""Driver-side plumbing: configuration, worker processes, Redis measurements.
+
+The driver never produces or consumes itself: it starts worker processes
+(``benchmarks/_workers``), watches Redis, and reads ``/proc`` for their memory.  Every
+command the driver sends after ``CONFIG RESETSTAT`` goes through :class:`CountingRedis`
+so it can be subtracted from the server's ``INFO commandstats`` exactly.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from benchmarks._servers import ACCESS_KEY, BUCKET, SECRET_KEY
+
+REPO = Path(__file__).resolve().parent.parent
+KARTON_SYSTEM = str(Path(sys.executable).with_name("karton-system"))
+
+#: Commands the driver itself uses around a measurement window (never counted).
+_ADMIN_COMMANDS = frozenset({"config|resetstat", "info", "config|get"})
+
+
+class ScenarioError(RuntimeError):
+    """A scenario could not complete (timeout, a worker died, lost tasks)."""
+
+
+@dataclass
+class Context:
+    """Where the servers are and how the run is configured."""
+
+    redis_port: int
+    s3_url: str
+    workdir: Path
+    smoke: bool
+    publish: bool = True
+    tracking: bool = True
+    timeout_scale: float = 1.0
+    config_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config_path = self.workdir / "bench.ini"
+        self.write_config()
+        (self.workdir / "logs").mkdir(exist_ok=True)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def write_config(self) -> None:
+        """One ini for both systems (neither reads a file named bench.ini by itself)."""
+        self.config_path.write_text(
+            "[redis]\n"
+            "host = 127.0.0.1\n"
+            f"port = {self.redis_port}\n"
+            "[s3]\n"
+            f"address = {self.s3_url}\n"
+            f"access_key = {ACCESS_KEY}\n"
+            f"secret_key = {SECRET_KEY}\n"
+            f"bucket = {BUCKET}\n"
+            "[logging]\n"
+            f"enable_publish = {int(self.publish)}\n"
+            "[system]\n"
+            "enable_gc = 0\n"
+            f"enable_task_tracking = {int(self.tracking)}\n"
+        )
+
+    def client(self) -> CountingRedis:
+        return CountingRedis(self.redis_url)
+
+
+class CountingRedis:
+    """A sync Redis client that counts the commands it sends, by commandstats name."""
+
+    def __init__(self, url: str) -> None:
+        self.raw = redis.Redis.from_url(url, decode_responses=True)
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def reset_counts(self) -> None:
+        self.counts.clear()
+
+    def call(self, *args: Any) -> Any:
+        self.counts[str(args[0]).lower()] += 1
+        return self.raw.execute_command(*args)
+
+    def pipeline_calls(self, calls: Sequence[Sequence[Any]]) -> list[Any]:
+        pipe = self.raw.pipeline(transaction=False)
+        for args in calls:
+            self.counts[str(args[0]).lower()] += 1
+            pipe.execute_command(*args)
+        result: list[Any] = pipe.execute()
+        return result
+
+    # -- measurements (admin commands: excluded from counts by name) -------------------
+
+    def reset_stats(self) -> None:
+        self.raw.config_resetstat()
+        self.reset_counts()
+
+    def commandstats(self) -> dict[str, int]:
+        """Calls per command since RESETSTAT, minus the driver's own commands."""
+        info = self.raw.info("commandstats")
+        calls: dict[str, int] = {}
+        for key, value in info.items():
+            name = key.removeprefix("cmdstat_")
+            if name in _ADMIN_COMMANDS:
+                continue
+            count = int(value["calls"]) - self.counts.get(name, 0)
+            if count > 0:
+                calls[name] = count
+        return calls
+
+    def used_memory(self) -> int:
+        return int(self.raw.info("memory")["used_memory"])
+
+    def flush(self) -> None:
+        self.raw.flushall()
+
+
+# -- processes ------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+def _status_kib(pid: int, field_name: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM: the process's peak resident set size."""
+    return _status_kib(pid, "VmHWM")
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS: the current resident set size."""
+    return _status_kib(pid, "VmRSS")
+
+
+class Processes:
+    """Worker processes of one scenario run; all are stopped when the block exits."""
+
+    def __init__(self, ctx: Context, run_name: str) -> None:
+        self.ctx = ctx
+        self.run_name = run_name
+        self.workers: list[Worker] = []
+
+    def spawn(self, name: str, argv: Sequence[str]) -> Worker:
+        log = self.ctx.workdir / "logs" / f"{self.run_name}.{name}.log"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        env.pop("KARTON_CONFIG_FILE", None)
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=self.ctx.workdir,
+                env=env, start_new_session=True,
+            )  # fmt: skip
+        worker = Worker(name, process, log)
+        self.workers.append(worker)
+        return worker
+
+    def python(self, name: str, module: str, *args: str) -> Worker:
+        return self.spawn(name, [sys.executable, "-m", f"benchmarks._workers.{module}", *args])
+
+    def check(self, *, allow_exited: Iterable[Worker] = ()) -> None:
+        """Raise if a worker died (workers in ``allow_exited`` may exit with status 0)."""
+        done = set(map(id, allow_exited))
+        for worker in self.workers:
+            code = worker.process.poll()
+            if code is None or (code == 0 and id(worker) in done):
+                continue
+            raise ScenarioError(f"worker {worker.name} exited with {code}:\n{worker.tail()}")
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            if worker.alive():
+                _signal(worker, signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        for worker in self.workers:
+            try:
+                worker.process.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(worker, signal.SIGKILL)
+                worker.process.wait(timeout=5)
+
+
+def _signal(worker: Worker, sig: int) -> None:
+    try:
+        os.killpg(worker.pid, sig)  # its own session: children go too
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def processes(ctx: Context, run_name: str) -> Iterator[Processes]:
+    procs = Processes(ctx, run_name)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    procs: Processes | None = None,
+    interval: float = 0.05,
+    allow_exited: Iterable[Worker] = (),
+) -> None:
+    """Poll ``predicate`` until true; raise ScenarioError on timeout or a dead worker."""
+    allowed = list(allow_exited)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if procs is not None:
+            procs.check(allow_exited=allowed)
+        if time.monotonic() > deadline:
+            raise ScenarioError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def producer_result(worker: Worker, timeout: float) -> dict[str, Any]:
+    """Wait for a producer worker and parse the JSON line it printed last."""
+    try:
+        worker.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ScenarioError(f"producer still running after {timeout:.0f}s") from None
+    if worker.process.returncode != 0:
+        raise ScenarioError(f"producer failed ({worker.process.returncode}):\n{worker.tail()}")
+    for line in reversed(worker.log.read_text().splitlines()):
+        if line.startswith("{"):
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise ScenarioError(f"producer printed no result:\n{worker.tail()}")
+
+
+# -- reading results out of Redis ------------------------------------------------------
+
+
+@dataclass
+class Deliveries:
+    """Finished consumer copies found in Redis after a run."""
+
+    finished: int
+    crashed: int
+    latencies: list[float]  # seconds, send -> Finished
+    first_sent: float
+    last_finish: float
+
+
+def scan_deliveries(client: CountingRedis, receivers: set[str]) -> Deliveries:
+    """SCAN every task key and collect the Finished copies received by ``receivers``."""
+    raw = client.raw
+    finished = crashed = 0
+    latencies: list[float] = []
+    first_sent, last_finish = float("inf"), 0.0
+    for keys in _scan_batches(raw, "karton.task:*"):
+        for body in raw.mget(keys):
+            if body is None:
+                continue
+            doc = orjson.loads(body)
+            if doc.get("headers", {}).get("receiver") not in receivers:
+                continue
+            status = doc.get("status")
+            if status == "Crashed":
+                crashed += 1
+            if status != "Finished":
+                continue
+            finished += 1
+            sent = float(doc["payload"]["sent"])
+            done = float(doc["last_update"])
+            latencies.append(done - sent)
+            first_sent = min(first_sent, sent)
+            last_finish = max(last_finish, done)
+    return Deliveries(finished, crashed, latencies, first_sent, last_finish)
+
+
+def _scan_batches(raw: redis.Redis, pattern: str) -> Iterator[list[str]]:
+    cursor = 0
+    while True:
+        cursor, keys = raw.scan(cursor, match=pattern, count=2000)
+        if keys:
+            yield list(keys)
+        if cursor == 0:
+            return
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of ``values``; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def bind_json(filters: list[dict[str, Any]], *, is_async: bool) -> str:
+    """A Karton 5 bind value (karton.md §4.4) for an identity with no running process."""
+    return json.dumps(
+        {"filters": filters, "info": None, "is_async": is_async, "persistent": True,
+         "service_version": None, "version": "5.9.1"},
+        sort_keys=True,
+    )  # fmt: skip

@@ -1,0 +1,46 @@
+"""What the worker processes share: consumer arguments and logging set-up."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+LOG_FORMAT = "[%(asctime)s][%(levelname)s] %(message)s"
+
+
+@dataclass(frozen=True)
+class ConsumerArgs:
+    config: str
+    identity: str
+    filters: list[dict[str, Any]]
+    concurrency: int
+    sleep: float  # seconds the handler awaits / sleeps
+    download: bool  # download the task's "blob" resource
+
+
+def consumer_args(description: str) -> ConsumerArgs:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="karton.ini path")
+    parser.add_argument("--identity", required=True)
+    parser.add_argument("--filters", required=True, help="JSON list of filters")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--sleep-ms", type=float, default=0.0)
+    parser.add_argument("--download", action="store_true")
+    args = parser.parse_args()
+    return ConsumerArgs(
+        config=args.config,
+        identity=args.identity,
+        filters=json.loads(args.filters),
+        concurrency=args.concurrency,
+        sleep=args.sleep_ms / 1000.0,
+        download=args.download,
+    )
+
+
+def setup_logging() -> None:
+    """INFO to stderr (redirected to a file by the driver), as karton-core services do."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
