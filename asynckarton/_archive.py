@@ -22,6 +22,7 @@ Every function here blocks; callers run them in worker threads.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -55,6 +56,20 @@ def zip_directory(directory: str | os.PathLike[str], out: BinaryIO, compression:
             for name in sorted(files):
                 path = os.path.join(current, name)
                 archive.write(path, os.path.relpath(path, root))
+
+
+def zip_directory_to(
+    directory: str | os.PathLike[str], compression: int, *, in_memory: bool
+) -> BinaryIO:
+    """Zip ``directory`` into a ``BytesIO`` or an anonymous temporary file, rewound."""
+    out: BinaryIO = io.BytesIO() if in_memory else tempfile.TemporaryFile()  # noqa: SIM115
+    try:
+        zip_directory(directory, out, compression)
+        out.seek(0)
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 def member_parts(name: str) -> list[str]:

@@ -178,6 +178,7 @@ class Consumer(ServiceBase):
         presence = self.backend.connector.named(self.client_name)
         blocking = self.backend.connector.blocking()
         try:
+            await presence.ping()  # online (named) before the bind exists: Karton's GC order
             await self._register()
             self._completer = Completer(self.backend, self.identity, self._leased, self.log)
             async with anyio.create_task_group() as background:

@@ -64,7 +64,8 @@ def _import_file(path: Path) -> Any:
         raise ConfigError(f"cannot import {str(path)!r}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look modules up here
-    sys.path.insert(0, str(path.parent))  # so the file can import its siblings
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # so the file can import its siblings
     spec.loader.exec_module(module)
     return module
 

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO, Self
 
 import anyio
 
-from asynckarton._archive import safe_extract, zip_directory
+from asynckarton._archive import safe_extract, zip_directory_to
 from asynckarton._errors import InvalidTaskError, StorageError
 from asynckarton.storage._base import Source, Storage
 from asynckarton.storage._io import hash_source, sha256_bytes
@@ -56,6 +56,7 @@ DIRECTORY_FLAG = "Directory"
 """The flag of zipped-directory resources (kept for Karton 3.x services)."""
 
 _INLINE_HASH_LIMIT = 64 << 10  # below this, hashing on the loop is cheaper than a thread hop
+_PUT_BYTES_LIMIT = 16 << 20  # larger contents go through put_file (multipart, streaming)
 _GiB = 1 << 30
 
 
@@ -139,7 +140,8 @@ class LocalResource(ResourceBase):
         bucket: the bucket; None means the producer's default bucket.
         metadata: metadata sent along; ``sha256`` is filled in by the upload.
         uid: the object key; a uuid4 by default (the digest when deduplicated).
-        sha256: the digest if already known (it is checked against the upload).
+        sha256: the digest if already known; the upload replaces it with the one it
+            computes (a wrong digest never reaches the wire).
         flags: Karton flags.
         deduplicate: upload under the content's SHA-256 and skip the upload when an object
             with that key already exists (see the module docstring).
@@ -201,18 +203,8 @@ class LocalResource(ResourceBase):
         Raises:
             NotADirectoryError: ``directory_path`` is not a directory.
         """
-
-        def build() -> BinaryIO:
-            out: BinaryIO = io.BytesIO() if in_memory else tempfile.TemporaryFile()  # noqa: SIM115
-            try:
-                zip_directory(directory_path, out, compression)
-                out.seek(0)
-            except BaseException:
-                out.close()
-                raise
-            return out
-
-        archive = await anyio.to_thread.run_sync(build)
+        archive = await anyio.to_thread.run_sync(
+            lambda: zip_directory_to(directory_path, compression, in_memory=in_memory))
         options: dict[str, Any] = {"bucket": bucket, "metadata": metadata, "uid": uid,
                                    "flags": [DIRECTORY_FLAG], "deduplicate": deduplicate}
         if isinstance(archive, io.BytesIO):
@@ -280,7 +272,7 @@ class LocalResource(ResourceBase):
                 await self._release_fd()
                 return
         expected = self.uid if dedup else None
-        if self._content is not None:
+        if self._content is not None and len(self._content) <= _PUT_BYTES_LIMIT:
             if not self._hashed:
                 self.sha256 = await _sha256_of(self._content)
                 self._hashed = True
@@ -296,6 +288,8 @@ class LocalResource(ResourceBase):
             )
 
     async def _rewound_source(self) -> Source:
+        if self._content is not None:  # big bytes stream too: multipart, hashed in a thread
+            return io.BytesIO(self._content)
         if self.path is not None:
             return self.path
         fd = self.fd

@@ -107,10 +107,11 @@ class ServiceBase:
     @classmethod
     def main(cls, argv: Sequence[str] | None = None) -> None:
         """Entry point: parse arguments, run until SIGINT/SIGTERM, drain, exit."""
-        from .cli import serve_forever
+        from .cli import serve_forever, startup_errors
 
         args = cls.args_parser().parse_args(argv)
-        service = cls.karton_from_args(args)
+        with startup_errors(getattr(args, "log_level", None)):  # bad config: one line, exit 1
+            service = cls.karton_from_args(args)
         serve_forever([service], log_level=getattr(args, "log_level", None))
 
     def option(self, option: Option) -> object:

@@ -389,7 +389,8 @@ def dumps(data: Any, indent: int | None = None) -> str:
         try:
             return orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
         except TypeError as exc:
-            if "Integer exceeds" not in str(exc):
+            # json handles what orjson refuses but Karton accepts: huge ints, int keys.
+            if "Integer exceeds" not in str(exc) and "Dict key must be str" not in str(exc):
                 raise InvalidTaskError(f"task is not JSON-serialisable: {exc}") from None
     try:
         return json.dumps(data, sort_keys=True, indent=indent)

@@ -9,6 +9,7 @@ finish; a second one hands whatever still runs back to its queue at once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
@@ -71,7 +72,7 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 def describe_error(exc: BaseException) -> str:
     """One line for a failure: our errors speak for themselves, others get their type."""
-    leaves = [e for e in _leaves(exc) if not isinstance(e, anyio.get_cancelled_exc_class())]
+    leaves = [e for e in _leaves(exc) if not isinstance(e, asyncio.CancelledError)]
     first = leaves[0] if leaves else exc
     text = str(first) if isinstance(first, KartonError) else f"{type(first).__name__}: {first}"
     return " ".join(text.split())
@@ -85,7 +86,7 @@ def startup_errors(log_level: str | None = None) -> Iterator[None]:
     """
     try:
         yield
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the program's edge: any failure is one line
         if str(log_level or "").upper() == "DEBUG":
             traceback.print_exception(exc)
         print(f"asynckarton: error: {describe_error(exc)}", file=sys.stderr)
@@ -106,13 +107,13 @@ class _Supervisor:
         self.runnables = [cast(_Runnable, service) for service in services]
         self.grace = grace
         self.started = False
-        self.scope = anyio.CancelScope()
+        self.scope: anyio.CancelScope | None = None  # startup and run; made in the loop
 
     async def serve(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as watcher:
                 watcher.start_soon(self._watch, signals)
-                with self.scope:
+                with anyio.CancelScope() as self.scope:
                     async with AsyncExitStack() as stack:
                         for service in self.services:
                             await stack.enter_async_context(service)
@@ -131,7 +132,8 @@ class _Supervisor:
             name = signal.Signals(signum).name
             if not self.started or received > 2:
                 log.warning("%s: cancelling everything", name)
-                self.scope.cancel()
+                if self.scope is not None:
+                    self.scope.cancel()
             elif received == 1:
                 grace = "configured" if self.grace is None else f"{self.grace:g} s"
                 log.warning("%s: draining (%s grace); send it again to stop now", name, grace)
@@ -194,7 +196,7 @@ def run(
         typer.Argument(
             help="Service classes, as 'package.module:Class' or 'path/file.py:Class', "
             "then any service arguments (e.g. after '--').",
-            metavar="MODULE:CLASS... [-- SERVICE ARGS]",
+            metavar="MODULE:CLASS",
         ),
     ],
     config_file: ConfigFile = None,

@@ -68,9 +68,12 @@ class Pipeline:
     async def busy(self) -> bool:
         """Tell whether anything is still queued, routed, leased or scheduled."""
         redis = self.producer.backend.redis
+        routers = await redis.zrange(keys.ROUTERS, 0, -1)
         async with redis.pipeline(transaction=False) as pipe:
             pipe.llen(keys.TASKS_QUEUE)
             pipe.zcard(keys.DELAYED)
+            for router in routers:
+                pipe.llen(keys.routing_key(str(router)))
             for service in self.services:
                 for queue in keys.consumer_queues(service.identity):
                     pipe.llen(queue)
@@ -84,9 +87,15 @@ class Pipeline:
         )
 
     async def wait_idle(self, timeout: float = 10.0, poll: float = 0.02) -> None:
-        """Wait until every sent task and its descendants reached a final state."""
+        """Wait until every sent task and its descendants reached a final state.
+
+        Idle must be seen on two consecutive polls, so a task moving between two places
+        at the moment of one poll cannot make it return early.
+        """
         deadline = time.monotonic() + timeout
-        while await self.busy():
+        idle_polls = 0
+        while idle_polls < 2:
+            idle_polls = 0 if await self.busy() else idle_polls + 1
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pipeline still busy after {timeout} s")
             await anyio.sleep(poll)

@@ -9,6 +9,7 @@ so it can be subtracted from the server's ``INFO commandstats`` exactly.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -221,10 +222,8 @@ class Processes:
 
 
 def _signal(worker: Worker, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(worker.pid, sig)  # its own session: children go too
-    except ProcessLookupError:
-        pass
 
 
 @contextmanager
@@ -329,6 +328,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
+
+
+def ping_rtt_us(url: str, count: int = 1000) -> float:
+    """Median round trip of a sync PING to ``url``, in microseconds."""
+    client = redis.Redis.from_url(url)
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        client.ping()
+        samples.append((time.perf_counter() - start) * 1e6)
+    client.close()
+    return percentile(samples, 50)
 
 
 def bind_json(filters: list[dict[str, Any]], *, is_async: bool) -> str:

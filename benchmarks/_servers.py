@@ -77,7 +77,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def version(self) -> str:
-        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True)
+        out = subprocess.run(
+            [self.binary, "--version"], capture_output=True, text=True, check=False
+        )
         return out.stdout.strip()
 
     def start(self) -> None:

@@ -1,5 +1,5 @@
-"""Karton's "Extending configuration" example, ported to asynckarton unchanged but for
-``async def process`` (and the missing colon of the original's ``if``).
+"""Karton's "Extending configuration" example, ported to asynckarton: unchanged but for the
+import, ``async def process`` and the colon the original's ``if`` was missing.
 
 Run it with ``python examples/smol_karton.py --how-smol 5`` or
 ``asynckarton run examples/smol_karton.py:SmolKarton -- --how-smol 5``.

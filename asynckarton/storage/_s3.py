@@ -5,7 +5,7 @@ Beyond Karton's boto3 usage (karton.md §3.3, §8):
 * one client per storage object, opened in ``__aenter__`` and reused by every call;
 * ``put_file`` streams: it reads the source once in a worker thread, hashing as it goes, and
   sends large sources as a multipart upload with a few parts in flight, so memory stays
-  near ``part_size * max_concurrency`` whatever the file size;
+  near ``2 * part_size * max_concurrency`` whatever the file size (``_s3upload``);
 * each call is retried with capped exponential backoff on throttling, 5xx and network
   errors; downloads resume from the last byte received instead of starting over;
 * a multipart upload that fails or is cancelled is aborted (shielded), leaving no parts
@@ -19,8 +19,8 @@ botocore's own retries are switched off so that there is exactly one retry polic
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, Self, TypeVar
 
 import anyio
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 
-from asynckarton._errors import PartialDeleteError, StorageError
+from asynckarton._errors import PartialDeleteError
 from asynckarton.storage._base import ObjectVersion, Source, UploadResult
 from asynckarton.storage._io import (
     HashingReader,
@@ -42,17 +42,19 @@ from asynckarton.storage._io import (
 )
 from asynckarton.storage._s3errors import (
     ClientError,
+    DataNotFoundError,
     backoff_delay,
     classify,
+    create_loader,
     error_code,
     http_status,
 )
 from asynckarton.storage._s3stream import S3Reader
+from asynckarton.storage._s3upload import S3Upload
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import (
-        CompletedPartTypeDef,
         ListObjectVersionsRequestTypeDef,
         ObjectIdentifierTypeDef,
     )
@@ -65,8 +67,8 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 _MIN_PART = 5 * MiB  # S3's floor for every part but the last
-_MAX_PARTS = 10_000
 _DELETE_BATCH = 1000  # DeleteObjects' limit per request
+_LIST_PAGE = 1000  # ListObjectVersions' page size (its maximum)
 
 
 class S3Settings(Protocol):
@@ -82,6 +84,35 @@ class S3Settings(Protocol):
     def access_key(self) -> str | None: ...
     @property
     def secret_key(self) -> str | None: ...
+
+
+_WARM: dict[str, Any] = {}  # "loader": a botocore data loader with S3's models parsed
+
+
+def _load_models() -> Any:
+    """Parse the botocore JSON an S3 client needs (blocking, hence run in a thread once)."""
+    loader = create_loader(os.environ.get("AWS_DATA_PATH"))
+    for service_name, type_name in (("s3", "service-2"), ("s3", "endpoint-rule-set-1")):
+        with contextlib.suppress(DataNotFoundError):
+            loader.load_service_model(service_name, type_name)
+    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
+        with contextlib.suppress(DataNotFoundError):
+            loader.load_data(name)
+    return loader
+
+
+async def _new_session() -> AioSession:
+    """A fresh session sharing one pre-warmed data loader.
+
+    Creating a client parses several MiB of JSON on the calling thread: 0.5-1.5 s of a
+    blocked event loop per storage. The parsing happens once, in a worker thread; the
+    session itself stays per storage (its credential caches hold loop-bound locks).
+    """
+    if "loader" not in _WARM:
+        _WARM["loader"] = await anyio.to_thread.run_sync(_load_models)
+    session = get_session()
+    session.register_component("data_loader", _WARM["loader"])
+    return session
 
 
 def _client_config(max_pool_connections: int) -> AioConfig:
@@ -183,7 +214,7 @@ class S3Storage:
             else {"aws_access_key_id": self._access_key, "aws_secret_access_key": self._secret_key}
         )
         self._s3 = await self._stack.enter_async_context(
-            get_session().create_client(
+            (await _new_session()).create_client(
                 "s3",
                 endpoint_url=self.address,
                 region_name=self.region,
@@ -310,109 +341,13 @@ class S3Storage:
         stream, owned = await anyio.to_thread.run_sync(open_source, source)
         try:
             reader = HashingReader(stream)
-            known = await anyio.to_thread.run_sync(remaining_size, stream)
-            part_size = self._part_size_for(known)
-            head: list[bytes] = []
-            if known is None or known <= self.multipart_threshold:
-                head, complete = await self._read_head(reader, part_size)
-                if complete:
-                    await self.put_bytes(bucket, key, b"".join(head))
-                    return reader.result()
-            await self._multipart(bucket, key, reader, head, part_size)
+            size = await anyio.to_thread.run_sync(remaining_size, stream)
+            await S3Upload(self, bucket, key, reader).run(size)
             return reader.result()
         finally:
             if owned:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(stream.close)
-
-    def _part_size_for(self, size: int | None) -> int:
-        if size is None or size <= self.part_size * _MAX_PARTS:
-            return self.part_size
-        return math.ceil(size / _MAX_PARTS / MiB) * MiB
-
-    async def _read_head(self, reader: HashingReader, part_size: int) -> tuple[list[bytes], bool]:
-        """Read until past the threshold or the end; True when the end came first."""
-        chunks: list[bytes] = []
-        total = 0
-        while chunk := await anyio.to_thread.run_sync(reader.read, part_size):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > self.multipart_threshold:
-                return chunks, False
-        return chunks, True
-
-    async def _multipart(
-        self, bucket: str, key: str, reader: HashingReader, head: list[bytes], part_size: int
-    ) -> None:
-        created = await self._call("create_multipart_upload", bucket, key,
-                                   self._client.create_multipart_upload, Bucket=bucket, Key=key)
-        upload_id = created["UploadId"]
-        try:
-            parts = await self._upload_parts(bucket, key, upload_id, reader, head, part_size)
-            await self._call(
-                "complete_multipart_upload", bucket, key,
-                self._client.complete_multipart_upload,
-                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
-            )
-        except BaseException:
-            await self._abort(bucket, key, upload_id)
-            raise
-
-    async def _abort(self, bucket: str, key: str, upload_id: str) -> None:
-        # Shielded so that a cancelled put_file still cleans up; bounded so that an
-        # unreachable server cannot hold the cancellation forever.
-        with anyio.move_on_after(30, shield=True):
-            try:
-                await self._call("abort_multipart_upload", bucket, key,
-                                 self._client.abort_multipart_upload,
-                                 Bucket=bucket, Key=key, UploadId=upload_id)
-            except StorageError as exc:  # the original failure matters more
-                log.warning("could not abort multipart upload %s of %r: %s", upload_id, key, exc)
-
-    async def _upload_parts(
-        self,
-        bucket: str,
-        key: str,
-        upload_id: str,
-        reader: HashingReader,
-        head: list[bytes],
-        part_size: int,
-    ) -> list[CompletedPartTypeDef]:
-        """Read parts in order and upload up to ``max_concurrency`` of them at once.
-
-        A slot is taken *before* a part is read, so at most ``max_concurrency`` parts are
-        in memory. The first failing part cancels the others and is raised as is.
-        """
-        etags: dict[int, str] = {}
-        errors: list[StorageError] = []
-        slots = anyio.Semaphore(self.max_concurrency)
-        pending = iter(head)
-
-        async def send(number: int, body: bytes) -> None:
-            try:
-                reply = await self._call("upload_part", bucket, key, self._client.upload_part,
-                                         Bucket=bucket, Key=key, UploadId=upload_id,
-                                         PartNumber=number, Body=body)
-                etags[number] = reply["ETag"]
-            except StorageError as exc:
-                errors.append(exc)
-                tg.cancel_scope.cancel()
-            finally:
-                slots.release()
-
-        async with anyio.create_task_group() as tg:
-            number = 0
-            while True:
-                await slots.acquire()
-                body = next(pending, None) or await anyio.to_thread.run_sync(reader.read, part_size)
-                if not body:
-                    slots.release()
-                    break
-                number += 1
-                tg.start_soon(send, number, body)
-        if errors:
-            raise errors[0]
-        return [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
 
     # -- downloads ---------------------------------------------------------------------
 
@@ -457,7 +392,7 @@ class S3Storage:
 
     async def list_object_versions(self, bucket: str) -> AsyncIterator[ObjectVersion]:
         """Yield every version and delete marker, one page (1000 entries) at a time."""
-        params: ListObjectVersionsRequestTypeDef = {"Bucket": bucket}
+        params: ListObjectVersionsRequestTypeDef = {"Bucket": bucket, "MaxKeys": _LIST_PAGE}
         while True:
             page = await self._call("list_object_versions", bucket, None,
                                     self._client.list_object_versions, **params)

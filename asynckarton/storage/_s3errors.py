@@ -14,14 +14,26 @@ import aiohttp
 from botocore.exceptions import (  # type: ignore[import-untyped]
     BotoCoreError,
     ClientError,
+    DataNotFoundError,
     HTTPClientError,
     IncompleteReadError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.loaders import create_loader  # type: ignore[import-untyped]
 
 from asynckarton._errors import KartonError, ResourceNotFoundError, StorageError
 
-__all__ = ["ClientError", "Failure", "backoff_delay", "classify", "error_code", "http_status"]
+# botocore ships no type information: its names reach the other S3 modules through here.
+__all__ = [
+    "ClientError",
+    "DataNotFoundError",
+    "Failure",
+    "backoff_delay",
+    "classify",
+    "create_loader",
+    "error_code",
+    "http_status",
+]
 
 # Error codes S3-compatible servers use for "try again later", whatever the HTTP status.
 _TRANSIENT_CODES = frozenset(

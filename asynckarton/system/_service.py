@@ -118,7 +118,9 @@ class SystemService(ServiceBase):
     async def _check_bucket(self) -> None:
         bucket = self.runtime.bucket
         exists = await self.storage.ensure_bucket(bucket, create=self.setup_bucket)
-        if not exists:
+        if not exists and self.setup_bucket:  # False means "was missing": it is created now
+            self.log.info("Bucket %s was missing. Created a new one.", bucket)
+        elif not exists:
             raise ConfigError(
                 f"bucket {bucket!r} does not exist; run with --setup-bucket to create it",
                 section="s3",

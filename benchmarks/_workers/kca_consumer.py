@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from karton.core import Config, Task
@@ -28,10 +29,8 @@ def main() -> None:
                 await task.get_resource("blob").download()
 
     service = BenchAsyncKarton(config=Config(args.config))
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         asyncio.run(service.loop())
-    except asyncio.CancelledError:
-        pass
 
 
 if __name__ == "__main__":

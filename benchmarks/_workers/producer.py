@@ -69,7 +69,10 @@ class AsyncWindow:
     async def wait(self, sent: int) -> None:
         if not self.limit:
             return
-        while sent - int(await self.client.hget(CONSUMED, self.watch) or 0) > self.limit:
+        while True:  # polling Redis, not waiting for an in-process event
+            consumed = int(await self.client.hget(CONSUMED, self.watch) or 0)
+            if sent - consumed <= self.limit:
+                return
             await anyio.sleep(0.01)
 
 

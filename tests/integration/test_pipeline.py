@@ -659,6 +659,11 @@ class Chatty(Consumer):
 async def test_log_records_are_published_in_kartons_shape(dep: Deployment) -> None:
     config = dep.config()
     chatty = Chatty(config)
+    # Library classes never configure logging (style R15): the application sets the level,
+    # as the CLI does; karton-core's setup_logger sets INFO itself.
+    logger = logging.getLogger("it.chatty")
+    level = logger.level
+    logger.setLevel(logging.INFO)
     pubsub = dep.redis.pubsub()
     await pubsub.psubscribe("karton.log.*")
     received: list[tuple[str, dict[str, Any]]] = []
@@ -688,6 +693,7 @@ async def test_log_records_are_published_in_kartons_shape(dep: Deployment) -> No
                     )
                     tasks = await wait_all_final(dep, 4)
     finally:
+        logger.setLevel(level)
         await pubsub.aclose()
 
     [(_, info)] = [(c, r) for c, r in received if r["message"] == "processing 7"]

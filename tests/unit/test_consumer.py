@@ -293,7 +293,7 @@ async def test_to_process_returns_results_and_is_killed_on_timeout(tmp_path: Pat
         with anyio.fail_after(20):  # far less than the 60 s the worker would sleep
             await p.wait_idle(timeout=20)
         tasks = await p.tasks(receiver="test.offloader")
-    assert Offloader.results == [1, 0, 61]
+    assert Offloader.results == [1, 0, 61], [(t.status, t.error) for t in tasks]
     assert sorted(t.status.value for t in tasks) == ["Crashed", "Finished"]
     crashed = next(t for t in tasks if t.status is TaskState.CRASHED)
     assert "TaskTimeoutError" in "".join(crashed.error or [])

@@ -1,0 +1,505 @@
+"""The scenarios: what runs, with how many tasks, and how each one is measured.
+
+Systems under test (each consumer, router and producer is its own process):
+
+* ``asynckarton``: asynckarton consumers (``concurrency_limit`` as listed), asynckarton's
+  ``SystemService`` as router, asynckarton's ``Producer.send_tasks`` (batches of 100).
+* ``karton-core``: karton-core 5.9.1 sync ``Karton`` consumers (one task at a time per
+  process), ``karton-system`` as router, karton-core's asyncio ``Producer.send_task``
+  with 8 concurrent senders (faster than the sync producer, so the producer is never
+  what limits karton-core's end-to-end rate).
+* ``karton-core-asyncio``: ``karton.core.asyncio.Karton`` consumers, ``karton-system``,
+  the same producer as karton-core.
+
+Both systems read the same ini: Karton's defaults (log publishing and task tracking on)
+except GC, which is off for both (it is periodic, not on the per-task path, and it would
+delete the Finished tasks the latency measurement reads).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmarks._harness import (
+    KARTON_SYSTEM,
+    Context,
+    CountingRedis,
+    Processes,
+    ScenarioError,
+    Worker,
+    bind_json,
+    peak_rss_kib,
+    percentile,
+    processes,
+    producer_result,
+    rss_kib,
+    scan_deliveries,
+    wait_until,
+)
+
+AK, KC, KCA = "asynckarton", "karton-core", "karton-core-asyncio"
+SYSTEM_LABELS = {
+    AK: "asynckarton",
+    KC: "karton-core 5.9.1 sync",
+    KCA: "karton-core 5.9.1 asyncio",
+}
+CONSUMER_MODULE = {AK: "ak_consumer", KC: "kc_consumer", KCA: "kca_consumer"}
+#: Handlers running at once per consumer process (the sync Karton always runs one).
+CONCURRENCY = 64
+SYNC_IO_PROCESSES = 4  # 2 cores -> 2 processes per core for the sleeping sync consumer
+POLL = 0.05  # s between the driver's completion polls
+
+
+@dataclass
+class Result:
+    """One scenario run on one system."""
+
+    scenario: str
+    system: str
+    tasks: int = 0
+    deliveries: int = 0
+    seconds: float = 0.0
+    rate: float = 0.0  # deliveries/s (routed tasks/s, sent tasks/s)
+    unit: str = "deliveries/s"
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    commands: dict[str, int] = field(default_factory=dict)
+    per: int = 0  # what commands are divided by (deliveries, routed or sent tasks)
+    consumer_rss_kib: int | None = None  # peak (VmHWM), max over consumer processes
+    router_rss_kib: int | None = None
+    redis_bytes_per_task: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def commands_per(self) -> float | None:
+        if not self.per or not self.commands:
+            return None
+        return sum(self.commands.values()) / self.per
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    identity: str
+    filters: list[dict[str, Any]]
+    sleep_ms: float = 0.0
+    download: bool = False
+
+
+@dataclass(frozen=True)
+class E2E:
+    """An end-to-end scenario: producer -> router -> running consumers."""
+
+    name: str
+    title: str
+    headers: dict[str, Any]
+    consumers: list[ConsumerSpec]
+    counts: dict[str, int]  # full-mode task count per system
+    idle_binds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    resource_bytes: int = 0
+    sync_processes: int = 1  # karton-core sync processes per identity
+
+
+# -- scenario definitions -------------------------------------------------------------
+
+PLAIN = E2E(
+    name="plain",
+    title="plain: header-only tasks, one consumer process",
+    headers={"type": "bench-plain"},
+    consumers=[ConsumerSpec("bench.plain", [{"type": "bench-plain"}])],
+    counts={AK: 15000, KC: 2000, KCA: 2000},
+)
+
+FANOUT = E2E(
+    name="fanout",
+    title="fanout: 5 consumer identities, all matching",
+    headers={"type": "bench-fan"},
+    consumers=[ConsumerSpec(f"bench.fan-{i}", [{"type": "bench-fan"}]) for i in range(5)],
+    counts={AK: 3000, KC: 600},
+)
+
+
+def _bind_filters(i: int) -> list[dict[str, Any]]:
+    """20 binds of varied shapes; #0 and #1 match ``{"type": "bench-bind", "kind": "hit"}``."""
+    if i == 0:
+        return [{"type": "bench-bind", "kind": "hit"}]
+    if i == 1:
+        return [{"type": "bench-bind", "kind": {"$in": ["hit", "other"]}}]
+    if i % 3 == 0:
+        return [{"type": f"other-{i}"}, {"type": "bench-bind", "kind": f"k{i}"}]
+    if i % 3 == 1:
+        return [{"type": "bench-bind", "kind": f"k{i}", "stage": {"$not": "x"}}]
+    return [{"type": "bench-bind", "kind": {"$in": [f"a{i}", f"b{i}"]}}]
+
+
+BIND_IDENTITIES = [f"bench.bind-{i}" for i in range(20)]
+BIND_HEADERS = {"type": "bench-bind", "kind": "hit"}
+
+BINDS = E2E(
+    name="binds",
+    title="binds: 20 bound identities, 2 matching (router-heavy)",
+    headers=BIND_HEADERS,
+    consumers=[ConsumerSpec(BIND_IDENTITIES[i], _bind_filters(i)) for i in range(2)],
+    idle_binds={BIND_IDENTITIES[i]: _bind_filters(i) for i in range(2, 20)},
+    counts={AK: 6000, KC: 1000},
+)
+
+IO = E2E(
+    name="io",
+    title="io: handler awaits 20 ms, concurrency 64",
+    headers={"type": "bench-io"},
+    consumers=[ConsumerSpec("bench.io", [{"type": "bench-io"}], sleep_ms=20.0)],
+    counts={AK: 30000, KCA: 2000, KC: 2000},
+    sync_processes=SYNC_IO_PROCESSES,
+)
+
+RESOURCE = E2E(
+    name="resource",
+    title="resource: a 4 KiB resource per task, downloaded by the consumer",
+    headers={"type": "bench-resource"},
+    consumers=[ConsumerSpec("bench.resource", [{"type": "bench-resource"}], download=True)],
+    counts={AK: 5000, KC: 1000},
+    resource_bytes=4096,
+)
+
+E2E_SCENARIOS = [PLAIN, FANOUT, BINDS, IO, RESOURCE]
+SMOKE_TASKS = 300
+
+
+def task_count(ctx: Context, counts: dict[str, int], system: str) -> int:
+    return SMOKE_TASKS if ctx.smoke else counts[system]
+
+
+# -- shared steps ---------------------------------------------------------------------
+
+
+def start_router(procs: Processes, ctx: Context, system: str) -> Worker:
+    if system == AK:
+        return procs.python("router", "ak_system", "--config", str(ctx.config_path))
+    return procs.spawn("router", [KARTON_SYSTEM, "--config-file", str(ctx.config_path)])
+
+
+def router_online(client: CountingRedis) -> bool:
+    names = [c.get("name") or "" for c in client.raw.client_list()]
+    return any(name.startswith("karton.system") for name in names)
+
+
+def producer_args(ctx: Context, system: str, n: int, headers: dict[str, Any]) -> list[str]:
+    common = ["--config", str(ctx.config_path), "--n", str(n), "--headers", json.dumps(headers)]
+    if system == AK:
+        return ["--lib", "ak", "--api", "send_tasks", "--batch", "100", *common]
+    return ["--lib", "kca", "--concurrency", "8", *common]
+
+
+def register_idle_binds(client: CountingRedis, binds: dict[str, Any], system: str) -> None:
+    for identity, filters in binds.items():
+        client.raw.hset("karton.binds", identity, bind_json(filters, is_async=system != KC))
+
+
+def timeout_for(ctx: Context, n: int, slowest_rate: float) -> float:
+    """Hard limit: generous for the expected rate, never unbounded."""
+    return (30.0 + n / slowest_rate) * ctx.timeout_scale
+
+
+# -- end to end -----------------------------------------------------------------------
+
+
+def run_e2e(ctx: Context, spec: E2E, system: str) -> Result:
+    n = task_count(ctx, spec.counts, system)
+    result = Result(spec.name, system, tasks=n)
+    client = ctx.client()
+    client.flush()
+    register_idle_binds(client, spec.idle_binds, system)
+    identities = {c.identity for c in spec.consumers}
+    expected = n * len(spec.consumers)
+    with processes(ctx, f"{spec.name}.{system}") as procs:
+        router = start_router(procs, ctx, system)
+        consumers = _start_consumers(procs, ctx, spec, system)
+        wait_until(
+            lambda: identities <= set(client.raw.hkeys("karton.binds")) and router_online(client),
+            timeout=60 * ctx.timeout_scale, what="consumers and router to register",
+            procs=procs,
+        )  # fmt: skip
+        time.sleep(0.3)
+        client.reset_stats()
+        producer = procs.python(
+            "producer", "producer", *producer_args(ctx, system, n, spec.headers),
+            *(["--resource-bytes", str(spec.resource_bytes)] if spec.resource_bytes else []),
+        )  # fmt: skip
+
+        def consumed() -> int:
+            return sum(int(v) for v in client.call("HVALS", "karton.metrics.consumed"))
+
+        wait_until(
+            lambda: consumed() >= expected,
+            timeout=timeout_for(ctx, expected, 50.0), what=f"{expected} deliveries",
+            procs=procs, interval=POLL, allow_exited=[producer],
+        )  # fmt: skip
+        result.commands = client.commandstats()
+        produced = producer_result(producer, timeout=30)
+        result.consumer_rss_kib = max(peak_rss_kib(w.pid) for w in consumers)
+        result.router_rss_kib = peak_rss_kib(router.pid)
+        found = _collect(client, identities, expected)
+    _fill_delivery_result(result, found, expected)
+    result.extra["producer_rate"] = produced["rate"]
+    # Was the producer the bottleneck?  It should finish well before the consumers.
+    result.extra["producer_share"] = (produced["t_last"] - found.first_sent) / max(
+        found.last_finish - found.first_sent, 1e-9
+    )
+    return result
+
+
+def _start_consumers(procs: Processes, ctx: Context, spec: E2E, system: str) -> list[Worker]:
+    workers = []
+    for consumer in spec.consumers:
+        args = [
+            "--config", str(ctx.config_path), "--identity", consumer.identity,
+            "--filters", json.dumps(consumer.filters), "--sleep-ms", str(consumer.sleep_ms),
+            "--concurrency", str(CONCURRENCY if system != KC else 1),
+        ]  # fmt: skip
+        if consumer.download:
+            args.append("--download")
+        replicas = spec.sync_processes if system == KC else 1
+        for replica in range(replicas):
+            name = f"consumer.{consumer.identity}.{replica}"
+            workers.append(procs.python(name, CONSUMER_MODULE[system], *args))
+    return workers
+
+
+def _collect(client: CountingRedis, identities: set[str], expected: int) -> Any:
+    """Scan Finished copies; a consumer may still be writing its last status, so retry."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = scan_deliveries(client, identities)
+        if found.finished + found.crashed >= expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _fill_delivery_result(result: Result, found: Any, expected: int) -> None:
+    if found.crashed:
+        raise ScenarioError(f"{found.crashed} deliveries crashed")
+    if found.finished < expected:
+        raise ScenarioError(f"only {found.finished} of {expected} deliveries are Finished")
+    result.deliveries = found.finished
+    result.per = found.finished
+    result.seconds = found.last_finish - found.first_sent
+    result.rate = found.finished / max(result.seconds, 1e-9)
+    result.p50_ms = percentile(found.latencies, 50) * 1000
+    result.p99_ms = percentile(found.latencies, 99) * 1000
+
+
+# -- router only ----------------------------------------------------------------------
+
+ROUTER_COUNTS = {AK: 30000, KC: 2500}
+
+
+def run_router_only(ctx: Context, system: str) -> Result:
+    """Pre-fill karton.tasks, then time the router alone (20 binds, 2 matching)."""
+    n = task_count(ctx, ROUTER_COUNTS, system)
+    result = Result("router", system, tasks=n, unit="routed tasks/s")
+    client = ctx.client()
+    client.flush()
+    register_idle_binds(
+        client, {i: _bind_filters(k) for k, i in enumerate(BIND_IDENTITIES)}, system
+    )
+    matching = [f"karton.queue.normal:{BIND_IDENTITIES[i]}" for i in range(2)]
+    with processes(ctx, f"router.{system}") as procs:
+        before = _settled_memory(client)
+        producer = procs.python(
+            "producer", "producer", *producer_args(ctx, system, n, BIND_HEADERS)
+        )
+        producer_result(producer, timeout=timeout_for(ctx, n, 200.0))
+        unrouted = _settled_memory(client)
+        if int(client.raw.llen("karton.tasks")) != n:
+            raise ScenarioError("karton.tasks does not hold every produced task")
+        client.reset_stats()
+        router = start_router(procs, ctx, system)
+        last_poll, started = time.time(), 0.0
+
+        def drained() -> bool:
+            nonlocal last_poll, started
+            now = time.time()
+            left, *queued = client.pipeline_calls(
+                [("LLEN", "karton.tasks")] + [("LLEN", q) for q in matching]
+            )
+            if not started and int(left) < n:
+                started = (last_poll + now) / 2
+            last_poll = now
+            return int(left) == 0 and sum(map(int, queued)) >= 2 * n
+
+        wait_until(drained, timeout=timeout_for(ctx, n, 100.0), what="the router to drain",
+                   procs=procs, interval=0.02)  # fmt: skip
+        finished = (last_poll + time.time()) / 2
+        result.commands = client.commandstats()
+        result.router_rss_kib = peak_rss_kib(router.pid)
+        routed = _settled_memory(client)
+    result.deliveries = result.per = n
+    result.seconds = finished - started
+    result.rate = n / max(result.seconds, 1e-9)
+    result.redis_bytes_per_task = (routed - before) / n
+    result.extra["copies_per_s"] = 2 * result.rate
+    result.extra["unrouted_bytes_per_task"] = (unrouted - before) / n
+    return result
+
+
+def _settled_memory(client: CountingRedis) -> int:
+    time.sleep(0.3)
+    return client.used_memory()
+
+
+# -- pending-task memory --------------------------------------------------------------
+
+PENDING_COUNTS = {AK: 10000, KC: 3000}
+
+
+def run_pending(ctx: Context, system: str) -> Result:
+    """Redis bytes per task waiting in one consumer's queue (consumer not running)."""
+    n = task_count(ctx, PENDING_COUNTS, system)
+    result = Result("pending", system, tasks=n, unit="")
+    client = ctx.client()
+    client.flush()
+    register_idle_binds(client, {"bench.pending": [{"type": "bench-pending"}]}, system)
+    queue = "karton.queue.normal:bench.pending"
+    with processes(ctx, f"pending.{system}") as procs:
+        start_router(procs, ctx, system)
+        wait_until(lambda: router_online(client), timeout=60, what="the router", procs=procs)
+        before = _settled_memory(client)
+        producer = procs.python(
+            "producer", "producer", *producer_args(ctx, system, n, {"type": "bench-pending"})
+        )
+        producer_result(producer, timeout=timeout_for(ctx, n, 200.0))
+        wait_until(lambda: int(client.raw.llen(queue)) >= n, timeout=timeout_for(ctx, n, 100.0),
+                   what="the queue to fill", procs=procs)  # fmt: skip
+        after = _settled_memory(client)
+    result.tasks = result.deliveries = n
+    result.redis_bytes_per_task = (after - before) / n
+    return result
+
+
+# -- producer only --------------------------------------------------------------------
+
+PRODUCER_RUNS: list[tuple[str, str, list[str], int]] = [
+    # (label, system, producer arguments, full-mode count)
+    ("ak send_task", AK, ["--lib", "ak", "--api", "send_task"], 6000),
+    ("ak send_tasks(100)", AK, ["--lib", "ak", "--api", "send_tasks", "--batch", "100"], 60000),
+    ("kc send_task", KC, ["--lib", "kc"], 4000),
+    ("kca send_task", KCA, ["--lib", "kca"], 4000),
+]
+
+
+def run_producer_only(ctx: Context, label: str, system: str, args: list[str], n: int) -> Result:
+    n = SMOKE_TASKS if ctx.smoke else n
+    result = Result("producer", system, tasks=n, unit="tasks/s")
+    result.extra["api"] = label
+    client = ctx.client()
+    client.flush()
+    with processes(ctx, f"producer.{label.replace(' ', '_')}") as procs:
+        client.reset_stats()
+        worker = procs.python(
+            "producer", "producer", *args, "--config", str(ctx.config_path), "--n", str(n),
+            "--headers", json.dumps({"type": "bench-producer"}),
+        )  # fmt: skip
+        produced = producer_result(worker, timeout=timeout_for(ctx, n, 200.0))
+        result.commands = client.commandstats()
+    result.deliveries = result.per = n
+    result.seconds = produced["t_last"] - produced["t_first"]
+    result.rate = produced["rate"]
+    return result
+
+
+# -- soak -----------------------------------------------------------------------------
+
+SOAK_TASKS = 100_000
+SOAK_SMOKE_TASKS = 2000
+SOAK_SAMPLES = 40
+SOAK_WINDOW = 5000
+
+
+def run_soak(ctx: Context) -> Result:
+    """100,000 tasks through asynckarton's router and one consumer; RSS sampled evenly."""
+    n = SOAK_SMOKE_TASKS if ctx.smoke else SOAK_TASKS
+    step = max(1, n // SOAK_SAMPLES)
+    result = Result("soak", AK, tasks=n)
+    client = ctx.client()
+    client.flush()
+    spec = ConsumerSpec("bench.soak", [{"type": "bench-soak"}])
+    samples: list[tuple[int, int, int]] = []  # consumed, consumer RSS KiB, router RSS KiB
+    with processes(ctx, "soak") as procs:
+        router = start_router(procs, ctx, AK)
+        soak = E2E("soak", "", {}, [spec], {})
+        (consumer,) = _start_consumers(procs, ctx, soak, AK)
+        wait_until(
+            lambda: "bench.soak" in client.raw.hkeys("karton.binds") and router_online(client),
+            timeout=60, what="consumer and router", procs=procs,
+        )  # fmt: skip
+        producer = procs.python(
+            "producer", "producer", *producer_args(ctx, AK, n, {"type": "bench-soak"}),
+            "--window", str(SOAK_WINDOW), "--watch", "bench.soak", "--redis-url", ctx.redis_url,
+        )  # fmt: skip
+        started = time.time()
+
+        def sample() -> bool:
+            done = int(client.raw.hget("karton.metrics.consumed", "bench.soak") or 0)
+            if done >= (len(samples) + 1) * step:
+                samples.append((done, rss_kib(consumer.pid), rss_kib(router.pid)))
+            return done >= n
+
+        wait_until(sample, timeout=timeout_for(ctx, n, 300.0), what=f"{n} soak deliveries",
+                   procs=procs, interval=POLL, allow_exited=[producer])  # fmt: skip
+        elapsed = time.time() - started
+        result.consumer_rss_kib = peak_rss_kib(consumer.pid)
+        result.router_rss_kib = peak_rss_kib(router.pid)
+    result.deliveries = n
+    result.seconds = elapsed
+    result.rate = n / elapsed
+    result.extra["samples"] = samples
+    result.extra["consumer_growth"] = quartile_growth([s[1] for s in samples])
+    result.extra["router_growth"] = quartile_growth([s[2] for s in samples])
+    return result
+
+
+def quartile_growth(values: list[int]) -> dict[str, float]:
+    """Median of the last quartile of samples minus the median of the first (KiB)."""
+    if len(values) < 4:
+        return {"first": float("nan"), "last": float("nan"), "growth": float("nan")}
+    q = len(values) // 4
+    first = statistics.median(values[:q])
+    last = statistics.median(values[-q:])
+    return {"first": first, "last": last, "growth": last - first}
+
+
+# -- the plan -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    scenario: str
+    system: str
+    run: Callable[[Context], Result]
+
+
+def plan(only: set[str] | None = None) -> list[Step]:
+    """Every (scenario, system) run, in order."""
+    steps: list[Step] = []
+    for spec in E2E_SCENARIOS:
+        for system in spec.counts:
+            steps.append(Step(spec.name, system, lambda ctx, s=spec, y=system: run_e2e(ctx, s, y)))
+    for system in ROUTER_COUNTS:
+        steps.append(Step("router", system, lambda ctx, y=system: run_router_only(ctx, y)))
+    for label, system, args, count in PRODUCER_RUNS:
+        steps.append(Step(
+            "producer", system,
+            lambda ctx, lb=label, y=system, a=args, c=count: run_producer_only(ctx, lb, y, a, c),
+        ))  # fmt: skip
+    for system in PENDING_COUNTS:
+        steps.append(Step("pending", system, lambda ctx, y=system: run_pending(ctx, y)))
+    steps.append(Step("soak", AK, run_soak))
+    if only:
+        steps = [s for s in steps if s.scenario in only]
+    return steps
