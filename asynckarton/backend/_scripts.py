@@ -10,22 +10,30 @@ from typing import Final
 
 # Pop up to ARGV[1] uids from the queues in KEYS[1..n-1] (strict priority order), lease
 # each one in KEYS[n] until ARGV[2] (ms), and return uid, body pairs ('' = body missing).
+# One ZADD and one MGET per batch: commands inside scripts count in INFO commandstats.
 FETCH: Final = """
 local want = tonumber(ARGV[1])
-local leases = KEYS[#KEYS]
-local out = {}
-local n = 0
+local uids = {}
 for i = 1, #KEYS - 1 do
-  if n >= want then break end
-  local got = redis.call('LPOP', KEYS[i], want - n)
+  if #uids >= want then break end
+  local got = redis.call('LPOP', KEYS[i], want - #uids)
   if got then
-    for _, uid in ipairs(got) do
-      n = n + 1
-      redis.call('ZADD', leases, ARGV[2], uid)
-      out[#out + 1] = uid
-      out[#out + 1] = redis.call('GET', 'karton.task:' .. uid) or ''
-    end
+    for _, uid in ipairs(got) do uids[#uids + 1] = uid end
   end
+end
+if #uids == 0 then return {} end
+local scored, keys = {}, {}
+for i, uid in ipairs(uids) do
+  scored[2 * i - 1] = ARGV[2]
+  scored[2 * i] = uid
+  keys[i] = 'karton.task:' .. uid
+end
+redis.call('ZADD', KEYS[#KEYS], unpack(scored))
+local bodies = redis.call('MGET', unpack(keys))
+local out = {}
+for i, uid in ipairs(uids) do
+  out[2 * i - 1] = uid
+  out[2 * i] = bodies[i] or ''
 end
 return out
 """

@@ -8,7 +8,7 @@ in separate processes, and several routers may run at once.
 from __future__ import annotations
 
 import argparse
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -17,6 +17,7 @@ from .._config import Config
 from .._errors import ConfigError
 from .._options import add_system_arguments, system_config_from_args
 from .._service import ServiceBase
+from ..backend import TRANSIENT_ERRORS
 from ._gc import GarbageCollector
 from ._router import Router
 
@@ -108,12 +109,22 @@ class SystemService(ServiceBase):
                             self.backend, self.storage, self.runtime.bucket, self.settings, self.log
                         )
                         group.start_soon(self.gc.run)
+                    group.start_soon(self._keep_presence, presence)
                     self.log.info("Manager %s started", self.identity)
                     task_status.started()
         finally:
             self._scope = None
             with anyio.CancelScope(shield=True):
                 await presence.aclose()
+
+    async def _keep_presence(self, presence: Any) -> None:
+        """Keep the named connection alive (it reconnects, with its name, after outages)."""
+        while True:
+            await anyio.sleep(5.0)
+            try:
+                await presence.ping()
+            except TRANSIENT_ERRORS as exc:
+                self.log.warning("Redis unavailable for the presence check: %s", exc)
 
     async def _check_bucket(self) -> None:
         bucket = self.runtime.bucket

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
+from asynckarton import Config, Consumer, Task
+from asynckarton.fastapi import ProducerDep, lifespan
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,13 +89,10 @@ def test_upload_is_hashed_by_the_consumer(
 
 
 @pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient` is deprecated")
 def test_lifespan_in_process(tmp_path: Path) -> None:
     """The factory alone: ProducerDep is injected, consumers run and are stopped."""
-    from fastapi import FastAPI
     from fastapi.testclient import TestClient
-
-    from asynckarton import Config, Consumer, Task
-    from asynckarton.fastapi import ProducerDep, lifespan
 
     seen: list[str] = []
 
