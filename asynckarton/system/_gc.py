@@ -11,8 +11,9 @@ Task rules (karton.md §4.14), applied to one SCAN pass:
 * asynckarton's addition: Spawned, older than ``task_spawned_timeout`` and in no queue,
   lease or retry schedule (its consumer died between popping and leasing it) → requeue.
 
-Resources: every object version in the default bucket not referenced by a surviving
-task is deleted, listing first and scanning tasks second, as Karton does.  A Redis lock
+Resources: every object version in the default bucket (and in the buckets listed in
+``[system] gc_extra_buckets``) not referenced by a surviving task is deleted, listing
+first and scanning tasks second, as Karton does.  A Redis lock
 keeps two collectors from running at once.
 """
 
@@ -72,10 +73,13 @@ class GarbageCollector:
         bucket: str,
         settings: SystemSettings,
         log: logging.Logger,
+        *,
+        extra_buckets: tuple[str, ...] = (),
     ) -> None:
         self.backend = backend
         self.storage = storage
         self.bucket = bucket
+        self.extra_buckets = extra_buckets
         self.settings = settings
         self.log = log
 
@@ -96,7 +100,8 @@ class GarbageCollector:
             return None
         try:
             report = await self.collect_tasks()
-            report.deleted_objects = await self._collect_resources()
+            for bucket in (self.bucket, *self.extra_buckets):
+                report.deleted_objects += await self._collect_resources(bucket)
             return report
         finally:
             with anyio.CancelScope(shield=True):
@@ -175,7 +180,7 @@ class GarbageCollector:
                 report.removed_binds.append(identity)
         return to_clear
 
-    async def _collect_resources(self) -> int:
+    async def _collect_resources(self, bucket: str) -> int:
         async def referenced() -> set[str]:
             found: set[str] = set()
             async for batch in self.backend.scan_task_keys():
@@ -187,7 +192,7 @@ class GarbageCollector:
                     except InvalidTaskError as exc:
                         raise _UnreadableTask(str(exc)) from None
                     for resource in task.iterate_resources():
-                        if resource.bucket in (None, self.bucket):
+                        if (resource.bucket or self.bucket) == bucket:
                             found.add(resource.uid)
                 await anyio.lowlevel.checkpoint()
             return found
@@ -195,7 +200,7 @@ class GarbageCollector:
         try:
             deleted = await collect_orphans(
                 self.storage,
-                self.bucket,
+                bucket,
                 referenced,
                 delete_null_versions=bool(self.settings.enable_null_version_deletion),
             )
@@ -203,5 +208,5 @@ class GarbageCollector:
             self.log.warning("Resource GC skipped: a task is unreadable (%s)", exc)
             return 0
         if deleted:
-            self.log.info("GC removed %d unreferenced object(s)", deleted)
+            self.log.info("GC removed %d unreferenced object(s) from %s", deleted, bucket)
         return deleted

@@ -105,8 +105,14 @@ class SystemService(ServiceBase):
                         )
                         await group.start(self.router.run)
                     if self.settings.enable_gc:
+                        extra = str(self.config.get("system", "gc_extra_buckets") or "")
                         self.gc = GarbageCollector(
-                            self.backend, self.storage, self.runtime.bucket, self.settings, self.log
+                            self.backend,
+                            self.storage,
+                            self.runtime.bucket,
+                            self.settings,
+                            self.log,
+                            extra_buckets=tuple(b.strip() for b in extra.split(",") if b.strip()),
                         )
                         group.start_soon(self.gc.run)
                     group.start_soon(self._keep_presence, presence)
