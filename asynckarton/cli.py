@@ -10,13 +10,12 @@ finish; a second one hands whatever still runs back to its queue at once.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Protocol, cast
@@ -25,13 +24,13 @@ import anyio
 import typer
 from anyio.abc import TaskStatus
 
-from . import _admin
+from ._cli_tasks import tasks_app
 from ._config import Config
 from ._errors import ConfigError, KartonError
 from ._loader import CommonOptions, build_services, load_service_class, split_targets
 from ._service import ServiceBase
 from ._version import __version__
-from .backend import KARTON_PROTOCOL_VERSION, KartonBackend, ServerConnector
+from .backend import KARTON_PROTOCOL_VERSION
 from .system import SystemService
 
 __all__ = ["app", "main", "serve_forever", "startup_errors"]
@@ -101,7 +100,7 @@ class _Supervisor:
 
     def __init__(self, services: Sequence[ServiceBase], grace: float | None) -> None:
         for service in services:
-            if not (callable(getattr(service, "run", None)) and callable(service.stop)):  # type: ignore[attr-defined]
+            if not all(callable(getattr(service, name, None)) for name in ("run", "stop")):
                 raise TypeError(f"{type(service).__name__} has no run()/stop(): cannot serve it")
         self.services = services
         self.runnables = [cast(_Runnable, service) for service in services]
@@ -179,7 +178,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-tasks_app = typer.Typer(help="List, restart or cancel Crashed tasks.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
 
 ConfigFile = Annotated[
@@ -308,88 +306,6 @@ def show_config(config_file: ConfigFile = None) -> None:
             config.redis_settings()
             config.s3_settings()
             typer.echo("# mode: Redis + S3")
-
-
-# -- tasks -------------------------------------------------------------------------------
-
-
-def _with_backend(config_file: str | None, action: Callable[[KartonBackend], Any]) -> Any:
-    """Run ``await action(backend)`` against the configured Redis server."""
-    config = Config(config_file)
-    if config.embedded:
-        raise ConfigError(
-            "task administration needs a Redis server: embedded data lives inside the "
-            "process that runs the services",
-            section="redis",
-        )
-    settings = config.redis_settings()
-
-    async def go() -> Any:
-        backend = KartonBackend(ServerConnector.from_settings(settings))
-        try:
-            return await action(backend)
-        finally:
-            await backend.aclose()
-
-    return anyio.run(go)
-
-
-@tasks_app.command("list")
-def tasks_list(
-    config_file: ConfigFile = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-) -> None:
-    """List Crashed tasks: uid, receiver and the last line of their error."""
-    with startup_errors():
-        tasks = _with_backend(config_file, _admin.list_crashed)
-    for task in tasks:
-        error = _admin.last_error_line(task)
-        if as_json:
-            row = {"uid": task.uid, "receiver": task.receiver, "error": error}
-            typer.echo(json.dumps(row))
-        else:
-            typer.echo(f"{task.uid}  {task.receiver or '-'}  {error}")
-    if not as_json:
-        typer.echo(f"{len(tasks)} crashed task(s)", err=True)
-
-
-Uids = Annotated[list[str] | None, typer.Option("--uid", help="A task uid (repeatable).")]
-Identity = Annotated[str | None, typer.Option(help="Every Crashed task of this receiver.")]
-All = Annotated[bool, typer.Option("--all", help="Every Crashed task.")]
-
-
-def _act(
-    action: Callable[..., Any], verb: str, uid: list[str] | None, identity: str | None,
-    everything: bool, config_file: str | None,
-) -> None:  # fmt: skip
-    if sum([bool(uid), identity is not None, everything]) != 1:
-        raise typer.BadParameter("choose exactly one of --uid, --identity and --all")
-
-    async def call(backend: KartonBackend) -> list[str]:
-        done: list[str] = await action(backend, uids=uid, identity=identity, all=everything)
-        return done
-
-    with startup_errors():
-        done = _with_backend(config_file, call)
-    for new in done:
-        typer.echo(new)
-    typer.echo(f"{verb} {len(done)} task(s)", err=True)
-
-
-@tasks_app.command("restart")
-def tasks_restart(
-    uid: Uids = None, identity: Identity = None, all_: All = False, config_file: ConfigFile = None
-) -> None:
-    """Restart Crashed tasks as karton-dashboard does; prints the new uids."""
-    _act(_admin.restart_crashed, "restarted", uid, identity, all_, config_file)
-
-
-@tasks_app.command("cancel")
-def tasks_cancel(
-    uid: Uids = None, identity: Identity = None, all_: All = False, config_file: ConfigFile = None
-) -> None:
-    """Mark Crashed tasks Finished (karton-dashboard's cancel); prints their uids."""
-    _act(_admin.cancel_crashed, "cancelled", uid, identity, all_, config_file)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +138,7 @@ class Worker:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    finite: bool = False  # expected to exit (with status 0) on its own, like producers
 
     @property
     def pid(self) -> int:
@@ -183,7 +184,7 @@ class Processes:
         self.run_name = run_name
         self.workers: list[Worker] = []
 
-    def spawn(self, name: str, argv: Sequence[str]) -> Worker:
+    def spawn(self, name: str, argv: Sequence[str], *, finite: bool = False) -> Worker:
         log = self.ctx.workdir / "logs" / f"{self.run_name}.{name}.log"
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
         env.pop("KARTON_CONFIG_FILE", None)
@@ -192,21 +193,24 @@ class Processes:
                 list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=self.ctx.workdir,
                 env=env, start_new_session=True,
             )  # fmt: skip
-        worker = Worker(name, process, log)
+        worker = Worker(name, process, log, finite)
         self.workers.append(worker)
         return worker
 
     def python(self, name: str, module: str, *args: str) -> Worker:
-        return self.spawn(name, [sys.executable, "-m", f"benchmarks._workers.{module}", *args])
+        argv = [sys.executable, "-m", f"benchmarks._workers.{module}", *args]
+        return self.spawn(name, argv, finite=module == "producer")
 
-    def check(self, *, allow_exited: Iterable[Worker] = ()) -> None:
-        """Raise if a worker died (workers in ``allow_exited`` may exit with status 0)."""
-        done = set(map(id, allow_exited))
+    def check(self) -> None:
+        """Raise if a worker died (finite workers may exit with status 0)."""
         for worker in self.workers:
             code = worker.process.poll()
-            if code is None or (code == 0 and id(worker) in done):
+            if code is None or (code == 0 and worker.finite):
                 continue
             raise ScenarioError(f"worker {worker.name} exited with {code}:\n{worker.tail()}")
+
+    def tails(self, lines: int = 4) -> str:
+        return "\n".join(f"--- {w.name}:\n{w.tail(lines)}" for w in self.workers)
 
     def stop_all(self) -> None:
         for worker in self.workers:
@@ -242,16 +246,15 @@ def wait_until(
     what: str,
     procs: Processes | None = None,
     interval: float = 0.05,
-    allow_exited: Iterable[Worker] = (),
 ) -> None:
     """Poll ``predicate`` until true; raise ScenarioError on timeout or a dead worker."""
-    allowed = list(allow_exited)
     deadline = time.monotonic() + timeout
     while not predicate():
         if procs is not None:
-            procs.check(allow_exited=allowed)
+            procs.check()
         if time.monotonic() > deadline:
-            raise ScenarioError(f"timed out after {timeout:.0f}s waiting for {what}")
+            tails = f"\n{procs.tails()}" if procs is not None else ""
+            raise ScenarioError(f"timed out after {timeout:.0f}s waiting for {what}{tails}")
         time.sleep(interval)
 
 

@@ -238,7 +238,7 @@ def run_e2e(ctx: Context, spec: E2E, system: str) -> Result:
         wait_until(
             lambda: consumed() >= expected,
             timeout=timeout_for(ctx, expected, 50.0), what=f"{expected} deliveries",
-            procs=procs, interval=POLL, allow_exited=[producer],
+            procs=procs, interval=POLL,
         )  # fmt: skip
         result.commands = client.commandstats()
         produced = producer_result(producer, timeout=30)
@@ -438,7 +438,7 @@ def run_soak(ctx: Context) -> Result:
             lambda: "bench.soak" in client.raw.hkeys("karton.binds") and router_online(client),
             timeout=60, what="consumer and router", procs=procs,
         )  # fmt: skip
-        producer = procs.python(
+        procs.python(
             "producer", "producer", *producer_args(ctx, AK, n, {"type": "bench-soak"}),
             "--window", str(SOAK_WINDOW), "--watch", "bench.soak", "--redis-url", ctx.redis_url,
         )  # fmt: skip
@@ -451,7 +451,7 @@ def run_soak(ctx: Context) -> Result:
             return done >= n
 
         wait_until(sample, timeout=timeout_for(ctx, n, 300.0), what=f"{n} soak deliveries",
-                   procs=procs, interval=POLL, allow_exited=[producer])  # fmt: skip
+                   procs=procs, interval=POLL)  # fmt: skip
         elapsed = time.time() - started
         result.consumer_rss_kib = peak_rss_kib(consumer.pid)
         result.router_rss_kib = peak_rss_kib(router.pid)

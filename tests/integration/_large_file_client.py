@@ -85,4 +85,5 @@ async def main(url: str, key: str, secret: str, bucket: str, source: str, target
 
 
 if __name__ == "__main__":
-    anyio.run(main, *sys.argv[1:7])
+    url, key, secret, bucket, source, target = sys.argv[1:7]
+    anyio.run(main, url, key, secret, bucket, source, target)

@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 import pytest
 import redis.asyncio as aredis
+from anyio.abc import Process
 
 from asynckarton import Config, LocalResource, Producer, Task
 from asynckarton.backend._keys import BINDS, leases_key, queue_key
@@ -36,7 +37,7 @@ STARTUP_TIMEOUT = 90  # a loaded CI machine imports slowly
 class Service:
     """The asynckarton process, its log and a way to talk to its deployment."""
 
-    process: subprocess.Popen[bytes]
+    process: Process
     log: Path
     config: Config
     redis: aredis.Redis
@@ -47,7 +48,7 @@ class Service:
     async def wait_for(self, what: str, check: Callable[[], object], timeout: float) -> None:
         with anyio.move_on_after(timeout):
             while not await _call(check):
-                if self.process.poll() is not None:
+                if self.process.returncode is not None:
                     pytest.fail(f"process exited ({self.process.returncode}):\n{self.output()}")
                 await anyio.sleep(0.05)
             return
@@ -55,11 +56,8 @@ class Service:
 
     async def wait_exit(self, timeout: float) -> int:
         with anyio.move_on_after(timeout):
-            while self.process.poll() is None:
-                await anyio.sleep(0.05)
-        if self.process.poll() is None:
-            pytest.fail(f"process still running after {timeout} s:\n{self.output()}")
-        return self.process.returncode
+            return await self.process.wait()
+        pytest.fail(f"process still running after {timeout} s:\n{self.output()}")
 
     async def fork_of(self, root_uid: str) -> dict[str, object] | None:
         """The routed copy of ``root_uid`` that the sleeper received, if any."""
@@ -104,7 +102,7 @@ async def service(
     command = [sys.executable, "-m", "asynckarton", "run", SLEEPER, "--with-system",
                "--config-file", str(ini), "--", "--setup-bucket"]  # fmt: skip
     with log.open("wb") as out:
-        process = subprocess.Popen(
+        process = await anyio.open_process(
             command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env
         )
     client = aredis.Redis.from_url(redis_url, decode_responses=True)
@@ -114,9 +112,11 @@ async def service(
                            STARTUP_TIMEOUT)  # fmt: skip
         yield svc
     finally:
-        if process.poll() is None:
+        if process.returncode is None:
             process.kill()
-            process.wait(timeout=10)
+        with anyio.move_on_after(10):
+            await process.wait()
+        await process.aclose()
         await client.aclose()
 
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis.asyncio as aredis
 
@@ -236,15 +237,17 @@ async def test_resources_flow_through_producer_system_and_two_consumers(
     config = dep.config()
     system, unpacker, reader = SystemService(config), Unpacker(config), Reader(config)
     with anyio.fail_after(30):
-        async with Producer(config, identity="it.producer") as producer:
-            async with running(system, unpacker, reader):
-                root = Task(
-                    {"type": "sample", "kind": "raw"},
-                    payload={"sample": LocalResource("sample.exe", b"MZ\x90\x00payload")},
-                )
-                assert await producer.send_task(root) is True
-                [got] = await reader.wait_records(1)
-                tasks = await wait_all_final(dep, 4)
+        async with (
+            Producer(config, identity="it.producer") as producer,
+            running(system, unpacker, reader),
+        ):
+            root = Task(
+                {"type": "sample", "kind": "raw"},
+                payload={"sample": LocalResource("sample.exe", b"MZ\x90\x00payload")},
+            )
+            assert await producer.send_task(root) is True
+            [got] = await reader.wait_records(1)
+            tasks = await wait_all_final(dep, 4)
 
     assert reader.contents == {"sample": b"MZ\x90\x00payload", "extracted": b"daolyap\x00\x90ZM"}
     [unpacked] = unpacker.records
@@ -284,9 +287,7 @@ async def test_resources_flow_through_producer_system_and_two_consumers(
     }
     assert outputs == {
         "it.producer": {json.dumps({"kind": "raw", "origin": "it.producer", "type": "sample"})},
-        "it.unpacker": {
-            json.dumps({"kind": "raw", "origin": "it.unpacker", "type": "unpacked"})
-        },
+        "it.unpacker": {json.dumps({"kind": "raw", "origin": "it.unpacker", "type": "unpacked"})},
     }
     assert 0 < await dep.redis.ttl("karton.outputs:it.producer") <= 2592000
 
@@ -296,13 +297,15 @@ async def test_fan_out_to_every_matching_identity(dep: Deployment) -> None:
     fans = [recorder(config, f"it.fan.{n}", [{"type": "fan"}]) for n in (1, 2, 3)]
     other = recorder(config, "it.fan.other", [{"type": "other"}])
     with anyio.fail_after(30):
-        async with Producer(config, identity="it.producer") as producer:
-            async with running(SystemService(config), *fans, other):
-                sent = [Task({"type": "fan"}, payload={"n": n}) for n in range(2)]
-                await producer.send_tasks(sent)
-                for fan in fans:
-                    await fan.wait_records(2)
-                await wait_all_final(dep, 2 + 3 * 2)
+        async with (
+            Producer(config, identity="it.producer") as producer,
+            running(SystemService(config), *fans, other),
+        ):
+            sent = [Task({"type": "fan"}, payload={"n": n}) for n in range(2)]
+            await producer.send_tasks(sent)
+            for fan in fans:
+                await fan.wait_records(2)
+            await wait_all_final(dep, 2 + 3 * 2)
 
     for fan in fans:
         assert sorted(t.payload["n"] for t in fan.records) == [0, 1]
@@ -341,18 +344,20 @@ async def test_persistent_headers_payload_and_priority_are_inherited(dep: Deploy
     relay = Relay(config)
     sink = recorder(config, "it.sink", [{"type": "relay-out"}])
     with anyio.fail_after(30):
-        async with Producer(config, identity="it.producer") as producer:
-            async with running(SystemService(config), relay, sink):
-                root = Task(
-                    {"type": "relay-in"},
-                    headers_persistent={"tlp": "amber"},
-                    payload={"x": 1},
-                    payload_persistent={"uploader": "me"},
-                    priority=TaskPriority.HIGH,
-                )
-                await producer.send_task(root)
-                [child] = await sink.wait_records(1)
-                tasks = await wait_all_final(dep, 4)
+        async with (
+            Producer(config, identity="it.producer") as producer,
+            running(SystemService(config), relay, sink),
+        ):
+            root = Task(
+                {"type": "relay-in"},
+                headers_persistent={"tlp": "amber"},
+                payload={"x": 1},
+                payload_persistent={"uploader": "me"},
+                priority=TaskPriority.HIGH,
+            )
+            await producer.send_task(root)
+            [child] = await sink.wait_records(1)
+            tasks = await wait_all_final(dep, 4)
 
     assert child.headers == {
         "type": "relay-out", "tlp": "amber", "origin": "it.relay", "receiver": "it.sink",
@@ -436,12 +441,14 @@ async def test_filters_with_negation_wildcards_and_operators_route_correctly(
     consumers = {identity: recorder(config, identity, f) for identity, f in FILTERS.items()}
     total = sum(len(v) for v in EXPECTED.values())
     with anyio.fail_after(30):
-        async with Producer(config, identity="it.producer") as producer:
-            async with running(SystemService(config), *consumers.values()):
-                await producer.send_tasks(
-                    Task(headers, payload={"n": n}) for n, headers in enumerate(HEADERS)
-                )
-                await wait_all_final(dep, len(HEADERS) + total)
+        async with (
+            Producer(config, identity="it.producer") as producer,
+            running(SystemService(config), *consumers.values()),
+        ):
+            await producer.send_tasks(
+                Task(headers, payload={"n": n}) for n, headers in enumerate(HEADERS)
+            )
+            await wait_all_final(dep, len(HEADERS) + total)
 
     got = {i: sorted(t.payload["n"] for t in c.records) for i, c in consumers.items()}
     assert got == EXPECTED
@@ -477,13 +484,15 @@ async def test_crash_is_recorded_and_the_consumer_keeps_going(dep: Deployment) -
     config = dep.config()
     crashy = Crashy(config)
     with anyio.fail_after(30):
-        async with Producer(config, identity="it.producer") as producer:
-            async with running(SystemService(config), crashy):
-                boom = Task({"type": "crashy"}, payload={"action": "boom"})
-                await producer.send_task(boom)
-                await producer.send_task(Task({"type": "crashy"}, payload={"action": "ok"}))
-                await crashy.wait_records(1)
-                tasks = await wait_all_final(dep, 4)
+        async with (
+            Producer(config, identity="it.producer") as producer,
+            running(SystemService(config), crashy),
+        ):
+            boom = Task({"type": "crashy"}, payload={"action": "boom"})
+            await producer.send_task(boom)
+            await producer.send_task(Task({"type": "crashy"}, payload={"action": "ok"}))
+            await crashy.wait_records(1)
+            tasks = await wait_all_final(dep, 4)
 
     [crashed] = [t for t in tasks.values() if t["status"] == "Crashed"]
     assert crashed["orig_uid"] == boom.uid
@@ -500,14 +509,16 @@ async def test_fractional_task_timeout_crashes_the_task(dep: Deployment) -> None
     config = dep.config()
     crashy = Crashy(config)
     with anyio.fail_after(30):
-        async with Producer(config, identity="it.producer") as producer:
-            async with running(SystemService(config), crashy):
-                started = time.monotonic()
-                await producer.send_task(Task({"type": "crashy"}, payload={"action": "slow"}))
-                await producer.send_task(Task({"type": "crashy"}, payload={"action": "ok"}))
-                await crashy.wait_records(1)
-                tasks = await wait_all_final(dep, 4)
-                elapsed = time.monotonic() - started
+        async with (
+            Producer(config, identity="it.producer") as producer,
+            running(SystemService(config), crashy),
+        ):
+            started = time.monotonic()
+            await producer.send_task(Task({"type": "crashy"}, payload={"action": "slow"}))
+            await producer.send_task(Task({"type": "crashy"}, payload={"action": "ok"}))
+            await crashy.wait_records(1)
+            tasks = await wait_all_final(dep, 4)
+            elapsed = time.monotonic() - started
 
     assert elapsed < 5, "a 0.2 s timeout must not wait for the 30 s sleep"
     [crashed] = [t for t in tasks.values() if t["status"] == "Crashed"]
@@ -544,7 +555,7 @@ async def test_pre_and_post_hooks_run_in_order_and_failures_are_only_logged(
         calls.append(f"pre_sync:{task.payload['action']}")
 
     async def pre_async(task: Task) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         calls.append("pre_async")
 
     def pre_broken(task: Task) -> None:
@@ -564,19 +575,26 @@ async def test_pre_and_post_hooks_run_in_order_and_failures_are_only_logged(
     crashy.add_post_hook(post_async)
     crashy.add_post_hook(post_sync, "post_sync")
     with anyio.fail_after(30), captured("it.crashy") as logs:
-        async with Producer(config, identity="it.producer") as producer:
-            async with running(SystemService(config), crashy):
-                await producer.send_task(Task({"type": "crashy"}, payload={"action": "ok"}))
-                await crashy.wait_records(1)
-                await producer.send_task(Task({"type": "crashy"}, payload={"action": "boom"}))
-                tasks = await wait_all_final(dep, 4)
+        async with (
+            Producer(config, identity="it.producer") as producer,
+            running(SystemService(config), crashy),
+        ):
+            await producer.send_task(Task({"type": "crashy"}, payload={"action": "ok"}))
+            await crashy.wait_records(1)
+            await producer.send_task(Task({"type": "crashy"}, payload={"action": "boom"}))
+            tasks = await wait_all_final(dep, 4)
 
     assert calls == [
         "pre_sync:ok", "pre_async", "pre_broken", "process:ok", "post_async:None", "post_sync",
         "pre_sync:boom", "pre_async", "pre_broken", "process:boom", "post_async:ValueError",
         "post_sync",
     ]  # fmt: skip
-    assert sorted(t["status"] for t in tasks.values()) == ["Crashed", "Finished", "Finished", "Finished"]
+    assert sorted(t["status"] for t in tasks.values()) == [
+        "Crashed",
+        "Finished",
+        "Finished",
+        "Finished",
+    ]
     failures = [r for r in logs if "failed" in r.getMessage() and r.name == "it.crashy"]
     hook_failures = [r for r in failures if r.getMessage().startswith("Hook")]
     assert [r.getMessage() for r in hook_failures] == [
@@ -601,12 +619,14 @@ async def test_karton_sends_signaling_status_tasks(dep: Deployment) -> None:
     signaller = Signaller(config)
     status = recorder(config, "it.status", [{"type": "karton.signaling.status"}])
     with anyio.fail_after(30):
-        async with Producer(config, identity="it.producer") as producer:
-            async with running(SystemService(config), signaller, status):
-                root = Task({"type": "work"}, headers_persistent={"tlp": "green"})
-                await producer.send_task(root)
-                signals = await status.wait_records(2)
-                tasks = await wait_all_final(dep, 2 + 2 * 2)
+        async with (
+            Producer(config, identity="it.producer") as producer,
+            running(SystemService(config), signaller, status),
+        ):
+            root = Task({"type": "work"}, headers_persistent={"tlp": "green"})
+            await producer.send_task(root)
+            signals = await status.wait_records(2)
+            tasks = await wait_all_final(dep, 2 + 2 * 2)
 
     [work] = [t for t in tasks.values() if t["headers"].get("receiver") == "it.signaller"]
     assert sorted(t.headers["status"] for t in signals) == ["task_begin", "task_end"]
@@ -669,35 +689,35 @@ async def test_log_records_are_published_in_kartons_shape(dep: Deployment) -> No
     received: list[tuple[str, dict[str, Any]]] = []
 
     async def has(channel: str, message: str) -> bool:
-        while (msg := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)):
+        while msg := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05):
             received.append((msg["channel"], json.loads(msg["data"])))
         return any(c == channel and r["message"].startswith(message) for c, r in received)
 
     try:
         with anyio.fail_after(30):
-            async with Producer(config, identity="it.producer") as producer:
-                async with running(SystemService(config), chatty):
-                    await producer.send_task(Task({"type": "chatty"}, payload={"n": 7}))
-                    await wait_until(
-                        lambda: has("karton.log.info.it.chatty", "processing 7"), "info log"
-                    )
-                    await producer.send_task(
-                        Task({"type": "chatty"}, payload={"n": 8, "crash": True})
-                    )
-                    await wait_until(
-                        lambda: has("karton.log.error.it.chatty", "Failed to process"),
-                        "error log",
-                    )
-                    await wait_until(
-                        lambda: has("karton.log.info.karton.system", "["), "system log"
-                    )
-                    tasks = await wait_all_final(dep, 4)
+            async with (
+                Producer(config, identity="it.producer") as producer,
+                running(SystemService(config), chatty),
+            ):
+                await producer.send_task(Task({"type": "chatty"}, payload={"n": 7}))
+                await wait_until(
+                    lambda: has("karton.log.info.it.chatty", "processing 7"), "info log"
+                )
+                await producer.send_task(Task({"type": "chatty"}, payload={"n": 8, "crash": True}))
+                await wait_until(
+                    lambda: has("karton.log.error.it.chatty", "Failed to process"),
+                    "error log",
+                )
+                await wait_until(lambda: has("karton.log.info.karton.system", "["), "system log")
+                tasks = await wait_all_final(dep, 4)
     finally:
         logger.setLevel(level)
         await pubsub.aclose()
 
     [(_, info)] = [(c, r) for c, r in received if r["message"] == "processing 7"]
-    [routed] = [t for t in tasks.values() if t["headers"].get("receiver") and t["payload"]["n"] == 7]
+    [routed] = [
+        t for t in tasks.values() if t["headers"].get("receiver") and t["payload"]["n"] == 7
+    ]
     assert info["type"] == "log"
     assert info["name"] == "it.chatty"
     assert info["levelname"] == "INFO" and info["levelno"] == logging.INFO
@@ -757,19 +777,21 @@ async def test_one_named_connection_per_service_whatever_the_concurrency(
     other = recorder(config, "it.other", [{"type": "other"}])
     system = SystemService(config)
     with anyio.fail_after(30):
-        async with Producer(config, identity="it.producer") as producer:
-            async with running(system, holder, other):
-                await producer.send_tasks(Task({"type": "hold"}) for _ in range(12))
-                await producer.send_task(Task({"type": "other"}))
-                await other.wait_records(1)
+        async with (
+            Producer(config, identity="it.producer") as producer,
+            running(system, holder, other),
+        ):
+            await producer.send_tasks(Task({"type": "hold"}) for _ in range(12))
+            await producer.send_task(Task({"type": "other"}))
+            await other.wait_records(1)
 
-                async def busy() -> bool:
-                    return holder.in_flight == 8
+            async def busy() -> bool:
+                return holder.in_flight == 8
 
-                await wait_until(busy, "8 tasks in flight")
-                clients = await dep.redis.client_list()
-                holder.release.set()
-                await wait_all_final(dep, 13 * 2)
+            await wait_until(busy, "8 tasks in flight")
+            clients = await dep.redis.client_list()
+            holder.release.set()
+            await wait_all_final(dep, 13 * 2)
 
     names = [c["name"] for c in clients if c["name"]]
     assert len(clients) > len(names)  # pooled/blocking connections stay unnamed
@@ -779,7 +801,7 @@ async def test_one_named_connection_per_service_whatever_the_concurrency(
     assert sorted(by_identity) == ["it.holder", "it.other", "karton.system"]
     assert all(len(v) == 1 for v in by_identity.values()), by_identity
     [holder_name] = by_identity["it.holder"]
-    identity, _, query = holder_name.partition("?")
+    _, _, query = holder_name.partition("?")
     params = {k: v[0] for k, v in parse_qs(query).items()}
     assert params["karton_version"] == KARTON_PROTOCOL_VERSION
     assert params["service_version"] == "1.2.3"
@@ -898,7 +920,10 @@ async def test_gc_removes_offline_non_persistent_binds_with_their_queues(
     doomed = make_task(TaskState.SPAWNED, 1.0, "it.np.offline")
     survivor = make_task(TaskState.SPAWNED, 1.0, "it.p.offline")
     await store(dep, doomed, survivor)
-    for queue in ("it.np.offline", *(f"karton.queue.{p}:it.np.offline" for p in ("high", "normal", "low"))):
+    for queue in (
+        "it.np.offline",
+        *(f"karton.queue.{p}:it.np.offline" for p in ("high", "normal", "low")),
+    ):
         await dep.redis.rpush(queue, doomed.uid)
     await dep.redis.rpush("karton.queue.normal:it.p.offline", survivor.uid)
     with anyio.fail_after(30):
@@ -906,11 +931,18 @@ async def test_gc_removes_offline_non_persistent_binds_with_their_queues(
             await system.backend.register_bind(offline)
             await system.backend.register_bind(kept)
             async with running(online):
-                assert json.loads(await dep.redis.hget("karton.binds", "it.np.online"))[
-                    "persistent"
-                ] is False
+                assert (
+                    json.loads(await dep.redis.hget("karton.binds", "it.np.online"))["persistent"]
+                    is False
+                )
                 report = await gc.collect()
-            # Once its consumer is gone, the online bind goes too.
+
+            # Once its consumer is gone (its named connection closed), the bind goes too.
+            async def offline() -> bool:
+                names = [c["name"] for c in await dep.redis.client_list()]
+                return not any(n.startswith("it.np.online") for n in names)
+
+            await wait_until(offline, "it.np.online to disconnect")
             second = await gc.collect()
 
     assert report is not None and report.removed_binds == ["it.np.offline"]

@@ -17,7 +17,11 @@ from typing import Any
 
 import anyio
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, ResponseStreamingError
+from botocore.exceptions import (  # type: ignore[import-untyped]
+    ClientError,
+    EndpointConnectionError,
+    ResponseStreamingError,
+)
 
 from asynckarton._errors import ResourceNotFoundError, StorageError
 from asynckarton._resource import LocalResource, RemoteResource
@@ -579,6 +583,21 @@ async def test_s3_from_settings_and_closed_use(s3_srv: S3Server, s3_bucket: str)
         assert "testing" not in repr(storage)
     async with storage:  # reopening after close works
         assert await storage.ensure_bucket(s3_bucket, create=False) is True
+
+
+def test_s3_client_config_is_minio_safe() -> None:
+    from asynckarton.storage._s3 import _client_config
+
+    config = _client_config(32)
+    assert config.s3 == {"addressing_style": "path"}
+    assert config.max_pool_connections == 32
+    # botocore >= 1.36 only: checksums when required, else the option does not exist.
+    assert getattr(config, "request_checksum_calculation", "when_required") == "when_required"
+
+
+def test_both_storages_satisfy_the_protocol(tmp_path: Path) -> None:
+    storages: list[Storage] = [LocalStorage(tmp_path), S3Storage(None)]  # no I/O: just built
+    assert len(storages) == 2
 
 
 def test_s3_rejects_tiny_parts() -> None:

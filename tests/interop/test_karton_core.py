@@ -276,7 +276,9 @@ def karton_backend(dep: Deployment) -> Iterator[KartonBackend]:
         backend.redis.close()
 
 
-def assert_routing_agrees_with_karton_core(tasks: dict[str, dict[str, Any]], binds: dict[str, str]) -> None:
+def assert_routing_agrees_with_karton_core(
+    tasks: dict[str, dict[str, Any]], binds: dict[str, str]
+) -> None:
     """Every unrouted task was forked to exactly the binds karton-core's query matches."""
     parsed = {i: Bind.from_json(i, raw) for i, raw in binds.items()}
     unrouted = [t for t in tasks.values() if "receiver" not in t["headers"]]
@@ -442,41 +444,47 @@ async def test_b_karton_system_routes_and_collects_an_asynckarton_deployment(
         core = procs.karton_core_consumer(dep, "interop.b.core", [{"type": "interop-b"}], record)
         await wait_until(lambda: _named(dep, "karton.system?"), "karton-system online")
         await wait_online(dep, "interop.b.core", 1, procs)
-        async with Producer(config, identity="interop.b.producer") as producer:
-            async with running(collector):
-                assert await dep.online("interop.b.async") == 1
-                task = Task(
-                    {"type": "interop-b", "kind": "raw"},
-                    payload={"file": LocalResource("b.bin", b"\x00\x01binary\xff"), "n": 7},
-                    headers_persistent={"case": "b"},
-                    priority=TaskPriority.LOW,
-                )
-                await producer.send_task(task)
-                [entry] = await wait_records(record, 1, procs)
+        async with Producer(config, identity="interop.b.producer") as producer, running(collector):
+            assert await dep.online("interop.b.async") == 1
+            task = Task(
+                {"type": "interop-b", "kind": "raw"},
+                payload={"file": LocalResource("b.bin", b"\x00\x01binary\xff"), "n": 7},
+                headers_persistent={"case": "b"},
+                priority=TaskPriority.LOW,
+            )
+            await producer.send_task(task)
+            [entry] = await wait_records(record, 1, procs)
 
-                async def collected() -> bool:
-                    return len(collector.seen) == 1
+            async def collected() -> bool:
+                return len(collector.seen) == 1
 
-                await wait_until(collected, "the asynckarton consumer")
+            await wait_until(collected, "the asynckarton consumer")
 
-                # karton-system's GC (every second) removes the Finished tasks, then
-                # their resource; it keeps our non-persistent bind: we are online.
-                async def clean() -> bool:
-                    procs.check_alive()
-                    return not await dep.tasks() and not await dep.objects()
+            # karton-system's GC (every second) removes the Finished tasks, then
+            # their resource; it keeps our non-persistent bind: we are online.
+            async def clean() -> bool:
+                procs.check_alive()
+                return not await dep.tasks() and not await dep.objects()
 
-                await wait_until(clean, "karton-system's GC to remove tasks and objects", 30)
-                await anyio.sleep(1.5)  # one more GC round with our consumer online
-                assert await dep.redis.hexists("karton.binds", "interop.b.async")
-                assert not await dep.redis.exists("asynckarton.leases:interop.b.async")
+            await wait_until(clean, "karton-system's GC to remove tasks and objects", 30)
+            await anyio.sleep(1.5)  # one more GC round with our consumer online
+            assert await dep.redis.hexists("karton.binds", "interop.b.async")
+            assert not await dep.redis.exists("asynckarton.leases:interop.b.async")
 
-            # Stopped: our presence connection is gone, so the next GC drops the bind.
-            async def unbound() -> bool:
-                return not await dep.redis.hexists("karton.binds", "interop.b.async")
+        # Stopped: our presence connection is gone, so the next GC drops the bind.
+        async def unbound() -> bool:
+            return not await dep.redis.hexists("karton.binds", "interop.b.async")
 
-            await wait_until(unbound, "karton-system to drop the offline non-persistent bind")
-        assert await procs.stop(core) == 0
-        assert await procs.stop(system) == 0
+        await wait_until(unbound, "karton-system to drop the offline non-persistent bind")
+        codes: dict[str, int] = {}
+
+        async def stop(name: str, proc: subprocess.Popen[bytes]) -> None:
+            codes[name] = await procs.stop(proc)
+
+        async with anyio.create_task_group() as group:  # each waits out its 5 s BLPOP
+            group.start_soon(stop, "consumer", core)
+            group.start_soon(stop, "karton-system", system)
+        assert codes == {"consumer": 0, "karton-system": 0}
 
     [(got, content)] = collector.seen
     assert content == b"\x00\x01binary\xff"
@@ -583,7 +591,10 @@ async def test_c_karton_state_reads_an_asynckarton_deployment(
 
                 async def settled() -> bool:
                     queued = sum(
-                        [await dep.redis.llen(f"karton.queue.{p}:{ASYNC_C}") for p in ("high", "normal", "low")]
+                        [
+                            await dep.redis.llen(f"karton.queue.{p}:{ASYNC_C}")
+                            for p in ("high", "normal", "low")
+                        ]
                     )
                     docs = [json.loads(b) for b in (await dep.tasks()).values()]
                     crashed = [d for d in docs if d["status"] == "Crashed"]
@@ -597,7 +608,9 @@ async def test_c_karton_state_reads_an_asynckarton_deployment(
             with karton_backend(dep) as backend:
                 state = KartonState(backend, parse_resources=True)
                 _ = state.queues, state.analyses  # load everything while connected
-                parsed = {uid: KTask.unserialize(body, backend=backend) for uid, body in raw.items()}
+                parsed = {
+                    uid: KTask.unserialize(body, backend=backend) for uid, body in raw.items()
+                }
                 fast = {
                     uid: KTask.unserialize(body, parse_resources=False) for uid, body in raw.items()
                 }
@@ -656,17 +669,19 @@ async def test_c_karton_state_reads_an_asynckarton_deployment(
     assert nested.uid == sent[0].payload["nested"]["list"][0].uid
     assert nested.content == b"g"  # karton-core downloads what asynckarton uploaded
     assert first.get_resource("file").content == b"content 0"
-    assert set(await dep.objects()) == {
-        r.uid for t in sent for r in t.iterate_resources()
-    }
+    assert set(await dep.objects()) == {r.uid for t in sent for r in t.iterate_resources()}
 
 
 @pytest.mark.parametrize(
     ("payload", "wire"),
     [
-        pytest.param({"ints": {1: "one", 2: "two"}}, {"ints": {"1": "one", "2": "two"}}, id="int-keys"),
+        pytest.param(
+            {"ints": {1: "one", 2: "two"}}, {"ints": {"1": "one", "2": "two"}}, id="int-keys"
+        ),
         pytest.param({"tuple": (1, (2, 3))}, {"tuple": [1, [2, 3]]}, id="tuples"),
-        pytest.param({"big": 2**80, "neg": -(2**70)}, {"big": 2**80, "neg": -(2**70)}, id="big-ints"),
+        pytest.param(
+            {"big": 2**80, "neg": -(2**70)}, {"big": 2**80, "neg": -(2**70)}, id="big-ints"
+        ),
         pytest.param({"text": "zażółć ✓"}, {"text": "zażółć ✓"}, id="unicode"),
     ],
 )

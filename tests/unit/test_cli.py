@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import anyio
 import pytest
@@ -211,7 +211,7 @@ class FakeService(SystemService):
         self.stops: list[float | None] = []
         self.stopped: anyio.Event | None = None
 
-    async def __aenter__(self) -> FakeService:
+    async def __aenter__(self) -> Self:
         return self  # no runtime needed
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,0 +1,112 @@
+"""``asynckarton tasks``: list, restart and cancel Crashed tasks from the command line.
+
+The logic lives in :mod:`asynckarton._admin`; this is only its typer front end (part of
+the CLI edge, registered by :mod:`asynckarton.cli`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import anyio
+import typer
+
+from . import _admin
+from ._config import Config
+from ._errors import ConfigError
+from .backend import KartonBackend, ServerConnector
+
+__all__ = ["tasks_app"]
+
+tasks_app = typer.Typer(help="List, restart or cancel Crashed tasks.", no_args_is_help=True)
+
+ConfigFile = Annotated[
+    str | None, typer.Option("--config-file", help="ini file read after the default ones.")
+]
+
+
+def _startup_errors() -> Any:
+    from .cli import startup_errors  # the CLI owns error reporting (and imports us)
+
+    return startup_errors()
+
+
+def _with_backend(config_file: str | None, action: Callable[[KartonBackend], Any]) -> Any:
+    """Run ``await action(backend)`` against the configured Redis server."""
+    config = Config(config_file)
+    if config.embedded:
+        raise ConfigError(
+            "task administration needs a Redis server: embedded data lives inside the "
+            "process that runs the services",
+            section="redis",
+        )
+    settings = config.redis_settings()
+
+    async def go() -> Any:
+        backend = KartonBackend(ServerConnector.from_settings(settings))
+        try:
+            return await action(backend)
+        finally:
+            await backend.aclose()
+
+    return anyio.run(go)
+
+
+@tasks_app.command("list")
+def tasks_list(
+    config_file: ConfigFile = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List Crashed tasks: uid, receiver and the last line of their error."""
+    with _startup_errors():
+        tasks = _with_backend(config_file, _admin.list_crashed)
+    for task in tasks:
+        error = _admin.last_error_line(task)
+        if as_json:
+            row = {"uid": task.uid, "receiver": task.receiver, "error": error}
+            typer.echo(json.dumps(row))
+        else:
+            typer.echo(f"{task.uid}  {task.receiver or '-'}  {error}")
+    if not as_json:
+        typer.echo(f"{len(tasks)} crashed task(s)", err=True)
+
+
+Uids = Annotated[list[str] | None, typer.Option("--uid", help="A task uid (repeatable).")]
+Identity = Annotated[str | None, typer.Option(help="Every Crashed task of this receiver.")]
+All = Annotated[bool, typer.Option("--all", help="Every Crashed task.")]
+
+
+def _act(
+    action: Callable[..., Any], verb: str, uid: list[str] | None, identity: str | None,
+    everything: bool, config_file: str | None,
+) -> None:  # fmt: skip
+    if sum([bool(uid), identity is not None, everything]) != 1:
+        raise typer.BadParameter("choose exactly one of --uid, --identity and --all")
+
+    async def call(backend: KartonBackend) -> list[str]:
+        done: list[str] = await action(backend, uids=uid, identity=identity, all=everything)
+        return done
+
+    with _startup_errors():
+        done = _with_backend(config_file, call)
+    for new in done:
+        typer.echo(new)
+    typer.echo(f"{verb} {len(done)} task(s)", err=True)
+
+
+@tasks_app.command("restart")
+def tasks_restart(
+    uid: Uids = None, identity: Identity = None, all_: All = False, config_file: ConfigFile = None
+) -> None:
+    """Restart Crashed tasks as karton-dashboard does; prints the new uids."""
+    _act(_admin.restart_crashed, "restarted", uid, identity, all_, config_file)
+
+
+@tasks_app.command("cancel")
+def tasks_cancel(
+    uid: Uids = None, identity: Identity = None, all_: All = False, config_file: ConfigFile = None
+) -> None:
+    """Mark Crashed tasks Finished (karton-dashboard's cancel); prints their uids."""
+    _act(_admin.cancel_crashed, "cancelled", uid, identity, all_, config_file)
