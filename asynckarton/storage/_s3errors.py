@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 
 import aiohttp
-from botocore.exceptions import (  # type: ignore[import-untyped]
+from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     DataNotFoundError,
@@ -19,7 +19,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
     IncompleteReadError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.loaders import create_loader  # type: ignore[import-untyped]
+from botocore.loaders import create_loader
 
 from asynckarton._errors import KartonError, ResourceNotFoundError, StorageError
 
