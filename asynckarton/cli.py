@@ -230,6 +230,10 @@ def run(
     with startup_errors(log_level):
         classes = [load_service_class(name) for name in names]
         services = build_services(classes, extras, common, with_system=with_system)
+        alone = not any(isinstance(service, SystemService) for service in services)
+        if alone and services[0].config.embedded:
+            typer.echo("asynckarton: warning: embedded mode without --with-system: nothing "
+                       "in this process routes tasks", err=True)  # fmt: skip
     serve_forever(services, log_level=log_level, grace=grace)
 
 

@@ -78,6 +78,18 @@ class Context:
             f"enable_task_tracking = {int(self.tracking)}\n"
         )
 
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Rewrite the ini with log publishing and task tracking off, for one run."""
+        saved = self.publish, self.tracking
+        self.publish = self.tracking = False
+        self.write_config()
+        try:
+            yield
+        finally:
+            self.publish, self.tracking = saved
+            self.write_config()
+
     def client(self) -> CountingRedis:
         return CountingRedis(self.redis_url)
 
@@ -213,16 +225,13 @@ class Processes:
         return "\n".join(f"--- {w.name}:\n{w.tail(lines)}" for w in self.workers)
 
     def stop_all(self) -> None:
+        """SIGKILL every worker: everything measured was read before, and karton-core's
+        graceful shutdown would wait out a 5 s BLPOP."""
         for worker in self.workers:
             if worker.alive():
-                _signal(worker, signal.SIGTERM)
-        deadline = time.monotonic() + 3
-        for worker in self.workers:
-            try:
-                worker.process.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
                 _signal(worker, signal.SIGKILL)
-                worker.process.wait(timeout=5)
+        for worker in self.workers:
+            worker.process.wait(timeout=10)
 
 
 def _signal(worker: Worker, sig: int) -> None:
@@ -343,6 +352,26 @@ def ping_rtt_us(url: str, count: int = 1000) -> float:
         samples.append((time.perf_counter() - start) * 1e6)
     client.close()
     return percentile(samples, 50)
+
+
+def s3_rates(url: str, count: int = 100, size: int = 4096) -> tuple[float, float]:
+    """Sequential boto3 PUTs/s and GETs/s of ``size``-byte objects against ``url``."""
+    import boto3
+
+    s3 = boto3.client(
+        "s3", endpoint_url=url, aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+    )  # fmt: skip
+    body = os.urandom(size)
+    start = time.perf_counter()
+    for i in range(count):
+        s3.put_object(Bucket=BUCKET, Key=f"rate-probe-{i}", Body=body)
+    puts = count / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in range(count):
+        s3.get_object(Bucket=BUCKET, Key=f"rate-probe-{i}")["Body"].read()
+    gets = count / (time.perf_counter() - start)
+    return puts, gets
 
 
 def bind_json(filters: list[dict[str, Any]], *, is_async: bool) -> str:

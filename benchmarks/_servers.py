@@ -145,7 +145,7 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def servers() -> Iterator[tuple[RedisServer, S3Server, Path]]:
+def servers(*, keep: bool = False) -> Iterator[tuple[RedisServer, S3Server, Path]]:
     """Start Redis and S3 in a fresh temporary directory; stop both on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-asynckarton-"))
     redis = RedisServer(workdir)
@@ -157,4 +157,5 @@ def servers() -> Iterator[tuple[RedisServer, S3Server, Path]]:
     finally:
         s3.stop()
         redis.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks._harness import Context, ping_rtt_us
+from benchmarks._harness import Context, ping_rtt_us, s3_rates
 from benchmarks._servers import servers
 from benchmarks.scenarios import Result, plan
 
@@ -57,9 +57,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=None, help="also dump raw results")
     parser.add_argument(
-        "--no-publish",
-        action="store_true",
-        help="run both systems with log publishing and task tracking off",
+        "--keep", action="store_true", help="keep the work directory (worker logs) afterwards"
     )
     return parser.parse_args(argv)
 
@@ -68,21 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
-    steps = plan(only)
+    steps = plan(only, smoke=args.smoke)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     t0 = time.monotonic()
     results: list[Result] = []
-    with servers() as (redis_server, s3_server, workdir):
-        ctx = Context(
-            redis_server.port,
-            s3_server.url,
-            workdir,
-            smoke=args.smoke,
-            publish=not args.no_publish,
-            tracking=not args.no_publish,
-        )
+    with servers(keep=args.keep) as (redis_server, s3_server, workdir):
+        ctx = Context(redis_server.port, s3_server.url, workdir, smoke=args.smoke)
         print(f"redis {redis_server.url}  s3 {s3_server.url}  work {workdir}", flush=True)
-        conditions = {"rtt_start": ping_rtt_us(ctx.redis_url), "load_start": os.getloadavg()}
+        conditions = {
+            "rtt_start": ping_rtt_us(ctx.redis_url),
+            "load_start": os.getloadavg(),
+            "s3_start": s3_rates(s3_server.url, 20 if args.smoke else 100),
+        }
         for step in steps:
             t = time.monotonic()
             print(f"-> {step.scenario:<9} {step.system:<20}", end=" ", flush=True)
@@ -95,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"ERROR after {time.monotonic() - t:.1f}s\n{traceback.format_exc()}", flush=True
                 )
             else:
+                rate = result.rate if result.unit else result.redis_bytes_per_task or 0
                 print(
-                    f"{result.rate:>10,.0f} {result.unit:<15} "
+                    f"{rate:>10,.0f} {result.unit or 'Redis B/task':<15} "
                     f"({result.seconds:.1f}s measured, {time.monotonic() - t:.1f}s wall)",
                     flush=True,
                 )
@@ -104,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
         conditions["rtt_end"] = ping_rtt_us(ctx.redis_url)
         conditions["load_end"] = os.getloadavg()
+        conditions["s3_end"] = s3_rates(s3_server.url, 20 if args.smoke else 100)
     wall = time.monotonic() - t0
     text = report.render(
         results,

@@ -5,9 +5,8 @@ Systems under test (each consumer, router and producer is its own process):
 * ``asynckarton``: asynckarton consumers (``concurrency_limit`` as listed), asynckarton's
   ``SystemService`` as router, asynckarton's ``Producer.send_tasks`` (batches of 100).
 * ``karton-core``: karton-core 5.9.1 sync ``Karton`` consumers (one task at a time per
-  process), ``karton-system`` as router, karton-core's asyncio ``Producer.send_task``
-  with 8 concurrent senders (faster than the sync producer, so the producer is never
-  what limits karton-core's end-to-end rate).
+  process), ``karton-system`` as router, karton-core's sync ``Producer.send_task`` (its
+  asyncio producer opens a new S3 client per upload and is slower).
 * ``karton-core-asyncio``: ``karton.core.asyncio.Karton`` consumers, ``karton-system``,
   the same producer as karton-core.
 
@@ -163,12 +162,33 @@ RESOURCE = E2E(
     title="resource: a 4 KiB resource per task, downloaded by the consumer",
     headers={"type": "bench-resource"},
     consumers=[ConsumerSpec("bench.resource", [{"type": "bench-resource"}], download=True)],
-    counts={AK: 5000, KC: 1000},
+    counts={AK: 2000, KC: 1000},
     resource_bytes=4096,
 )
 
 E2E_SCENARIOS = [PLAIN, FANOUT, BINDS, IO, RESOURCE]
-SMOKE_TASKS = 300
+
+#: plain again, with log publishing and task tracking off for both systems.
+PLAIN_QUIET = E2E(
+    name="plain-quiet",
+    title="plain with [logging] enable_publish = 0 and [system] enable_task_tracking = 0",
+    headers={"type": "bench-plain"},
+    consumers=[ConsumerSpec("bench.plain", [{"type": "bench-plain"}])],
+    counts={AK: 15000, KC: 2000},
+)
+
+
+def run_quiet(ctx: Context, spec: E2E, system: str) -> Result:
+    with ctx.quiet():
+        return run_e2e(ctx, spec, system)
+
+
+SMOKE_TASKS = 200
+#: Runs left out of --smoke (every worker kind still runs at least once there).
+SMOKE_SKIP = {
+    ("fanout", KC), ("binds", KC), ("io", KC), ("pending", KC), ("plain", KCA),
+    ("plain-quiet", KC),
+}  # fmt: skip
 
 
 def task_count(ctx: Context, counts: dict[str, int], system: str) -> int:
@@ -193,7 +213,7 @@ def producer_args(ctx: Context, system: str, n: int, headers: dict[str, Any]) ->
     common = ["--config", str(ctx.config_path), "--n", str(n), "--headers", json.dumps(headers)]
     if system == AK:
         return ["--lib", "ak", "--api", "send_tasks", "--batch", "100", *common]
-    return ["--lib", "kca", "--concurrency", "8", *common]
+    return ["--lib", "kc", *common]
 
 
 def register_idle_binds(client: CountingRedis, binds: dict[str, Any], system: str) -> None:
@@ -484,12 +504,16 @@ class Step:
     run: Callable[[Context], Result]
 
 
-def plan(only: set[str] | None = None) -> list[Step]:
+def plan(only: set[str] | None = None, *, smoke: bool = False) -> list[Step]:
     """Every (scenario, system) run, in order."""
     steps: list[Step] = []
     for spec in E2E_SCENARIOS:
         for system in spec.counts:
             steps.append(Step(spec.name, system, lambda ctx, s=spec, y=system: run_e2e(ctx, s, y)))
+    for system in PLAIN_QUIET.counts:
+        steps.append(
+            Step("plain-quiet", system, lambda ctx, y=system: run_quiet(ctx, PLAIN_QUIET, y))
+        )
     for system in ROUTER_COUNTS:
         steps.append(Step("router", system, lambda ctx, y=system: run_router_only(ctx, y)))
     for label, system, args, count in PRODUCER_RUNS:
@@ -502,4 +526,6 @@ def plan(only: set[str] | None = None) -> list[Step]:
     steps.append(Step("soak", AK, run_soak))
     if only:
         steps = [s for s in steps if s.scenario in only]
+    if smoke:
+        steps = [s for s in steps if (s.scenario, s.system) not in SMOKE_SKIP]
     return steps

@@ -29,7 +29,7 @@ import anyio
 import pytest
 
 from asynckarton import Producer
-from tests.faults.conftest import IDENTITY, FaultEnv, Proc
+from tests.faults.conftest import IDENTITY, REDIS_DOWN, FaultEnv, Proc
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.integration,
               pytest.mark.timeout(280)]
@@ -45,6 +45,8 @@ SETTLE_TIMEOUT = 150.0  # generous bound: router recovery 10 s, GC lock up to 60
 
 @dataclass
 class Chaos:
+    """The processes of the run, the faults injected into them, and what happened."""
+
     env: FaultEnv
     rng: random.Random
     t0: float = field(default_factory=time.monotonic)
@@ -54,6 +56,9 @@ class Chaos:
     consumer_kills: int = 0
     router_kills: int = 0
     redis_restarts: int = 0
+    ready: set[int] = field(default_factory=set)  # pids seen in faults:ready
+    startup_crashes: list[str] = field(default_factory=list)  # died before becoming ready
+    unexpected_exits: list[str] = field(default_factory=list)  # died after becoming ready
 
     def note(self, what: str) -> None:
         self.timeline.append((round(time.monotonic() - self.t0, 2), what))
@@ -64,12 +69,55 @@ class Chaos:
         self.note(f"start {proc.name} pid {proc.pid}")
         return proc
 
+    def spawn_system(self) -> Proc:
+        self.system = self.env.spawn("system")
+        self.note(f"start {self.system.name} pid {self.system.pid}")
+        return self.system
+
+    def _refresh_ready(self) -> None:
+        for member in self.env.r().smembers("faults:ready"):
+            self.ready.add(int(member.partition(":")[2]))
+
+    async def supervise(self) -> None:
+        """Act as the process supervisor: restart services that die on their own.
+
+        A service that dies while booting (e.g. it connected while Redis was loading its
+        AOF) is restarted and reported; one that dies after it was running is a failure.
+        """
+        while True:
+            try:
+                self._refresh_ready()
+            except REDIS_DOWN:
+                pass
+            procs = [*self.consumers, *([self.system] if self.system else [])]
+            for proc in procs:
+                if proc.alive():
+                    continue
+                last = (proc.output().strip().splitlines() or ["?"])[-1][:200]
+                what = f"{proc.name} pid {proc.pid} exited with {proc.popen.returncode}: {last}"
+                if proc.pid in self.ready:
+                    self.unexpected_exits.append(what)
+                else:
+                    self.startup_crashes.append(what)
+                self.note(f"supervisor: {what}")
+                if proc is self.system:
+                    self.spawn_system()
+                else:
+                    self.consumers.remove(proc)
+                    self.spawn_consumer()
+            await anyio.sleep(0.25)
+
     async def kill_a_consumer(self) -> None:
-        ready = self.env.r().smembers("faults:ready")
-        live = [p for p in self.consumers if p.alive() and f"consumer:{p.pid}" in ready]
-        if not live:  # every survivor is still booting: wait for one (bounded)
-            await self.env.wait_ready(next(p for p in self.consumers if p.alive()))
-            live = [p for p in self.consumers if p.alive()]
+        with anyio.fail_after(60):  # kill a consumer that is running, not one still booting
+            while True:
+                try:
+                    self._refresh_ready()
+                except REDIS_DOWN:
+                    pass
+                live = [p for p in self.consumers if p.alive() and p.pid in self.ready]
+                if live:
+                    break
+                await anyio.sleep(0.1)
         victim = self.rng.choice(sorted(live, key=lambda p: p.pid))
         holding = sum(1 for pid in self.env.r().hvals("faults:holder") if pid == str(victim.pid))
         self.env.kill(victim)
@@ -80,12 +128,12 @@ class Chaos:
 
     async def kill_the_router(self) -> None:
         assert self.system is not None
-        self.env.kill(self.system)
+        victim, self.system = self.system, None
+        self.env.kill(victim)
         self.router_kills += 1
-        self.note(f"SIGKILL {self.system.name} pid {self.system.pid} (router + GC)")
+        self.note(f"SIGKILL {victim.name} pid {victim.pid} (router + GC)")
         await anyio.sleep(0.5)
-        self.system = self.env.spawn("system")
-        self.note(f"start {self.system.name} pid {self.system.pid}")
+        self.spawn_system()
 
     async def restart_redis(self) -> None:
         self.note("redis-server stop")
@@ -145,7 +193,7 @@ async def test_two_thousand_tasks_survive_kills_and_a_redis_restart(
     rng = random.Random(SEED)
     chaos = Chaos(faults, rng)
     client = faults.r()
-    chaos.system = faults.spawn("system")
+    chaos.spawn_system()
     for _ in range(CONSUMERS):
         chaos.spawn_consumer()
     boot = time.monotonic()
@@ -194,6 +242,7 @@ async def test_two_thousand_tasks_survive_kills_and_a_redis_restart(
     chaos.t0 = started
     async with anyio.create_task_group() as watcher:
         watcher.start_soon(sample)
+        watcher.start_soon(chaos.supervise)
         async with anyio.create_task_group() as group:
             group.start_soon(produce)
             group.start_soon(inject)
@@ -239,6 +288,8 @@ async def test_two_thousand_tasks_survive_kills_and_a_redis_restart(
         "router_kills": chaos.router_kills,
         "redis_restarts": chaos.redis_restarts,
         "consumer_processes_started": sum(1 for p in faults.procs if p.role == "consumer"),
+        "startup_crashes": chaos.startup_crashes,
+        "unexpected_exits": chaos.unexpected_exits,
         "processed_roots": len(done),
         "duplicates": sum(n - 1 for n in done.values() if n > 1),
         "roots_processed_more_than_once": sum(1 for n in done.values() if n > 1),
@@ -268,6 +319,7 @@ async def test_two_thousand_tasks_survive_kills_and_a_redis_restart(
     assert len(roots) == TASKS, message
     assert chaos.consumer_kills >= 5 and chaos.router_kills >= 1 and chaos.redis_restarts == 1
     assert not missing, f"{len(missing)} task(s) lost:\n{message}"
+    assert not chaos.unexpected_exits, f"running services died on their own:\n{message}"
     assert not timed_out, f"the system did not settle within {SETTLE_TIMEOUT:g}s:\n{message}"
     assert summary["left_unfinished"] == {"Declared": 0, "Spawned": 0, "Started": 0}, message
     consumed = int(metrics.get("consumed", {}).get(IDENTITY, 0))

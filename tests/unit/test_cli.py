@@ -271,6 +271,21 @@ def test_serve_forever_startup_failure_is_one_line_exit_1(
     )
 
 
+def test_service_main_is_an_entry_point(home: Path) -> None:
+    FakeService.main(["--log-level", "WARNING", "--gc-interval", "5"])  # returns: exit 0
+
+
+def test_service_main_bad_config_is_one_line_exit_1(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ini = write_ini(home / "bad.ini", "[system]\ngc_interval = soon\n")
+    with pytest.raises(SystemExit) as exit_info:
+        FakeService.main(["--config-file", str(ini)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "[system] gc_interval" in err and f"{ini}:2" in err
+
+
 # -- demo pieces -------------------------------------------------------------------------
 
 
