@@ -247,7 +247,7 @@ class Blocking(Consumer):
     async def process(self, task: Task) -> None:
         import time
 
-        time.sleep(0.9)  # deliberately blocks the event loop
+        time.sleep(0.9)  # noqa: ASYNC251 - deliberately blocks the event loop
 
 
 async def test_loop_lag_watchdog_names_the_blocking_task(
