@@ -66,6 +66,8 @@ class ServiceBase:
         self.identity = validate_identity(str(resolved or ""))  # type: ignore[misc]
         self.instance_id = uuid.uuid4().hex
         self.log = logging.getLogger(self.identity)
+        if self.log.level == logging.NOTSET:  # [logging] level, unless the app chose one
+            self.log.setLevel(self.config.logging_settings().level)
         self._stack: AsyncExitStack | None = None
         self._runtime: Runtime | None = None
 

@@ -49,6 +49,7 @@ class Context:
     publish: bool = True
     tracking: bool = True
     timeout_scale: float = 1.0
+    profile_dir: Path | None = None  # attach py-spy to every worker, write raw stacks here
     config_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -195,6 +196,7 @@ class Processes:
         self.ctx = ctx
         self.run_name = run_name
         self.workers: list[Worker] = []
+        self.profilers: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, name: str, argv: Sequence[str], *, finite: bool = False) -> Worker:
         log = self.ctx.workdir / "logs" / f"{self.run_name}.{name}.log"
@@ -207,7 +209,21 @@ class Processes:
             )  # fmt: skip
         worker = Worker(name, process, log, finite)
         self.workers.append(worker)
+        if self.ctx.profile_dir is not None:
+            self._profile(worker)
         return worker
+
+    def _profile(self, worker: Worker) -> None:
+        """Sample ``worker`` with py-spy (non-blocking, 100 Hz) until it exits or stops."""
+        assert self.ctx.profile_dir is not None
+        self.ctx.profile_dir.mkdir(parents=True, exist_ok=True)
+        out = self.ctx.profile_dir / f"{self.run_name}.{worker.name}.txt"
+        spy = str(Path(sys.executable).with_name("py-spy"))
+        self.profilers.append(subprocess.Popen(
+            [spy, "record", "--pid", str(worker.pid), "--rate", "100", "--format", "raw",
+             "--nonblocking", "--idle", "--output", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
 
     def python(self, name: str, module: str, *args: str) -> Worker:
         argv = [sys.executable, "-m", f"benchmarks._workers.{module}", *args]
@@ -227,6 +243,13 @@ class Processes:
     def stop_all(self) -> None:
         """SIGKILL every worker: everything measured was read before, and karton-core's
         graceful shutdown would wait out a 5 s BLPOP."""
+        for spy in self.profilers:  # first let py-spy write what it sampled
+            spy.send_signal(signal.SIGINT)
+        for spy in self.profilers:
+            try:
+                spy.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                spy.kill()
         for worker in self.workers:
             if worker.alive():
                 _signal(worker, signal.SIGKILL)

@@ -57,6 +57,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=None, help="also dump raw results")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="attach py-spy to every worker and write raw stacks to this directory "
+        "(slows the run: use for diagnosis, not for RESULTS.md)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (worker logs) afterwards"
     )
     return parser.parse_args(argv)
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     with servers(keep=args.keep) as (redis_server, s3_server, workdir):
         ctx = Context(redis_server.port, s3_server.url, workdir, smoke=args.smoke)
+        ctx.profile_dir = args.profile
         print(f"redis {redis_server.url}  s3 {s3_server.url}  work {workdir}", flush=True)
         conditions = {
             "rtt_start": ping_rtt_us(ctx.redis_url),

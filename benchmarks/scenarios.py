@@ -153,7 +153,7 @@ IO = E2E(
     title="io: handler awaits 20 ms, concurrency 64",
     headers={"type": "bench-io"},
     consumers=[ConsumerSpec("bench.io", [{"type": "bench-io"}], sleep_ms=20.0)],
-    counts={AK: 30000, KCA: 2000, KC: 2000},
+    counts={AK: 20000, KCA: 2000, KC: 2000},
     sync_processes=SYNC_IO_PROCESSES,
 )
 
@@ -162,7 +162,7 @@ RESOURCE = E2E(
     title="resource: a 4 KiB resource per task, downloaded by the consumer",
     headers={"type": "bench-resource"},
     consumers=[ConsumerSpec("bench.resource", [{"type": "bench-resource"}], download=True)],
-    counts={AK: 2000, KC: 1000},
+    counts={AK: 1500, KC: 1000},
     resource_bytes=4096,
 )
 
@@ -316,7 +316,7 @@ def _fill_delivery_result(result: Result, found: Any, expected: int) -> None:
 
 # -- router only ----------------------------------------------------------------------
 
-ROUTER_COUNTS = {AK: 30000, KC: 2500}
+ROUTER_COUNTS = {AK: 30000, KC: 4000}
 
 
 def run_router_only(ctx: Context, system: str) -> Result:
@@ -375,7 +375,7 @@ def _settled_memory(client: CountingRedis) -> int:
 
 # -- pending-task memory --------------------------------------------------------------
 
-PENDING_COUNTS = {AK: 10000, KC: 3000}
+PENDING_COUNTS = {AK: 10000, KC: 10000}
 
 
 def run_pending(ctx: Context, system: str) -> Result:
@@ -406,10 +406,10 @@ def run_pending(ctx: Context, system: str) -> Result:
 
 PRODUCER_RUNS: list[tuple[str, str, list[str], int]] = [
     # (label, system, producer arguments, full-mode count)
-    ("ak send_task", AK, ["--lib", "ak", "--api", "send_task"], 6000),
-    ("ak send_tasks(100)", AK, ["--lib", "ak", "--api", "send_tasks", "--batch", "100"], 60000),
-    ("kc send_task", KC, ["--lib", "kc"], 4000),
-    ("kca send_task", KCA, ["--lib", "kca"], 4000),
+    ("ak send_task", AK, ["--lib", "ak", "--api", "send_task"], 15000),
+    ("ak send_tasks(100)", AK, ["--lib", "ak", "--api", "send_tasks", "--batch", "100"], 150000),
+    ("kc send_task", KC, ["--lib", "kc"], 15000),
+    ("kca send_task", KCA, ["--lib", "kca"], 10000),
 ]
 
 

@@ -84,13 +84,13 @@ class GarbageCollector:
         self.log = log
 
     async def run(self) -> None:
-        """Collect every ``gc_interval`` seconds until cancelled."""
+        """Collect every ``gc_interval`` seconds (the first after one interval, as Karton)."""
         while True:
+            await anyio.sleep(float(self.settings.gc_interval))
             try:
                 await self.collect()
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("GC skipped, Redis unavailable: %s", exc)
-            await anyio.sleep(float(self.settings.gc_interval))
 
     async def collect(self) -> GCReport | None:
         """Run one collection under the GC lock; None if another collector holds it."""

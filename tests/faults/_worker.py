@@ -49,8 +49,12 @@ async def _patiently(call: Callable[[], Awaitable[T]]) -> T:
     while True:
         try:
             return await call()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.BusyLoadingError, OSError):
+        except (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            redis.exceptions.BusyLoadingError,
+            OSError,
+        ):
             if anyio.current_time() > deadline:
                 raise
             await anyio.sleep(delay)

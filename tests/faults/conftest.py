@@ -8,6 +8,7 @@ karton.ini in ``tmp_path`` with short timeouts.  Worker processes (``_worker.py`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,8 +35,12 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_worker.py")
 IDENTITY = "faults.worker"
 FILTERS = [{"type": "faults"}]
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-              redis.exceptions.BusyLoadingError, OSError)
+REDIS_DOWN = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    OSError,
+)
 
 DEFAULT_INI: dict[str, dict[str, Any]] = {
     "karton": {"lease_timeout": 3, "shutdown_grace": 1, "concurrency_limit": 4},
@@ -84,8 +89,12 @@ class FaultEnv:
     def write_ini(self, name: str = "karton.ini", **overrides: dict[str, Any]) -> Path:
         sections: dict[str, dict[str, Any]] = {
             "redis": {"url": self.redis_server.url},
-            "s3": {"address": self.s3.url, "access_key": self.s3.access_key,
-                   "secret_key": self.s3.secret_key, "bucket": self.bucket},
+            "s3": {
+                "address": self.s3.url,
+                "access_key": self.s3.access_key,
+                "secret_key": self.s3.secret_key,
+                "bucket": self.bucket,
+            },
         }
         for section, values in {**DEFAULT_INI, **overrides}.items():
             sections.setdefault(section, {}).update(values)
@@ -104,15 +113,24 @@ class FaultEnv:
 
     def _env(self, seed: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KARTON_")}
-        env.update(PYTHONUNBUFFERED="1", FAULTS_SEED=str(seed),
-                   PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+        env.update(
+            PYTHONUNBUFFERED="1",
+            FAULTS_SEED=str(seed),
+            PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        )
         return env
 
     def _start(self, name: str, role: str, argv: list[str], seed: int = 0) -> Proc:
         log = self.tmp / f"{name}.log"
         with log.open("ab") as out:
-            popen = subprocess.Popen(argv, cwd=REPO, env=self._env(seed), stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=subprocess.STDOUT)
+            popen = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=self._env(seed),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         proc = Proc(name, role, popen, log)
         self.procs.append(proc)
         return proc
@@ -139,10 +157,8 @@ class FaultEnv:
         for proc in self.procs:
             if proc.alive():
                 os.kill(proc.pid, signal.SIGKILL)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
 
     async def wait_ready(self, *procs: Proc, timeout: float = 30.0) -> None:
         """Wait until every process registered itself in ``faults:ready``."""
@@ -165,8 +181,12 @@ class FaultEnv:
         client = getattr(self, "_client", None)
         if client is None:
             # No client-side retries: polls fail fast (and are retried) while Redis is down.
-            client = redis.Redis.from_url(self.redis_server.url, decode_responses=True,
-                                          socket_timeout=10, retry=Retry(NoBackoff(), 0))
+            client = redis.Redis.from_url(
+                self.redis_server.url,
+                decode_responses=True,
+                socket_timeout=10,
+                retry=Retry(NoBackoff(), 0),
+            )
             self._client = client
         return client
 
@@ -181,7 +201,7 @@ class FaultEnv:
         client = self.r()
         keys = list(client.scan_iter("karton.task:*", count=1000))
         for start in range(0, len(keys), 1000):
-            for body in client.mget(keys[start:start + 1000]):
+            for body in client.mget(keys[start : start + 1000]):
                 if body is None:
                     continue
                 try:
@@ -238,15 +258,20 @@ def fault_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def faults(tmp_path: Path, fault_redis: RedisServer, s3_srv: S3Server,
-           s3_bucket: str) -> Iterator[FaultEnv]:
+def faults(
+    tmp_path: Path, fault_redis: RedisServer, s3_srv: S3Server, s3_bucket: str
+) -> Iterator[FaultEnv]:
     import boto3
 
     # Created here, not with the system's --setup-bucket: see the lead report (the system
     # service refuses to start on the very run that creates the bucket).
-    boto3.client("s3", endpoint_url=s3_srv.url, aws_access_key_id=s3_srv.access_key,
-                 aws_secret_access_key=s3_srv.secret_key,
-                 region_name="us-east-1").create_bucket(Bucket=s3_bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_srv.url,
+        aws_access_key_id=s3_srv.access_key,
+        aws_secret_access_key=s3_srv.secret_key,
+        region_name="us-east-1",
+    ).create_bucket(Bucket=s3_bucket)
     env = FaultEnv(tmp_path, fault_redis, s3_srv, s3_bucket)
     try:
         yield env

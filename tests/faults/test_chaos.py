@@ -18,6 +18,8 @@ failure the Redis state of every missing task is part of the assertion message.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import random
 import time
@@ -27,12 +29,17 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.exceptions
 
 from asynckarton import Producer
 from tests.faults.conftest import IDENTITY, REDIS_DOWN, FaultEnv, Proc
 
-pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.integration,
-              pytest.mark.timeout(280)]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.faults,
+    pytest.mark.integration,
+    pytest.mark.timeout(280),
+]
 
 SEED = 20241123
 TASKS = 2000
@@ -85,10 +92,8 @@ class Chaos:
         AOF) is restarted and reported; one that dies after it was running is a failure.
         """
         while True:
-            try:
+            with contextlib.suppress(REDIS_DOWN):
                 self._refresh_ready()
-            except REDIS_DOWN:
-                pass
             procs = [*self.consumers, *([self.system] if self.system else [])]
             for proc in procs:
                 if proc.alive():
@@ -110,10 +115,8 @@ class Chaos:
     async def kill_a_consumer(self) -> None:
         with anyio.fail_after(60):  # kill a consumer that is running, not one still booting
             while True:
-                try:
+                with contextlib.suppress(REDIS_DOWN):
                     self._refresh_ready()
-                except REDIS_DOWN:
-                    pass
                 live = [p for p in self.consumers if p.alive() and p.pid in self.ready]
                 if live:
                     break
@@ -131,7 +134,12 @@ class Chaos:
         victim, self.system = self.system, None
         self.env.kill(victim)
         self.router_kills += 1
-        self.note(f"SIGKILL {victim.name} pid {victim.pid} (router + GC)")
+        journals = {k: self.env.r().llen(k) for k in self.env.r().scan_iter("asynckarton.routing:*")}
+        lock = self.env.r().pttl("asynckarton.gc.lock")
+        self.note(
+            f"SIGKILL {victim.name} pid {victim.pid} (router + GC); journals {journals}, "
+            f"GC lock left behind for {lock} ms"
+        )
         await anyio.sleep(0.5)
         self.spawn_system()
 
@@ -147,7 +155,7 @@ def schedule(rng: random.Random) -> list[tuple[float, str]]:
     """Seeded fault times (seconds after production starts)."""
     while True:
         kills = sorted(rng.uniform(1.0, 18.0) for _ in range(CONSUMER_KILLS))
-        if all(b - a >= 1.5 for a, b in zip(kills, kills[1:], strict=False)):
+        if all(b - a >= 1.5 for a, b in itertools.pairwise(kills)):
             break
     router = rng.uniform(4.0, 10.0)
     redis_at = rng.uniform(8.0, 14.0)
@@ -161,9 +169,14 @@ def diagnose(env: FaultEnv, missing: set[str]) -> dict[str, Any]:
     """Where every task of each missing root is (status, queue, lease, journal)."""
     client = env.r()
     state = env.queue_state()
-    queues = {name: set(client.lrange(name, 0, -1)) for name in
-              ["karton.tasks", *(f"karton.queue.{p}:{IDENTITY}" for p in ("high", "normal", "low")),
-               *client.scan_iter("asynckarton.routing:*")]}
+    queues = {
+        name: set(client.lrange(name, 0, -1))
+        for name in [
+            "karton.tasks",
+            *(f"karton.queue.{p}:{IDENTITY}" for p in ("high", "normal", "low")),
+            *client.scan_iter("asynckarton.routing:*"),
+        ]
+    }
     leases = dict(client.zrange(f"asynckarton.leases:{IDENTITY}", 0, -1, withscores=True))
     report: dict[str, Any] = {"state": state, "missing": {}}
     for root in sorted(missing)[:20]:
@@ -172,13 +185,16 @@ def diagnose(env: FaultEnv, missing: set[str]) -> dict[str, Any]:
             uid = key.removeprefix("karton.task:")
             body = client.get(key)
             doc = json.loads(body) if body else {}
-            found.append({
-                "uid": uid, "status": doc.get("status"),
-                "receiver": doc.get("headers", {}).get("receiver"),
-                "last_update_age": round(time.time() - doc.get("last_update", 0), 1),
-                "in": [name for name, members in queues.items() if uid in members],
-                "lease": leases.get(uid),
-            })
+            found.append(
+                {
+                    "uid": uid,
+                    "status": doc.get("status"),
+                    "receiver": doc.get("headers", {}).get("receiver"),
+                    "last_update_age": round(time.time() - doc.get("last_update", 0), 1),
+                    "in": [name for name, members in queues.items() if uid in members],
+                    "lease": leases.get(uid),
+                }
+            )
         report["missing"][root] = {
             "tasks": found,
             "started": client.hget("faults:started", root),
@@ -230,12 +246,15 @@ async def test_two_thousand_tasks_survive_kills_and_a_redis_restart(
 
     async def sample() -> None:
         while True:
-            try:
+            with contextlib.suppress(*REDIS_DOWN):
                 state = faults.queue_state()
-                progress.append((round(time.monotonic() - started, 1), client.hlen("faults:done"),
-                                 state["queue.normal"] + state["leases"]))
-            except Exception:  # noqa: BLE001 - redis restarting
-                pass
+                progress.append(
+                    (
+                        round(time.monotonic() - started, 1),
+                        client.hlen("faults:done"),
+                        state["queue.normal"] + state["leases"],
+                    )
+                )
             await anyio.sleep(2.0)
 
     started = time.monotonic()
@@ -252,8 +271,17 @@ async def test_two_thousand_tasks_survive_kills_and_a_redis_restart(
             state = faults.queue_state()
             if client.hlen("faults:done") < TASKS:
                 return False
-            if any(state[k] for k in ("karton.tasks", "queue.high", "queue.normal", "queue.low",
-                                      "leases", "delayed")) or any(state["journals"].values()):
+            if any(
+                state[k]
+                for k in (
+                    "karton.tasks",
+                    "queue.high",
+                    "queue.normal",
+                    "queue.low",
+                    "leases",
+                    "delayed",
+                )
+            ) or any(state["journals"].values()):
                 return False
             by_status = faults.tasks_by_status()
             return not any(by_status.get(s) for s in ("Declared", "Spawned", "Started"))
@@ -262,11 +290,9 @@ async def test_two_thousand_tasks_survive_kills_and_a_redis_restart(
         try:
             with anyio.fail_after(SETTLE_TIMEOUT):
                 while True:
-                    try:
+                    with contextlib.suppress(*REDIS_DOWN, redis.exceptions.ResponseError):
                         if settled():
                             break
-                    except Exception:  # noqa: BLE001 - redis may still be loading
-                        pass
                     await anyio.sleep(0.5)
         except TimeoutError:
             timed_out = True
@@ -279,39 +305,59 @@ async def test_two_thousand_tasks_survive_kills_and_a_redis_restart(
     started_counts = {k: int(v) for k, v in client.hgetall("faults:started").items()}
     missing = set(roots) - set(done)
     by_status = faults.tasks_by_status()
-    metrics = {name.removeprefix("karton.metrics."): client.hgetall(name)
-               for name in client.scan_iter("karton.metrics.*")}
-    summary.update({
-        "tasks_sent": len(roots),
-        "send_attempts": send_attempts,
-        "consumer_kills": chaos.consumer_kills,
-        "router_kills": chaos.router_kills,
-        "redis_restarts": chaos.redis_restarts,
-        "consumer_processes_started": sum(1 for p in faults.procs if p.role == "consumer"),
-        "startup_crashes": chaos.startup_crashes,
-        "unexpected_exits": chaos.unexpected_exits,
-        "processed_roots": len(done),
-        "duplicates": sum(n - 1 for n in done.values() if n > 1),
-        "roots_processed_more_than_once": sum(1 for n in done.values() if n > 1),
-        "handler_starts_beyond_first": sum(n - 1 for n in started_counts.values() if n > 1),
-        "lost": len(missing),
-        "left_unfinished": {s: len(by_status.get(s, [])) for s in ("Declared", "Spawned", "Started")},
-        "stats": client.hgetall("asynckarton.stats"),
-        "metrics": metrics,
-        "seconds": {"boot": round(boot, 1), "faults_phase": round(faults_done - started, 1),
-                    "settle": round(settle_time, 1),
-                    "total": round(time.monotonic() - started, 1)},
-        "timeline": chaos.timeline,
-        "progress": progress,
-    })
+    metrics = {
+        name.removeprefix("karton.metrics."): client.hgetall(name)
+        for name in client.scan_iter("karton.metrics.*")
+    }
+    summary.update(
+        {
+            "tasks_sent": len(roots),
+            "send_attempts": send_attempts,
+            "consumer_kills": chaos.consumer_kills,
+            "router_kills": chaos.router_kills,
+            "redis_restarts": chaos.redis_restarts,
+            "consumer_processes_started": sum(1 for p in faults.procs if p.role == "consumer"),
+            "startup_crashes": chaos.startup_crashes,
+            "unexpected_exits": chaos.unexpected_exits,
+            "processed_roots": len(done),
+            "duplicates": sum(n - 1 for n in done.values() if n > 1),
+            "roots_processed_more_than_once": sum(1 for n in done.values() if n > 1),
+            "handler_starts_beyond_first": sum(n - 1 for n in started_counts.values() if n > 1),
+            "lost": len(missing),
+            "left_unfinished": {
+                s: len(by_status.get(s, [])) for s in ("Declared", "Spawned", "Started")
+            },
+            "stats": client.hgetall("asynckarton.stats"),
+            "metrics": metrics,
+            "seconds": {
+                "boot": round(boot, 1),
+                "faults_phase": round(faults_done - started, 1),
+                "settle": round(settle_time, 1),
+                "total": round(time.monotonic() - started, 1),
+            },
+            "timeline": chaos.timeline,
+            "progress": progress,
+        }
+    )
     if missing or timed_out:
         summary["diagnosis"] = diagnose(faults, missing)
-        summary["logs"] = {p.name: p.output()[-1500:] for p in faults.procs
-                           if "Traceback" in p.output()}
+        summary["logs"] = {
+            p.name: p.output()[-1500:] for p in faults.procs if "Traceback" in p.output()
+        }
     path = tmp_path / "faults-summary.json"
     path.write_text(json.dumps(summary, indent=2, default=str))
-    headline = {k: summary[k] for k in ("tasks_sent", "consumer_kills", "router_kills",
-                                        "redis_restarts", "duplicates", "lost", "seconds")}
+    headline = {
+        k: summary[k]
+        for k in (
+            "tasks_sent",
+            "consumer_kills",
+            "router_kills",
+            "redis_restarts",
+            "duplicates",
+            "lost",
+            "seconds",
+        )
+    }
     with capsys.disabled():
         print(f"\nfault-injection summary ({path}):\n{json.dumps(headline, default=str)}")
     message = json.dumps(summary, indent=1, default=str)

@@ -22,8 +22,12 @@ from asynckarton import Consumer, Producer, Task
 from asynckarton.system import SystemService
 from tests.faults.conftest import FILTERS, IDENTITY, WORKER, FaultEnv, poll
 
-pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.integration,
-              pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.faults,
+    pytest.mark.integration,
+    pytest.mark.timeout(120),
+]
 
 QUEUE = f"karton.queue.normal:{IDENTITY}"
 LEASES = f"asynckarton.leases:{IDENTITY}"
@@ -40,8 +44,12 @@ def all_settled(env: FaultEnv) -> bool:
 
 
 def forks_of(env: FaultEnv, root: str) -> list[dict[str, Any]]:
-    return [doc for docs in env.tasks_by_status().values() for doc in docs
-            if doc.get("root_uid") == root and doc.get("headers", {}).get("receiver")]
+    return [
+        doc
+        for docs in env.tasks_by_status().values()
+        for doc in docs
+        if doc.get("root_uid") == root and doc.get("headers", {}).get("receiver")
+    ]
 
 
 async def start_system(env: FaultEnv) -> Any:
@@ -114,6 +122,39 @@ async def test_orphaned_spawned_task_is_requeued_by_the_gc(faults: FaultEnv) -> 
     await poll(lambda: r.hget("faults:done", task.root_uid) == "1", 20, "the orphan to finish")
     await poll(lambda: all_settled(faults), 10, "settled state")
     assert r.hget("faults:started", task.root_uid) == "1"
+
+
+@pytest.mark.xfail(
+    reason="lead report #1: a reclaimed task keeps status Started, so once orphaned "
+    "(BLPOP then death before LEASE) the GC never requeues it",
+    strict=True,
+)
+async def test_orphaned_reclaimed_task_is_requeued(faults: FaultEnv) -> None:
+    """The same orphan window as (ii), for a task that was already redelivered once.
+
+    Real steps: a consumer is SIGKILLed mid-task, its lease expires and is reclaimed
+    (RECLAIM puts the uid back in the queue but leaves the body Started), then a consumer
+    blocked in BLPOP takes it and dies before its LEASE call (simulated by RPOP).
+    """
+    r = faults.r()
+    system = faults.spawn("system")
+    first = faults.spawn("consumer", seed=6)
+    await faults.wait_ready(system, first)
+    task = faults.make_task(first_sleep=60)
+    async with Producer(faults.config(), identity="faults.producer") as producer:
+        await faults.send(producer, [task])
+        await poll(lambda: r.hget("faults:started", task.root_uid) == "1", 20, "the task to start")
+        faults.kill(first)
+        await anyio.sleep(3.5)  # the lease (3 s) expires
+        assert await producer.backend.reclaim(IDENTITY) == 1  # what any live consumer does
+    [doc] = forks_of(faults, task.root_uid)
+    assert r.lrange(QUEUE, 0, -1) == [doc["uid"]] and doc["status"] == "Started"
+    r.rpop(QUEUE)  # a consumer's BLPOP took it; the consumer died before leasing it
+
+    second = faults.spawn("consumer", seed=7)
+    await faults.wait_ready(second)
+    # task_spawned_timeout = 5 s and gc_interval = 2 s: (ii) needs about 7 s.
+    await poll(lambda: r.hget("faults:done", task.root_uid) == "1", 15, "the orphan to finish")
 
 
 # -- (iii) -------------------------------------------------------------------------------
@@ -218,9 +259,12 @@ async def test_stop_with_grace_hands_unfinished_tasks_back(faults: FaultEnv) -> 
     SlowWorker.started, SlowWorker.finished = [], []
     quick = faults.make_task(sleep=0.2)
     slow = [faults.make_task(sleep=60), faults.make_task(sleep=60)]
-    async with SystemService(config, setup_bucket=True) as system, SlowWorker(config) as worker, \
-            Producer(config, identity="faults.producer") as producer, \
-            anyio.create_task_group() as group:
+    async with (
+        SystemService(config, setup_bucket=True) as system,
+        SlowWorker(config) as worker,
+        Producer(config, identity="faults.producer") as producer,
+        anyio.create_task_group() as group,
+    ):
         await group.start(system.run)
         await group.start(worker.run)
         await producer.send_tasks([quick, *slow])
@@ -249,8 +293,15 @@ async def test_sigterm_hands_unfinished_tasks_back(faults: FaultEnv) -> None:
     r = faults.r()
     await start_system(faults)
     consumer = faults.spawn_cli(
-        "cli-consumer", "run", f"{WORKER}:FaultWorker", "--config-file", str(faults.ini),
-        "--grace", "0.5", "--concurrency-limit", "2",
+        "cli-consumer",
+        "run",
+        f"{WORKER}:FaultWorker",
+        "--config-file",
+        str(faults.ini),
+        "--grace",
+        "0.5",
+        "--concurrency-limit",
+        "2",
     )
     await poll(lambda: r.hexists("karton.binds", IDENTITY), 30, "the CLI consumer to register")
     tasks = [faults.make_task(first_sleep=60), faults.make_task(first_sleep=60)]
@@ -268,7 +319,8 @@ async def test_sigterm_hands_unfinished_tasks_back(faults: FaultEnv) -> None:
         [doc] = forks_of(faults, task.root_uid)
         assert doc["status"] == "Spawned" and doc["error"] is None, doc
     assert sorted(r.lrange(QUEUE, 0, -1)) == sorted(
-        doc["uid"] for t in tasks for doc in forks_of(faults, t.root_uid))
+        doc["uid"] for t in tasks for doc in forks_of(faults, t.root_uid)
+    )
     assert r.zcard(LEASES) == 0
     assert r.hlen("faults:done") == 0
     assert "handed back" in consumer.output()
