@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import logging
 import random
 import time
 import traceback
@@ -294,7 +295,7 @@ class Consumer(ServiceBase):
                 self._completer_add(task, crashed=False)
                 return
             attempt = f" (attempt {task.attempt + 1})" if task.attempt else ""
-            self.log.info("Received new task - %s%s", task.uid, attempt)
+            self._log_info("Received new task - %s%s", task.uid, attempt)
             await self._run_hooks_pre(task)
             self._running.add(task.uid)
             self._ran_since_probe.add(task.uid)
@@ -330,10 +331,11 @@ class Consumer(ServiceBase):
         return None
 
     async def _finish(self, task: Task, error: BaseException | None) -> None:
+        task.last_update = time.time()
         if error is None:
             task.status, task.error = TaskState.FINISHED, None
-            self.log.info("Task done - %s", task.uid)
-            self._completer_add(task, crashed=False)
+            self._log_info("Task done - %s", task.uid)
+            self._completer.add(task, crashed=False)  # type: ignore[union-attr]
             return
         task.error = traceback.format_exception(type(error), error, error.__traceback__)
         if self._should_retry(task, error):
@@ -376,6 +378,12 @@ class Consumer(ServiceBase):
             await self.backend.release_delayed()
         except TRANSIENT_ERRORS as exc:
             self.log.warning("Redis unavailable to release a retry: %s", exc)
+
+    def _log_info(self, msg: str, *args: object) -> None:
+        """Log a per-task line cheaply (no caller lookup; these run for every task)."""
+        log = self.log
+        if log.isEnabledFor(logging.INFO):
+            log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, msg, args, None))
 
     def _completer_add(self, task: Task, *, crashed: bool, dead: bool = False) -> None:
         task.last_update = time.time()

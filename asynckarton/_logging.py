@@ -16,12 +16,13 @@ import traceback
 from typing import Any
 
 import anyio
+import orjson
 
 from ._task import get_current_task
 from .backend import TRANSIENT_ERRORS, KartonBackend
 from .backend._keys import log_channel
 
-__all__ = ["KartonLogHandler", "format_record"]
+__all__ = ["KartonLogHandler", "dumps_record", "format_record"]
 
 HOSTNAME = platform.node()
 _IGNORED = frozenset(
@@ -32,6 +33,14 @@ _IGNORED = frozenset(
     }
 )  # fmt: skip
 _MESSAGE_FORMATTER = logging.Formatter()
+
+
+def dumps_record(line: dict[str, Any]) -> str:
+    """Serialise a log record (orjson; anything exotic becomes its ``str``)."""
+    try:
+        return orjson.dumps(line, default=str).decode()
+    except TypeError:  # e.g. integers beyond 64 bits in ``args``
+        return json.dumps(line, default=str)
 
 
 def format_record(record: logging.LogRecord) -> dict[str, Any]:
@@ -48,7 +57,7 @@ def format_record(record: logging.LogRecord) -> dict[str, Any]:
     task = get_current_task()
     line["task_id"] = task.task_uid if task is not None else "(no task)"
     if task is not None:
-        line["task"] = task.serialize()
+        line["task"] = task.serialize_state()
     line["hostname"] = HOSTNAME
     return line
 
@@ -71,7 +80,7 @@ class KartonLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            body = json.dumps(format_record(record), default=str)
+            body = dumps_record(format_record(record))
         except Exception:  # noqa: BLE001 - a bad record must never break the service
             self.handleError(record)
             return

@@ -85,6 +85,7 @@ class Task:
 
     __slots__ = (
         "_headers_persistent_keys",
+        "_wire",
         "attempt",
         "error",
         "headers",
@@ -142,6 +143,7 @@ class Task:
         self.payload: dict[str, Any] = dict(payload)
         self.payload_persistent: dict[str, Any] = dict(payload_persistent)
         self.attempt = 0  # retries so far (asynckarton extension)
+        self._wire: tuple[tuple[Any, ...], str] | None = None
 
     # -- properties -------------------------------------------------------------------
 
@@ -307,6 +309,19 @@ class Task:
     def serialize(self, indent: int | None = None) -> str:
         """Return the task's JSON text (sorted keys, as Karton writes it)."""
         return dumps(self.to_dict(), indent=indent)
+
+    def serialize_state(self) -> str:
+        """Return :meth:`serialize`, reusing the last result while the state is unchanged.
+
+        The consumer writes a task and publishes log lines carrying it at each state
+        change; this serialises once per state.  The state key is status, timestamp,
+        attempt and error, so only callers that change the task through those (the
+        consumer's own transitions) may rely on it; anyone else calls ``serialize``.
+        """
+        key = (self.status, self.last_update, self.attempt, id(self.error), self.uid)
+        if self._wire is None or self._wire[0] != key:
+            self._wire = (key, self.serialize())
+        return self._wire[1]
 
     @staticmethod
     def unserialize(

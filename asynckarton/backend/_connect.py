@@ -10,10 +10,35 @@ same backend code (decisions.md #1).  A connector gives:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis.asyncio as aredis
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is a declared dependency
+    _hiredis_pack = None
+
+
+class FastConnection(aredis.Connection):
+    """A TCP connection that packs commands with hiredis (C) instead of pure Python.
+
+    redis.asyncio parses replies with hiredis but packs requests in Python; for the
+    pipelines of the router and consumers, packing was the largest single cost.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if _hiredis_pack is None or any(isinstance(a, memoryview) for a in args):
+            return super().pack_command(*args)
+        first = args[0]
+        if isinstance(first, str) and " " in first:
+            args = (*first.split(), *args[1:])
+        elif isinstance(first, bytes) and b" " in first:
+            args = (*first.split(), *args[1:])
+        return [_hiredis_pack(args)]
 
 
 class RedisConnector(Protocol):
@@ -73,19 +98,28 @@ class ServerConnector:
             "health_check_interval": 15,
         }
 
-    def _client(self, **extra: Any) -> aredis.Redis:
+    def _client(self, *, single: bool = False, **extra: Any) -> aredis.Redis:
         kwargs = {**self._kwargs(), **extra}
         if self.url:
-            return aredis.Redis.from_url(self.url, **kwargs)
-        return aredis.Redis(
-            host=self.host,
-            port=self.port,
-            db=self.db,
-            username=self.username,
-            password=self.password,
-            ssl=self.ssl,
-            **kwargs,
-        )
+            pool = aredis.ConnectionPool.from_url(self.url, **kwargs)
+        else:
+            pool = aredis.ConnectionPool(
+                host=self.host,
+                port=self.port,
+                db=self.db,
+                username=self.username,
+                password=self.password,
+                **kwargs,
+            )
+            if self.ssl:
+                pool = aredis.ConnectionPool(
+                    connection_class=aredis.SSLConnection, **pool.connection_kwargs
+                )
+        if pool.connection_class is aredis.Connection:
+            pool.connection_class = FastConnection
+        client = aredis.Redis(connection_pool=pool, single_connection_client=single)
+        client.auto_close_connection_pool = True  # the pool is this client's alone
+        return client
 
     def pool(self) -> aredis.Redis:
         if self._pool is None:
@@ -93,10 +127,10 @@ class ServerConnector:
         return self._pool
 
     def named(self, client_name: str) -> aredis.Redis:
-        return self._client(client_name=client_name, single_connection_client=True)
+        return self._client(single=True, client_name=client_name, max_connections=1)
 
     def blocking(self) -> aredis.Redis:
-        return self._client(single_connection_client=True)
+        return self._client(single=True, max_connections=1)
 
     async def aclose(self) -> None:
         if self._pool is not None:

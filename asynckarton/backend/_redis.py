@@ -128,11 +128,10 @@ class RoutedBatch:
     logs: list[tuple[str, str]] = field(default_factory=list)  # channel, record JSON
     invalid: list[str] = field(default_factory=list)  # uids with unreadable bodies
 
-    def add_fork(self, fork: Task, identity: str) -> None:
-        """Queue ``fork`` (already Spawned, receiver set) for ``identity``."""
-        self.bodies[keys.task_key(fork.uid)] = fork.serialize()
-        queue = keys.queue_key(fork.priority.value, identity)
-        self.queues.setdefault(queue, []).append(fork.uid)
+    def add_fork(self, uid: str, body: str, priority: str, identity: str) -> None:
+        """Queue the fork ``uid`` (JSON ``body``, already Spawned) for ``identity``."""
+        self.bodies[keys.task_key(uid)] = body
+        self.queues.setdefault(keys.queue_key(priority, identity), []).append(uid)
         self.assigned[identity] += 1
 
 
@@ -224,7 +223,7 @@ class KartonBackend:
 
     async def set_tasks(self, tasks: Iterable[Task]) -> None:
         """Write whole task documents (last writer wins, as in Karton)."""
-        mapping = {keys.task_key(t.uid): t.serialize() for t in tasks}
+        mapping = {keys.task_key(t.uid): t.serialize_state() for t in tasks}
         if mapping:
             await self.redis.mset(mapping)
 
@@ -290,7 +289,7 @@ class KartonBackend:
     async def complete(self, identity: str, tasks: Sequence[Task], crashed: int) -> None:
         """Write final states, release leases and count consumed/crashed: one pipeline."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.mset({keys.task_key(t.uid): t.serialize() for t in tasks})
+            pipe.mset({keys.task_key(t.uid): t.serialize_state() for t in tasks})
             pipe.zrem(keys.leases_key(identity), *(t.uid for t in tasks))
             pipe.hincrby(keys.metrics_key("consumed"), identity, len(tasks))
             if crashed:

@@ -17,13 +17,15 @@ import time
 from typing import Any
 
 import anyio
+import orjson
 from anyio.abc import TaskStatus
 
-from .._logging import format_record
+from .._errors import InvalidTaskError
+from .._logging import HOSTNAME, dumps_record
 from .._query import BindIndex
-from .._task import Task, TaskState
 from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch
 from ..backend._keys import log_channel, task_key
+from ._fork import RoutableTask, parse_routable
 
 __all__ = ["Router"]
 
@@ -60,6 +62,20 @@ class Router:
         self.tracking_ttl = tracking_ttl
         self._binds_raw: dict[str, str] | None = None
         self._index = BindIndex({})
+        self._tracking_cache: dict[bytes, str] = {}
+        self._log_channel = log_channel("INFO", log.name)
+        self._record_template = {
+            "name": log.name,
+            "levelname": "INFO",
+            "levelno": logging.INFO,
+            "filename": "_router.py",
+            "module": "_router",
+            "lineno": 0,
+            "funcName": "route",
+            "type": "log",
+            "task_id": "(no task)",
+            "hostname": HOSTNAME,
+        }
         self.routed = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -137,8 +153,8 @@ class Router:
                 self.log.warning("Task %s has no body (deleted before routing); skipped", uid)
                 continue
             try:
-                task = Task.unserialize(body, parse_resources=False)
-            except ValueError as exc:
+                task = parse_routable(body)
+            except InvalidTaskError as exc:
                 self.log.error("Task %s is unreadable, quarantined: %s", uid, exc)
                 batch.invalid.append(uid)
                 continue
@@ -146,29 +162,43 @@ class Router:
         await self.backend.route_commit(self.instance, batch, self.tracking_ttl)
         self.routed += len(uids)
 
-    def _route_one(self, task: Task, batch: RoutedBatch, now: float) -> None:
+    def _route_one(self, task: RoutableTask, batch: RoutedBatch, now: float) -> None:
+        headers = task.headers
         if self.tracking_ttl:
-            origin = task.headers.get("origin") or "unknown"
-            batch.outputs.setdefault(str(origin), set()).add(json.dumps(task.headers))
+            origin = str(headers.get("origin") or "unknown")
+            batch.outputs.setdefault(origin, set()).add(self._tracking_entry(headers))
         if self.publish_logs:
-            batch.logs.append(self._log_record(task))
-        for identity in self._index.match(task.headers):
-            fork = task.fork_task()
-            fork.status, fork.last_update = TaskState.SPAWNED, now
-            fork.headers["receiver"] = identity
-            batch.add_fork(fork, identity)
-        task.status, task.last_update = TaskState.FINISHED, now
-        batch.bodies[task_key(task.uid)] = task.serialize()
+            batch.logs.append(self._log_record(task, now))
+        for identity in self._index.match(headers, self._on_match_error):
+            uid, body = task.fork(identity, now)
+            batch.add_fork(uid, body, task.priority, identity)
+        batch.bodies[task_key(task.uid)] = task.finished(now)
 
-    def _log_record(self, task: Task) -> tuple[str, str]:
-        record = self.log.makeRecord(
-            self.log.name, logging.INFO, __file__, 0,
-            "[%s] Processing task %s", (task.root_uid, task.task_uid), None,
-        )  # fmt: skip
-        line = format_record(record)
-        line["task"] = task.serialize()
-        line["task_id"] = task.task_uid
-        return log_channel("INFO", self.log.name), json.dumps(line, default=str)
+    def _tracking_entry(self, headers: dict[str, Any]) -> str:
+        """``json.dumps(headers)`` exactly as karton-system writes it, memoised per batch."""
+        try:
+            key = orjson.dumps(headers)
+        except TypeError:
+            return json.dumps(headers)
+        entry = self._tracking_cache.get(key)
+        if entry is None:
+            if len(self._tracking_cache) > 4096:
+                self._tracking_cache.clear()
+            entry = self._tracking_cache[key] = json.dumps(headers)
+        return entry
+
+    def _on_match_error(self, identity: str, error: Exception) -> None:
+        self.log.error("Filters of %s failed on a task and were skipped: %s", identity, error)
+
+    def _log_record(self, task: RoutableTask, now: float) -> tuple[str, str]:
+        """karton-system's "Processing task" record (no current task, like Karton's)."""
+        message = f"[{task.root_uid}] Processing task {task.task_uid}"
+        line = {
+            **self._record_template,
+            "message": message,
+            "created": now,
+        }
+        return self._log_channel, dumps_record(line)
 
     async def _refresh_binds(self) -> None:
         raw = await self.backend.get_binds_raw()

@@ -1,0 +1,83 @@
+"""The router's dict-based fork writes what Task.fork_task() (and karton-core) would."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from karton.core.task import Task as KTask
+from karton.core.task import TaskState as KState
+
+from asynckarton import InvalidTaskError, LocalResource, Task, TaskPriority, TaskState
+from asynckarton.system._fork import parse_routable
+
+NOW = 1795349442.417694
+
+
+def bodies() -> list[Any]:
+    plain = Task({"type": "sample", "kind": "raw"}, payload={"n": 2**70})
+    persistent = Task(
+        {"type": "sample"},
+        headers_persistent={"tlp": "amber"},
+        payload_persistent={"uploader": "me"},
+        payload={"file": LocalResource("f", b"x", uid="u-1", bucket="karton")},
+        priority=TaskPriority.HIGH,
+    )
+    legacy = json.loads(Task({"type": "old"}, headers_persistent={"p": 1}).serialize())
+    del legacy["headers_persistent"], legacy["priority"], legacy["orig_uid"], legacy["error"]
+    return [
+        pytest.param(plain.serialize(), id="plain-bigint"),
+        pytest.param(persistent.serialize(), id="persistent-resource-high"),
+        pytest.param(json.dumps(legacy), id="legacy-fields-missing"),
+    ]
+
+
+def _without_uid(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "uid"}
+
+
+@pytest.mark.parametrize("body", bodies())
+def test_fork_matches_task_fork(body: str) -> None:
+    routable = parse_routable(body)
+    uid, fork_json = routable.fork("karton.receiver", NOW)
+    ours = json.loads(fork_json)
+
+    task = Task.unserialize(body, parse_resources=False)
+    expected = task.fork_task()
+    expected.status, expected.last_update = TaskState.SPAWNED, NOW
+    expected.headers["receiver"] = "karton.receiver"
+    assert _without_uid(ours) == _without_uid(json.loads(expected.serialize()))
+    assert uid.startswith("{" + task.root_uid + "}:") and ours["uid"] == uid
+
+    theirs = KTask.unserialize(body, parse_resources=False).fork_task()
+    theirs.status, theirs.last_update = KState.SPAWNED, NOW
+    theirs.headers["receiver"] = "karton.receiver"
+    assert _without_uid(ours) == _without_uid(json.loads(theirs.serialize()))
+
+
+@pytest.mark.parametrize("body", bodies())
+def test_finished_original_matches_task(body: str) -> None:
+    ours = json.loads(parse_routable(body).finished(NOW))
+    task = Task.unserialize(body, parse_resources=False)
+    task.status, task.last_update = TaskState.FINISHED, NOW
+    assert ours == json.loads(task.serialize())
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        pytest.param("{", "not valid JSON", id="malformed"),
+        pytest.param('"x"', "JSON str", id="not-object"),
+        pytest.param('{"uid": "a", "root_uid": "a"}', "headers", id="no-headers"),
+        pytest.param(
+            '{"uid": "a", "root_uid": "a", "headers": {}, "payload": {},'
+            ' "payload_persistent": {}, "status": "Weird"}',
+            "status",
+            id="unknown-status",
+        ),
+    ],
+)
+def test_unroutable_bodies_name_the_problem(body: str, problem: str) -> None:
+    with pytest.raises(InvalidTaskError, match=problem):
+        parse_routable(body)
