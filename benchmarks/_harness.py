@@ -107,13 +107,13 @@ class CountingRedis:
 
     def call(self, *args: Any) -> Any:
         self.counts[str(args[0]).lower()] += 1
-        return self.raw.execute_command(*args)
+        return self.raw.execute_command(*args)  # type: ignore[no-untyped-call]
 
     def pipeline_calls(self, calls: Sequence[Sequence[Any]]) -> list[Any]:
         pipe = self.raw.pipeline(transaction=False)
         for args in calls:
             self.counts[str(args[0]).lower()] += 1
-            pipe.execute_command(*args)
+            pipe.execute_command(*args)  # type: ignore[no-untyped-call]
         result: list[Any] = pipe.execute()
         return result
 
@@ -135,6 +135,11 @@ class CountingRedis:
             if count > 0:
                 calls[name] = count
         return calls
+
+    def cpu_seconds(self) -> float:
+        """CPU time the redis-server process has used (user + sys)."""
+        info = self.raw.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     def used_memory(self) -> int:
         return int(self.raw.info("memory")["used_memory"])
@@ -177,6 +182,37 @@ def _status_kib(pid: int, field_name: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by groups of workers and by redis-server between two points."""
+
+    def __init__(self, client: CountingRedis, groups: dict[str, list[Worker]]) -> None:
+        self.client = client
+        self.groups = groups
+        self.start: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        now = {name: sum(cpu_seconds(w.pid) for w in ws) for name, ws in self.groups.items()}
+        now["redis"] = self.client.cpu_seconds()
+        return now
+
+    def begin(self) -> None:
+        self.start = self._read()
+
+    def end(self) -> dict[str, float]:
+        """CPU seconds per group since :meth:`begin`."""
+        return {name: value - self.start[name] for name, value in self._read().items()}
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -351,7 +387,7 @@ def _scan_batches(raw: redis.Redis, pattern: str) -> Iterator[list[str]]:
     while True:
         cursor, keys = raw.scan(cursor, match=pattern, count=2000)
         if keys:
-            yield list(keys)
+            yield [str(key) for key in keys]
         if cursor == 0:
             return
 
@@ -379,7 +415,7 @@ def ping_rtt_us(url: str, count: int = 1000) -> float:
 
 def s3_rates(url: str, count: int = 100, size: int = 4096) -> tuple[float, float]:
     """Sequential boto3 PUTs/s and GETs/s of ``size``-byte objects against ``url``."""
-    import boto3
+    import boto3  # type: ignore[import-untyped]
 
     s3 = boto3.client(
         "s3", endpoint_url=url, aws_access_key_id=ACCESS_KEY,

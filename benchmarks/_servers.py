@@ -131,7 +131,7 @@ class S3Server:
         self.create_bucket(BUCKET)
 
     def create_bucket(self, name: str) -> None:
-        import boto3
+        import boto3  # type: ignore[import-untyped]
 
         client = boto3.client(
             "s3", endpoint_url=self.url, aws_access_key_id=ACCESS_KEY,

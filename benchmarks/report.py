@@ -238,6 +238,15 @@ def extras(results: Sequence[Result]) -> list[str]:
                 f"{r.extra['producer_rate']:,.0f} tasks/s and was done after {share:.0%} of "
                 f"the run{flag}; {r.seconds:.1f} s end to end"
             )
+        if "cpu_seconds" in r.extra and r.deliveries:
+            parts = ", ".join(
+                f"{name} {seconds * 1e6 / r.deliveries:,.0f}"
+                for name, seconds in r.extra["cpu_seconds"].items()
+            )
+            lines.append(
+                f"- {r.scenario} / {SYSTEM_LABELS[r.system]}: CPU us per "
+                f"{'routed task' if r.scenario == 'router' else 'delivery'}: {parts}"
+            )
         if "unrouted_bytes_per_task" in r.extra:
             lines.append(
                 f"- router / {SYSTEM_LABELS[r.system]}: {r.extra['copies_per_s']:,.0f} routed "

@@ -22,16 +22,19 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from benchmarks._harness import (
     KARTON_SYSTEM,
     Context,
     CountingRedis,
+    CpuMeter,
     Processes,
     ScenarioError,
     Worker,
     bind_json,
+    cpu_seconds,
     peak_rss_kib,
     percentile,
     processes,
@@ -246,6 +249,8 @@ def run_e2e(ctx: Context, spec: E2E, system: str) -> Result:
             procs=procs,
         )  # fmt: skip
         time.sleep(0.3)
+        cpu = CpuMeter(client, {"consumers": consumers, "router": [router]})
+        cpu.begin()
         client.reset_stats()
         producer = procs.python(
             "producer", "producer", *producer_args(ctx, system, n, spec.headers),
@@ -261,6 +266,7 @@ def run_e2e(ctx: Context, spec: E2E, system: str) -> Result:
             procs=procs, interval=POLL,
         )  # fmt: skip
         result.commands = client.commandstats()
+        result.extra["cpu_seconds"] = cpu.end()
         produced = producer_result(producer, timeout=30)
         result.consumer_rss_kib = max(peak_rss_kib(w.pid) for w in consumers)
         result.router_rss_kib = peak_rss_kib(router.pid)
@@ -339,6 +345,7 @@ def run_router_only(ctx: Context, system: str) -> Result:
         if int(client.raw.llen("karton.tasks")) != n:
             raise ScenarioError("karton.tasks does not hold every produced task")
         client.reset_stats()
+        redis_cpu = client.cpu_seconds()
         router = start_router(procs, ctx, system)
         last_poll, started = time.time(), 0.0
 
@@ -358,6 +365,10 @@ def run_router_only(ctx: Context, system: str) -> Result:
         finished = (last_poll + time.time()) / 2
         result.commands = client.commandstats()
         result.router_rss_kib = peak_rss_kib(router.pid)
+        result.extra["cpu_seconds"] = {
+            "router (incl. start-up)": cpu_seconds(router.pid),
+            "redis": client.cpu_seconds() - redis_cpu,
+        }
         routed = _settled_memory(client)
     result.deliveries = result.per = n
     result.seconds = finished - started
@@ -509,20 +520,18 @@ def plan(only: set[str] | None = None, *, smoke: bool = False) -> list[Step]:
     steps: list[Step] = []
     for spec in E2E_SCENARIOS:
         for system in spec.counts:
-            steps.append(Step(spec.name, system, lambda ctx, s=spec, y=system: run_e2e(ctx, s, y)))
+            steps.append(Step(spec.name, system, partial(run_e2e, spec=spec, system=system)))
     for system in PLAIN_QUIET.counts:
         steps.append(
-            Step("plain-quiet", system, lambda ctx, y=system: run_quiet(ctx, PLAIN_QUIET, y))
+            Step("plain-quiet", system, partial(run_quiet, spec=PLAIN_QUIET, system=system))
         )
     for system in ROUTER_COUNTS:
-        steps.append(Step("router", system, lambda ctx, y=system: run_router_only(ctx, y)))
+        steps.append(Step("router", system, partial(run_router_only, system=system)))
     for label, system, args, count in PRODUCER_RUNS:
-        steps.append(Step(
-            "producer", system,
-            lambda ctx, lb=label, y=system, a=args, c=count: run_producer_only(ctx, lb, y, a, c),
-        ))  # fmt: skip
+        run = partial(run_producer_only, label=label, system=system, args=args, n=count)
+        steps.append(Step("producer", system, run))
     for system in PENDING_COUNTS:
-        steps.append(Step("pending", system, lambda ctx, y=system: run_pending(ctx, y)))
+        steps.append(Step("pending", system, partial(run_pending, system=system)))
     steps.append(Step("soak", AK, run_soak))
     if only:
         steps = [s for s in steps if s.scenario in only]

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import anyio
-
 import redis.asyncio as aredis
 import redis.exceptions
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 
@@ -18,7 +18,7 @@ def main() -> None:
         """asynckarton benchmark consumer."""
 
         identity = args.identity
-        filters: Any = args.filters
+        filters: ClassVar[list[dict[str, Any]]] = args.filters
         concurrency_limit = args.concurrency
 
         async def process(self, task: Task) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from karton.core import Config, Karton, Task
+from karton.core import Config, Karton, RemoteResource, Task
 
 from benchmarks._workers._common import consumer_args
 
@@ -13,7 +13,7 @@ from benchmarks._workers._common import consumer_args
 def main() -> None:
     args = consumer_args(__doc__ or "")
 
-    class BenchKarton(Karton):  # type: ignore[misc]
+    class BenchKarton(Karton):
         """karton-core benchmark consumer."""
 
         identity = args.identity
@@ -23,7 +23,9 @@ def main() -> None:
             if args.sleep:
                 time.sleep(args.sleep)
             if args.download:
-                task.get_resource("blob").download()
+                resource = task.get_resource("blob")
+                assert isinstance(resource, RemoteResource)
+                resource.download()
 
     BenchKarton(config=Config(args.config)).loop()
 

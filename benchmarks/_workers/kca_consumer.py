@@ -7,7 +7,7 @@ import contextlib
 from typing import Any
 
 from karton.core import Config, Task
-from karton.core.asyncio import Karton
+from karton.core.asyncio import Karton, RemoteResource
 
 from benchmarks._workers._common import consumer_args
 
@@ -15,7 +15,7 @@ from benchmarks._workers._common import consumer_args
 def main() -> None:
     args = consumer_args(__doc__ or "")
 
-    class BenchAsyncKarton(Karton):  # type: ignore[misc]
+    class BenchAsyncKarton(Karton):
         """karton-core asyncio benchmark consumer."""
 
         identity = args.identity
@@ -26,7 +26,9 @@ def main() -> None:
             if args.sleep:
                 await asyncio.sleep(args.sleep)
             if args.download:
-                await task.get_resource("blob").download()
+                resource = task.get_resource("blob")
+                assert isinstance(resource, RemoteResource)
+                await resource.download()
 
     service = BenchAsyncKarton(config=Config(args.config))
     with contextlib.suppress(asyncio.CancelledError):

@@ -261,17 +261,7 @@ def fault_redis() -> Iterator[RedisServer]:
 def faults(
     tmp_path: Path, fault_redis: RedisServer, s3_srv: S3Server, s3_bucket: str
 ) -> Iterator[FaultEnv]:
-    import boto3
-
-    # Created here, not with the system's --setup-bucket: see the lead report (the system
-    # service refuses to start on the very run that creates the bucket).
-    boto3.client(
-        "s3",
-        endpoint_url=s3_srv.url,
-        aws_access_key_id=s3_srv.access_key,
-        aws_secret_access_key=s3_srv.secret_key,
-        region_name="us-east-1",
-    ).create_bucket(Bucket=s3_bucket)
+    # The bucket does not exist yet: the system service's --setup-bucket creates it.
     env = FaultEnv(tmp_path, fault_redis, s3_srv, s3_bucket)
     try:
         yield env

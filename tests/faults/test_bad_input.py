@@ -241,7 +241,7 @@ async def test_unknown_status_is_quarantined_and_named(
     assert r.zcard(LEASES) == 0
 
 
-@pytest.mark.xfail(reason="lead report #2: the error names the value, not the field", strict=True)
+@pytest.mark.xfail(reason="lead report #3: the error names the value, not the field", strict=True)
 async def test_unknown_status_error_says_status() -> None:
     _, body = raw_task(status="Bogus")
     with pytest.raises(InvalidTaskError, match="status"):
@@ -285,7 +285,7 @@ async def test_invalid_binds_do_not_stop_routing_for_others(
 
 
 @pytest.mark.xfail(
-    reason="lead report #3: match-time filter errors are dropped silently", strict=True
+    reason="lead report #4: match-time filter errors are dropped silently", strict=True
 )
 async def test_a_bind_failing_at_match_time_is_reported(
     env: dict[str, Any], caplog: pytest.LogCaptureFixture
@@ -448,3 +448,62 @@ def test_invalid_config_values_name_option_and_source(
     with pytest.raises(ConfigError, match=rf"\[redis\] port.*{bad_port}:3"):
         Config(bad_port, search_paths=[], environ={}).redis_settings()
     assert not os.environ.get("KARTON_KARTON_LEASE_TIMEOUT")
+
+
+# -- poison bodies: valid JSON objects with a field of the wrong type --------------------
+
+
+@pytest.mark.xfail(
+    reason="lead report #2: a body field of the wrong type raises TypeError, not InvalidTaskError",
+    strict=True,
+)
+async def test_router_survives_a_status_of_the_wrong_type(
+    env: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``"status": []`` raises TypeError (unhashable), not InvalidTaskError."""
+    r = env["r"]
+    poison, body = raw_task(status=[])  # type: ignore[arg-type]
+    r.set(f"karton.task:{poison}", body)
+    async with running(env["config"]) as producer:
+        r.rpush("karton.tasks", poison)
+        await producer.send_tasks([good(1)])
+        await poll(lambda: Recorder.seen == [1], 15, "a good task routed after the poison")
+        await poll(lambda: r.llen("asynckarton.invalid") == 1, 5, "quarantine")
+    assert str(poison) in errors_logged(caplog)
+
+
+@pytest.mark.xfail(
+    reason="lead report #2: a body field of the wrong type raises TypeError, not InvalidTaskError",
+    strict=True,
+)
+async def test_consumer_survives_a_priority_of_the_wrong_type(
+    env: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    r = env["r"]
+    poison, body = raw_task(status="Spawned", priority=["high"])
+    r.set(f"karton.task:{poison}", body)
+    r.rpush(QUEUE, poison)
+    async with running(env["config"]) as producer:
+        await producer.send_tasks([good(1)])
+        await poll(lambda: Recorder.seen == [1], 15, "a good task after the poison")
+        await poll(lambda: r.llen("asynckarton.invalid") == 1, 5, "quarantine")
+    assert r.zcard(LEASES) == 0
+
+
+@pytest.mark.xfail(
+    reason="lead report #2: a body field of the wrong type raises TypeError, not InvalidTaskError",
+    strict=True,
+)
+async def test_gc_survives_a_last_update_of_the_wrong_type(
+    env: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    r = env["r"]
+    poison, body = raw_task(status="Finished", last_update="yesterday")
+    r.set(f"karton.task:{poison}", body)
+    config = env["config"]
+    config.set("system", "enable_gc", "1")
+    config.set("system", "gc_interval", "0.5")
+    done, _ = raw_task(status="Finished")
+    async with running(config, consumer=False):
+        r.set(f"karton.task:{done}", _)
+        await poll(lambda: not r.exists(f"karton.task:{done}"), 10, "the GC to keep collecting")

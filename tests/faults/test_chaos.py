@@ -132,9 +132,15 @@ class Chaos:
     async def kill_the_router(self) -> None:
         assert self.system is not None
         victim, self.system = self.system, None
+        client = self.env.r()
+        with anyio.move_on_after(3.0):  # aim for the window between journal and commit
+            while not any(True for _ in client.scan_iter("asynckarton.routing:*")):
+                await anyio.sleep(0.001)
         self.env.kill(victim)
         self.router_kills += 1
-        journals = {k: self.env.r().llen(k) for k in self.env.r().scan_iter("asynckarton.routing:*")}
+        journals = {
+            k: self.env.r().llen(k) for k in self.env.r().scan_iter("asynckarton.routing:*")
+        }
         lock = self.env.r().pttl("asynckarton.gc.lock")
         self.note(
             f"SIGKILL {victim.name} pid {victim.pid} (router + GC); journals {journals}, "

@@ -16,6 +16,7 @@ import uuid
 from typing import Any, ClassVar
 
 import anyio
+import anyio.abc
 import pytest
 
 from asynckarton import Consumer, Producer, Task
@@ -148,7 +149,7 @@ async def test_orphaned_reclaimed_task_is_requeued(faults: FaultEnv) -> None:
         await anyio.sleep(3.5)  # the lease (3 s) expires
         assert await producer.backend.reclaim(IDENTITY) == 1  # what any live consumer does
     [doc] = forks_of(faults, task.root_uid)
-    assert r.lrange(QUEUE, 0, -1) == [doc["uid"]] and doc["status"] == "Started"
+    assert r.lrange(QUEUE, 0, -1) == [doc["uid"]]  # back in its queue (still Started today)
     r.rpop(QUEUE)  # a consumer's BLPOP took it; the consumer died before leasing it
 
     second = faults.spawn("consumer", seed=7)
@@ -235,6 +236,25 @@ async def test_redis_restart_under_consumer_and_router(faults: FaultEnv) -> None
         assert "Redis unavailable" in text, f"{proc.name} gave no clear warning:\n{text[-3000:]}"
 
 
+@pytest.mark.xfail(
+    reason="lead report #7: a service started while Redis is down or loading its AOF "
+    "exits (presence ping / bind registration are not retried)",
+    strict=True,
+)
+async def test_services_started_while_redis_is_down_wait_for_it(faults: FaultEnv) -> None:
+    r = faults.r()
+    await anyio.to_thread.run_sync(faults.redis_server.stop)
+    system = faults.spawn("system")
+    consumer = faults.spawn("consumer", seed=8)
+    await anyio.sleep(8.0)  # longer than redis-py's own retries (about 3.5 s)
+    await anyio.to_thread.run_sync(faults.redis_server.start)
+    await faults.wait_ready(system, consumer, timeout=40)
+    task = faults.make_task()
+    async with Producer(faults.config(), identity="faults.producer") as producer:
+        await faults.send(producer, [task])
+    await poll(lambda: r.hget("faults:done", task.root_uid) == "1", 20, "the task")
+
+
 # -- (v) ---------------------------------------------------------------------------------
 
 
@@ -265,15 +285,20 @@ async def test_stop_with_grace_hands_unfinished_tasks_back(faults: FaultEnv) -> 
         Producer(config, identity="faults.producer") as producer,
         anyio.create_task_group() as group,
     ):
+        stopped = anyio.Event()
+
+        async def run_worker(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            await worker.run(task_status=task_status)
+            stopped.set()
+
         await group.start(system.run)
-        await group.start(worker.run)
+        await group.start(run_worker)
         await producer.send_tasks([quick, *slow])
         await poll(lambda: len(SlowWorker.started) == 3, 20, "three handlers to start")
         assert r.zcard(LEASES) == 3
         worker.stop(grace=1.0)
-        with anyio.fail_after(10):
-            while worker._scopes is not None:  # run() returns once handed back
-                await anyio.sleep(0.05)
+        with anyio.fail_after(10):  # run() returns once the rest is handed back
+            await stopped.wait()
         system.stop()
 
     assert SlowWorker.finished == [quick.root_uid], "the grace lets quick tasks finish"
