@@ -27,10 +27,12 @@ from typing import Any, ClassVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._completion import Completer
 from ._config import Config
 from ._errors import ConfigError, InvalidTaskError, Retry, TaskTimeoutError
+from ._logging import needs_record
 from ._options import add_consumer_arguments, consumer_config_from_args
 from ._query import compile_filters
 from ._service import ServiceBase
@@ -93,6 +95,9 @@ class Consumer(ServiceBase):
         self._completer: Completer | None = None
         self._background: TaskGroup | None = None
         self._running: set[str] = set()
+        self._idle = 0
+        self._worker_freed = anyio.Event()
+        self._blocking: Any = None
         self._ran_since_probe: set[str] = set()  # handlers active since the last lag probe
 
     def _read_policy(self, config: Config) -> None:
@@ -188,7 +193,8 @@ class Consumer(ServiceBase):
                 background.start_soon(self._watch_bind, presence)
                 background.start_soon(self._keep_leases)
                 background.start_soon(self._watch_loop_lag)
-                await self._consume(blocking, task_status)
+                self._blocking = blocking
+                await self._consume(task_status)
                 with anyio.CancelScope(shield=True):
                     await self._completer.drain()
                 background.cancel_scope.cancel()
@@ -207,43 +213,59 @@ class Consumer(ServiceBase):
             self.log.info("Service %s replaced an older bind", self.identity)
         self.log.info("Service %s started (concurrency %d)", self.identity, self.concurrency_limit)
 
-    async def _consume(self, blocking: Any, task_status: TaskStatus[None]) -> None:
+    async def _consume(self, task_status: TaskStatus[None]) -> None:
+        """Run ``concurrency_limit`` long-lived workers fed by one fetch loop.
+
+        The fetch loop takes exactly as many tasks as there are idle workers (one Lua
+        call per batch), so nothing waits in memory without a worker for it.
+        """
         limit = self.concurrency_limit or 1
-        slots = anyio.Semaphore(limit)
+        self._idle = limit
+        self._worker_freed = anyio.Event()
+        send, receive = anyio.create_memory_object_stream[Task](max_buffer_size=limit)
         with anyio.CancelScope() as lifetime:
             async with anyio.create_task_group() as work:
-                with anyio.CancelScope() as fetching:
+                for _ in range(limit):
+                    work.start_soon(self._worker, receive.clone())
+                with send, anyio.CancelScope() as fetching:
                     self._scopes = lifetime, fetching
                     task_status.started()
-                    await self._fetch_loop(work, slots, blocking)
+                    await self._fetch_loop(send)
+        with receive, anyio.CancelScope(shield=True):  # cut short: hand back what is queued
+            while True:
+                try:
+                    await self._hand_back(receive.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
         self.log.info("Service %s stopped", self.identity)
 
-    async def _fetch_loop(self, work: TaskGroup, slots: anyio.Semaphore, blocking: Any) -> None:
+    async def _worker(self, receive: MemoryObjectReceiveStream[Task]) -> None:
+        with receive:
+            async for task in receive:
+                await self._handle(task)
+                self._idle += 1
+                self._worker_freed.set()
+
+    async def _fetch_loop(self, send: MemoryObjectSendStream[Task]) -> None:
         backoff = 0.5
+        blocking = self._blocking
         while True:
-            await slots.acquire()
-            free = 1
-            while free < 256:  # take every free slot at once: one fetch per batch
-                try:
-                    slots.acquire_nowait()
-                except anyio.WouldBlock:
-                    break
-                free += 1
+            while self._idle <= 0:
+                await self._worker_freed.wait()
+                self._worker_freed = anyio.Event()
+            free = min(self._idle, 256)
             try:
                 with anyio.CancelScope(shield=True):
                     tasks = await self._accept(await self._fetch(free, blocking))
                 backoff = 0.5
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
-                for _ in range(free):
-                    slots.release()
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            for _ in range(free - len(tasks)):
-                slots.release()
+            self._idle -= len(tasks)
             for task in tasks:
-                work.start_soon(self._handle, task, slots)
+                send.send_nowait(task)
             await anyio.lowlevel.checkpoint()
 
     async def _fetch(self, count: int, blocking: Any) -> list[tuple[str, str]]:
@@ -286,7 +308,7 @@ class Consumer(ServiceBase):
 
     # -- one task -------------------------------------------------------------------------
 
-    async def _handle(self, task: Task, slots: anyio.Semaphore) -> None:
+    async def _handle(self, task: Task) -> None:
         token = current_task.set(task)
         try:
             if not self._match(task.headers):
@@ -311,7 +333,6 @@ class Consumer(ServiceBase):
             raise
         finally:
             current_task.reset(token)
-            slots.release()
 
     async def _run_process(self, task: Task) -> BaseException | None:
         with anyio.CancelScope() as scope:
@@ -380,10 +401,21 @@ class Consumer(ServiceBase):
             self.log.warning("Redis unavailable to release a retry: %s", exc)
 
     def _log_info(self, msg: str, *args: object) -> None:
-        """Log a per-task line cheaply (no caller lookup; these run for every task)."""
+        """Log a per-task line cheaply: these run twice for every task.
+
+        The Karton record is published directly; a LogRecord is made only if another
+        handler (the application's) wants INFO records of this logger.
+        """
         log = self.log
-        if log.isEnabledFor(logging.INFO):
-            log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, msg, args, None))
+        if not log.isEnabledFor(logging.INFO):
+            return
+        publisher = self._publisher
+        if publisher is not None:
+            publisher.publish_line(log, logging.INFO, msg % args, "_consumer:_handle")
+        if needs_record(log, logging.INFO, publisher):
+            record = log.makeRecord(log.name, logging.INFO, __file__, 0, msg, args, None)
+            record.karton_published = publisher is not None
+            log.handle(record)
 
     def _completer_add(self, task: Task, *, crashed: bool, dead: bool = False) -> None:
         task.last_update = time.time()

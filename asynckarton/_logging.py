@@ -12,6 +12,7 @@ import collections
 import json
 import logging
 import platform
+import time
 import traceback
 from typing import Any
 
@@ -22,7 +23,7 @@ from ._task import get_current_task
 from .backend import TRANSIENT_ERRORS, KartonBackend
 from .backend._keys import log_channel
 
-__all__ = ["KartonLogHandler", "dumps_record", "format_record"]
+__all__ = ["KartonLogHandler", "dumps_record", "format_record", "needs_record"]
 
 HOSTNAME = platform.node()
 _IGNORED = frozenset(
@@ -79,12 +80,41 @@ class KartonLogHandler(logging.Handler):
         self._warned = False
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "karton_published", False):
+            return  # published directly by publish_line()
         try:
             body = dumps_record(format_record(record))
         except Exception:  # noqa: BLE001 - a bad record must never break the service
             self.handleError(record)
             return
         self._buffer.append((log_channel(record.levelname, self._channel), body))
+
+    def publish_line(self, logger: logging.Logger, level: int, message: str, where: str) -> None:
+        """Publish one record built directly, in the shape :func:`format_record` gives.
+
+        For the lines a consumer logs for every task: no LogRecord is needed when no
+        other handler wants it (see :func:`needs_record`).
+        """
+        task = get_current_task()
+        levelname = logging.getLevelName(level)
+        module, _, func = where.partition(":")
+        line = {
+            "name": logger.name,
+            "levelname": levelname,
+            "levelno": level,
+            "filename": module + ".py",
+            "module": module,
+            "lineno": 0,
+            "funcName": func,
+            "created": time.time(),
+            "type": "log",
+            "message": message,
+            "task_id": task.task_uid if task is not None else "(no task)",
+            "hostname": HOSTNAME,
+        }
+        if task is not None:
+            line["task"] = task.serialize_state()
+        self._buffer.append((log_channel(levelname, self._channel), dumps_record(line)))
 
     async def run(self, interval: float = 0.05) -> None:
         """Publish buffered records until cancelled (flushing what is left, shielded)."""
@@ -116,3 +146,16 @@ class KartonLogHandler(logging.Handler):
             )
         elif delivered:
             self._warned = False
+
+
+def needs_record(logger: logging.Logger, level: int, publisher: logging.Handler | None) -> bool:
+    """Tell whether a handler other than ``publisher`` would handle ``level`` records."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if handler is not publisher and level >= handler.level:
+                return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False

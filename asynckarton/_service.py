@@ -70,6 +70,7 @@ class ServiceBase:
             self.log.setLevel(self.config.logging_settings().level)
         self._stack: AsyncExitStack | None = None
         self._runtime: Runtime | None = None
+        self._publisher: KartonLogHandler | None = None
 
     # -- Karton's command-line hooks ------------------------------------------------------
 
@@ -147,6 +148,7 @@ class ServiceBase:
     async def aclose(self) -> None:
         """Stop publishing logs and release the shared runtime."""
         stack, self._stack = self._stack, None
+        self._publisher = None
         if stack is not None:
             try:
                 await stack.aclose()
@@ -159,6 +161,7 @@ class ServiceBase:
             return
         handler = KartonLogHandler(self.backend, self.identity)
         self.log.addHandler(handler)
+        self._publisher = handler
         stack.callback(self.log.removeHandler, handler)
         group = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(group.cancel_scope.cancel)  # runs first on exit: stop the publisher

@@ -124,7 +124,7 @@ class Task:
             (headers_persistent, "headers_persistent"),
             (headers, "headers"),
         ):
-            if not isinstance(value, Mapping):
+            if type(value) is not dict and not isinstance(value, Mapping):
                 raise ValueError(f"{what} must be a dict, not {type(value).__name__}")
         if uid is None:
             self.uid, self.root_uid = _new_uid(root_uid)
@@ -363,7 +363,8 @@ class Task:
         if headers_persistent is None:
             headers_persistent = payload_persistent.get("__headers_persistent")
         if parse_resources:
-            payload = _decode(payload, storage)
+            if payload:
+                payload = _decode(payload, storage)
             payload_persistent = _decode(payload_persistent, storage)
         try:
             task = Task(

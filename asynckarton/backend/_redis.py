@@ -151,6 +151,7 @@ class KartonBackend:
         self._recover = self.redis.register_script(scripts.RECOVER_ROUTING)
         self._release = self.redis.register_script(scripts.RELEASE_DELAYED)
         self._orphan = self.redis.register_script(scripts.REQUEUE_ORPHAN)
+        self._publish_many = self.redis.register_script(scripts.PUBLISH_MANY)
 
     async def aclose(self) -> None:
         """Close the connector's shared pool."""
@@ -422,14 +423,12 @@ class KartonBackend:
             await pipe.execute()
 
     async def publish_logs(self, records: Sequence[tuple[str, str]]) -> int:
-        """PUBLISH log records; return how many reached at least one subscriber."""
+        """PUBLISH log records (one script call); return how many reached a subscriber."""
         if not records:
             return 0
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for channel, record in records:
-                pipe.publish(channel, record)
-            results = await pipe.execute()
-        return sum(1 for r in results if r)
+        args = [part for record in records for part in record]
+        unheard: int = await self._publish_many(keys=[], args=args)
+        return len(records) - unheard
 
     async def stats(self) -> dict[str, int]:
         """Return asynckarton's own counters (redelivered, rerouted, invalid...)."""

@@ -144,3 +144,13 @@ redis.call('RPUSH', queue, uid)
 redis.call('HINCRBY', 'asynckarton.stats', 'orphans_requeued', 1)
 return 1
 """
+
+# PUBLISH every (channel, message) pair of ARGV; return how many reached nobody.  One
+# round trip and one reply to parse per batch of log records instead of one per record.
+PUBLISH_MANY: Final = """
+local unheard = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) == 0 then unheard = unheard + 1 end
+end
+return unheard
+"""
