@@ -16,6 +16,7 @@ running then are cancelled and their tasks handed back to the queue (not Crashed
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import inspect
 import logging
@@ -27,7 +28,6 @@ from typing import Any, ClassVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._completion import Completer
 from ._config import Config
@@ -36,7 +36,7 @@ from ._logging import needs_record
 from ._options import add_consumer_arguments, consumer_config_from_args
 from ._query import compile_filters
 from ._service import ServiceBase
-from ._task import Task, TaskState, bind_resources, current_task
+from ._task import Task, TaskState, current_task
 from .backend import TRANSIENT_ERRORS, Bind, until_done
 
 __all__ = ["Consumer"]
@@ -67,6 +67,8 @@ class Consumer(ServiceBase):
     Class attributes (each overridable by ``[karton]`` config and CLI options):
         identity, filters, persistent, version: as in Karton.
         concurrency_limit: handlers running at once (default 1, as Karton's asyncio).
+        prefetch: tasks taken ahead of free handlers (default concurrency_limit // 2;
+            ``[karton] prefetch``): keeps handlers busy without a round trip between tasks.
         task_timeout: seconds per task (fractions allowed); None = config, 0 = none.
         max_retries, retry_for, retry_backoff, retry_backoff_max: automatic retries.
         lease_timeout: seconds after which a dead consumer's task is redelivered.
@@ -81,6 +83,8 @@ class Consumer(ServiceBase):
     retry_backoff: ClassVar[float] = 1.0
     retry_backoff_max: ClassVar[float] = 300.0
     lease_timeout: ClassVar[float | None] = None
+    #: Tasks taken ahead of free workers (default: half of concurrency_limit).
+    prefetch: ClassVar[int | None] = None
 
     def __init__(self, config: Config | None = None, identity: str | None = None) -> None:
         super().__init__(config, identity)
@@ -95,7 +99,8 @@ class Consumer(ServiceBase):
         self._completer: Completer | None = None
         self._background: TaskGroup | None = None
         self._running: set[str] = set()
-        self._idle = 0
+        self._idle = self._outstanding = 0
+        self._ready: collections.deque[Task] = collections.deque()  # fetched, not yet running
         self._worker_freed = anyio.Event()
         self._blocking: Any = None
         self._ran_since_probe: set[str] = set()  # handlers active since the last lag probe
@@ -118,6 +123,16 @@ class Consumer(ServiceBase):
             self.retry_backoff_max = settings.retry_backoff_max  # type: ignore[misc]
         self.lease_timeout = cls.lease_timeout or settings.lease_timeout  # type: ignore[misc]
         self.shutdown_grace = settings.shutdown_grace
+        prefetch = config.getint("karton", "prefetch")
+        if prefetch is None:
+            prefetch = cls.prefetch if cls.prefetch is not None else self.concurrency_limit // 2
+        if prefetch < 0:
+            raise ConfigError(
+                "prefetch must be >= 0", section="karton", option="prefetch", value=prefetch,
+                source=config.source("karton", "prefetch"),
+            )  # fmt: skip
+        self.prefetch = prefetch  # type: ignore[misc]
+        self._prefetch: int = prefetch
 
     @classmethod
     def args_parser(cls) -> argparse.ArgumentParser:
@@ -214,59 +229,73 @@ class Consumer(ServiceBase):
         self.log.info("Service %s started (concurrency %d)", self.identity, self.concurrency_limit)
 
     async def _consume(self, task_status: TaskStatus[None]) -> None:
-        """Run ``concurrency_limit`` long-lived workers fed by one fetch loop.
+        """Run up to ``concurrency_limit`` handler runners fed by one fetch loop.
 
-        The fetch loop takes exactly as many tasks as there are idle workers (one Lua
-        call per batch), so nothing waits in memory without a worker for it.
+        The fetch loop keeps up to ``prefetch`` tasks ready beyond the running ones, so
+        handlers never wait for a round trip, and fetches in batches (one Lua call each).
+        A runner that finishes a task takes the next ready one itself: no task is
+        spawned per delivery while work is queued.
         """
         limit = self.concurrency_limit or 1
-        self._idle = limit
+        self._idle, self._outstanding = limit, 0
+        self._ready.clear()
         self._worker_freed = anyio.Event()
-        send, receive = anyio.create_memory_object_stream[Task](max_buffer_size=limit)
         with anyio.CancelScope() as lifetime:
             async with anyio.create_task_group() as work:
-                for _ in range(limit):
-                    work.start_soon(self._worker, receive.clone())
-                with send, anyio.CancelScope() as fetching:
+                with anyio.CancelScope() as fetching:
                     self._scopes = lifetime, fetching
                     task_status.started()
-                    await self._fetch_loop(send)
-        with receive, anyio.CancelScope(shield=True):  # cut short: hand back what is queued
-            while True:
-                try:
-                    await self._hand_back(receive.receive_nowait())
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
+                    await self._fetch_loop(work, limit)
+        with anyio.CancelScope(shield=True):  # cut short: hand back what is still ready
+            while self._ready:
+                await self._hand_back(self._ready.popleft())
         self.log.info("Service %s stopped", self.identity)
 
-    async def _worker(self, receive: MemoryObjectReceiveStream[Task]) -> None:
-        with receive:
-            async for task in receive:
-                await self._handle(task)
-                self._idle += 1
-                self._worker_freed.set()
+    async def _runner(self, task: Task | None) -> None:
+        try:
+            while task is not None:
+                try:
+                    await self._handle(task)
+                finally:
+                    self._outstanding -= 1
+                    self._worker_freed.set()
+                task = self._ready.popleft() if self._ready else None
+        finally:
+            self._idle += 1
 
-    async def _fetch_loop(self, send: MemoryObjectSendStream[Task]) -> None:
+    async def _room(self, limit: int) -> int:
+        """Wait until a fetch is worth it; return how many tasks to take."""
+        capacity = limit + self._prefetch
+        threshold = max(1, capacity // 4)
+        while True:
+            room = capacity - self._outstanding
+            if room > 0 and (not self._ready or room >= threshold):
+                return min(room, 256)
+            await self._worker_freed.wait()
+            self._worker_freed = anyio.Event()
+
+    async def _fetch_loop(self, work: TaskGroup, limit: int) -> None:
         backoff = 0.5
         blocking = self._blocking
         while True:
-            while self._idle <= 0:
-                await self._worker_freed.wait()
-                self._worker_freed = anyio.Event()
-            free = min(self._idle, 256)
+            room = await self._room(limit)
+            await anyio.lowlevel.checkpoint()  # the fetch below is shielded: stop lands here
             try:
                 with anyio.CancelScope(shield=True):
-                    tasks = await self._accept(await self._fetch(free, blocking))
+                    tasks = await self._accept(await self._fetch(room, blocking))
                 backoff = 0.5
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            self._idle -= len(tasks)
+            self._outstanding += len(tasks)
             for task in tasks:
-                send.send_nowait(task)
-            await anyio.lowlevel.checkpoint()
+                if self._idle > 0:
+                    self._idle -= 1
+                    work.start_soon(self._runner, task)
+                else:
+                    self._ready.append(task)
 
     async def _fetch(self, count: int, blocking: Any) -> list[tuple[str, str]]:
         lease = float(self.lease_timeout or 60.0)
@@ -290,12 +319,11 @@ class Consumer(ServiceBase):
                 gone.append(uid)
                 continue
             try:
-                task = Task.unserialize(body)
+                task = Task.unserialize(body, self.storage)
             except InvalidTaskError as exc:
                 self.log.error("Task %s has an unreadable body, quarantined: %s", uid, exc)
                 broken.append(uid)
                 continue
-            bind_resources(task, self.storage)
             task.status, task.last_update = TaskState.STARTED, time.time()
             tasks.append(task)
         with anyio.CancelScope(shield=True):

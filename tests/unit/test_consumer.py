@@ -297,3 +297,18 @@ async def test_to_process_returns_results_and_is_killed_on_timeout(tmp_path: Pat
     assert sorted(t.status.value for t in tasks) == ["Crashed", "Finished"]
     crashed = next(t for t in tasks if t.status is TaskState.CRASHED)
     assert "TaskTimeoutError" in "".join(crashed.error or [])
+
+
+async def test_stop_returns_promptly_when_idle_and_when_busy(tmp_path: Path) -> None:
+    """The fetch loop's shielded fetch must never make stop() wait for ever."""
+    consumer = Recorder(testing.embedded_config(tmp_path))
+    async with testing.pipeline(consumer, data_dir=tmp_path) as p:
+        await anyio.sleep(0.3)  # idle: blocked in the (shielded) blocking pop
+        consumer.stop(grace=1)
+        with anyio.fail_after(3):
+            while consumer._scopes is not None:
+                await anyio.sleep(0.01)
+        await p.send(Task({"type": "work", "n": "after-stop"}))
+        await anyio.sleep(0.3)
+        queued = await p.producer.backend.queue_lengths("test.recorder")
+    assert sum(queued.values()) == 1  # a stopped consumer takes nothing more
