@@ -278,9 +278,8 @@ def counted(real: Callable[..., Awaitable[Any]], name: str, calls: list[str]) ->
     return wrapper
 
 
+@pytest.mark.parametrize("env", ["s3"], indirect=True)  # only S3 has object versions
 async def test_versioned_bucket_versions_and_markers(env: Env) -> None:
-    if env.kind != "s3":
-        pytest.skip("only S3 has object versions")
     assert isinstance(env.storage, S3Storage)
     await env.storage._client.put_bucket_versioning(
         Bucket=env.bucket, VersioningConfiguration={"Status": "Enabled"})
