@@ -348,17 +348,13 @@ class Task:
     ) -> Task:
         """Build a task from an already parsed JSON document."""
         uid = doc.get("uid")
-        try:
-            payload_persistent = doc["payload_persistent"]
-            headers = doc["headers"]
-            status = _STATES[doc["status"]]
-            root_uid = doc["root_uid"]
-            priority = _PRIORITIES[doc.get("priority") or "normal"]
-            payload = doc["payload"]
-        except KeyError as exc:
-            raise InvalidTaskError(f"task body lacks or has an invalid {exc}", uid=uid) from None
-        if not isinstance(uid, str) or not isinstance(payload_persistent, dict):
-            raise InvalidTaskError("task body has no string uid or no payload dicts", uid=uid)
+        _check_fields(doc)
+        payload_persistent = doc["payload_persistent"]
+        headers = doc["headers"]
+        status = _STATES[doc["status"]]
+        root_uid = doc["root_uid"]
+        priority = _PRIORITIES[doc.get("priority") or "normal"]
+        payload = doc["payload"]
         headers_persistent = doc.get("headers_persistent")
         if headers_persistent is None:
             headers_persistent = payload_persistent.get("__headers_persistent")
@@ -390,6 +386,47 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.uid} {self.status.value} headers={self.headers!r}>"
+
+
+def _check_fields(doc: Mapping[str, Any]) -> None:
+    """Raise InvalidTaskError naming every field Karton requires that is absent or wrong."""
+    uid = doc.get("uid")
+    problems = [
+        f"{name} {doc.get(name)!r}" if name in doc else f"no {name}"
+        for name, ok in (
+            ("uid", isinstance(uid, str)),
+            ("root_uid", isinstance(doc.get("root_uid"), str)),
+            ("status", isinstance(doc.get("status"), str) and doc.get("status") in _STATES),
+            ("headers", isinstance(doc.get("headers"), dict)),
+            ("payload", isinstance(doc.get("payload"), dict)),
+            ("payload_persistent", isinstance(doc.get("payload_persistent"), dict)),
+            (
+                "priority",
+                doc.get("priority") is None
+                or (isinstance(doc.get("priority"), str) and doc.get("priority") in _PRIORITIES),
+            ),
+            (
+                "headers_persistent",
+                doc.get("headers_persistent") is None
+                or isinstance(doc.get("headers_persistent"), dict),
+            ),
+            (
+                "last_update",
+                doc.get("last_update") is None
+                or (
+                    isinstance(doc.get("last_update"), int | float)
+                    and not isinstance(doc.get("last_update"), bool)
+                ),
+            ),
+            ("error", doc.get("error") is None or isinstance(doc.get("error"), list)),
+        )
+        if not ok
+    ]
+    if problems:
+        raise InvalidTaskError(
+            "task body has an invalid " + ", ".join(problems),
+            uid=uid if isinstance(uid, str) else None,
+        )
 
 
 # -- JSON -----------------------------------------------------------------------------

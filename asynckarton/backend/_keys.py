@@ -24,6 +24,7 @@ LEASES_PREFIX: Final = "asynckarton.leases:"  # zset per identity: uid -> lease 
 ROUTING_PREFIX: Final = "asynckarton.routing:"  # list per router instance: batch in flight
 ROUTERS: Final = "asynckarton.routers"  # zset: router instance -> heartbeat deadline (ms)
 DELAYED: Final = "asynckarton.delayed"  # zset: uid -> due time (ms) of a scheduled retry
+DELAYED_ROUTES: Final = "asynckarton.delayed.routes"  # hash: uid -> queue it returns to
 DEAD_PREFIX: Final = "asynckarton.dead:"  # list per identity: uids that used every retry
 STATS: Final = "asynckarton.stats"  # hash: redelivered / rerouted / invalid counters
 INVALID: Final = "asynckarton.invalid"  # list: uids whose body could not be parsed

@@ -314,6 +314,7 @@ class KartonBackend:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.task_key(task.uid), task.serialize())
             pipe.zadd(keys.DELAYED, {task.uid: _ms(due)})
+            pipe.hset(keys.DELAYED_ROUTES, task.uid, keys.queue_key(task.priority.value, identity))
             pipe.zrem(keys.leases_key(identity), task.uid)
             await pipe.execute()
 
@@ -331,16 +332,21 @@ class KartonBackend:
 
     async def release_delayed(self, limit: int = 1000) -> int:
         """Move retries that are due into their queues."""
-        moved: int = await self._release(keys=[keys.DELAYED], args=[_ms(time.time()), limit])
+        moved: int = await self._release(
+            keys=[keys.DELAYED, keys.DELAYED_ROUTES], args=[_ms(time.time()), limit]
+        )
         return moved
 
-    async def requeue_orphan(self, task: Task, older_than: float) -> bool:
-        """Requeue a Spawned task found in no queue, lease or schedule (see script)."""
+    async def requeue_orphan(self, task: Task, body: str) -> bool:
+        """Requeue a Spawned task found in no queue, lease or schedule (see the script).
+
+        ``body`` is the JSON the caller judged; nothing happens if the task changed since.
+        """
         receiver = task.receiver
         if receiver is None:
             return False
         done: int = await self._orphan(
-            keys=[], args=[task.uid, receiver, task.priority.value, repr(older_than)]
+            keys=[], args=[task.uid, receiver, task.priority.value, body]
         )
         return bool(done)
 

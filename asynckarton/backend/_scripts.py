@@ -51,7 +51,9 @@ return out
 
 # Requeue (at the head of their queue) the tasks whose lease in KEYS[1] expired before
 # ARGV[1] (ms); ARGV[2] = identity, ARGV[3] = max uids per call.  Tasks already Finished
-# or Crashed (or deleted) only lose their stale lease.
+# or Crashed (or deleted) only lose their stale lease.  A Started body goes back to
+# Spawned by rewriting just its top-level status (the key before "uid" in sorted JSON,
+# as Karton and asynckarton write it); cjson would re-encode floats and big integers.
 RECLAIM: Final = """
 local uids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 local moved = 0
@@ -59,11 +61,19 @@ for _, uid in ipairs(uids) do
   redis.call('ZREM', KEYS[1], uid)
   local body = redis.call('GET', 'karton.task:' .. uid)
   if body then
+    local status, prio
+    local fixed, n = string.gsub(
+      body, '("status":%s*)"Started"(,%s*"uid":%s*"[^"]*"%s*}%s*)$', '%1"Spawned"%2')
     local ok, doc = pcall(cjson.decode, body)
-    local status = ok and type(doc) == 'table' and doc['status'] or 'Spawned'
+    if ok and type(doc) == 'table' then
+      status, prio = doc['status'], doc['priority']
+    else  -- cjson refuses some valid JSON (huge integers): read the sorted layout
+      status = n == 1 and 'Started' or 'Spawned'
+      prio = string.match(body, '"priority":%s*"(%a+)",%s*"root_uid"')
+    end
     if status == 'Spawned' or status == 'Started' then
-      local prio = ok and type(doc) == 'table' and doc['priority'] or 'normal'
       if prio ~= 'high' and prio ~= 'low' then prio = 'normal' end
+      if n == 1 then redis.call('SET', 'karton.task:' .. uid, fixed) end
       redis.call('LPUSH', 'karton.queue.' .. prio .. ':' .. ARGV[2], uid)
       moved = moved + 1
     end
@@ -104,37 +114,29 @@ return moved
 """
 
 # Move retries that are due (zset KEYS[1] scored by ms, ARGV[1] = now, ARGV[2] = limit)
-# to the tail of their receiver's queue.
+# to the tail of the queue recorded for them in hash KEYS[2].
 RELEASE_DELAYED: Final = """
 local uids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 local moved = 0
 for _, uid in ipairs(uids) do
+  local queue = redis.call('HGET', KEYS[2], uid)
   redis.call('ZREM', KEYS[1], uid)
-  local body = redis.call('GET', 'karton.task:' .. uid)
-  if body then
-    local ok, doc = pcall(cjson.decode, body)
-    if ok and type(doc) == 'table' and type(doc['headers']) == 'table'
-        and type(doc['headers']['receiver']) == 'string' then
-      local prio = doc['priority']
-      if prio ~= 'high' and prio ~= 'low' then prio = 'normal' end
-      redis.call('RPUSH', 'karton.queue.' .. prio .. ':' .. doc['headers']['receiver'], uid)
-      moved = moved + 1
-    end
+  redis.call('HDEL', KEYS[2], uid)
+  if queue and redis.call('EXISTS', 'karton.task:' .. uid) == 1 then
+    redis.call('RPUSH', queue, uid)
+    moved = moved + 1
   end
 end
 return moved
 """
 
 # Requeue a Spawned task that sits in no queue, under no lease and in no retry schedule
-# (a consumer died between popping and leasing it).  ARGV = uid, identity, priority,
-# last_update upper bound (seconds, float as string).  Returns 1 if requeued.
+# (a consumer died between popping and leasing it).  ARGV = uid, identity, priority, and
+# the body the GC judged: the task is requeued only if it has not changed since (so the
+# verdict still holds), without parsing JSON in Lua.  Returns 1 if requeued.
 REQUEUE_ORPHAN: Final = """
 local uid = ARGV[1]
-local body = redis.call('GET', 'karton.task:' .. uid)
-if not body then return 0 end
-local ok, doc = pcall(cjson.decode, body)
-if not ok or type(doc) ~= 'table' or doc['status'] ~= 'Spawned' then return 0 end
-if tonumber(doc['last_update'] or 0) > tonumber(ARGV[4]) then return 0 end
+if redis.call('GET', 'karton.task:' .. uid) ~= ARGV[4] then return 0 end
 if redis.call('ZSCORE', 'asynckarton.leases:' .. ARGV[2], uid) then return 0 end
 if redis.call('ZSCORE', 'asynckarton.delayed', uid) then return 0 end
 local queue = 'karton.queue.' .. ARGV[3] .. ':' .. ARGV[2]

@@ -12,12 +12,10 @@ import uuid
 from typing import Any
 
 from .._errors import InvalidTaskError
-from .._task import TaskPriority, TaskState, dumps, loads
+from .._task import TaskState, _check_fields, dumps, loads
 
 __all__ = ["RoutableTask", "parse_routable"]
 
-_STATUSES = frozenset(state.value for state in TaskState)
-_PRIORITIES = frozenset(prio.value for prio in TaskPriority)
 
 
 class RoutableTask:
@@ -98,27 +96,5 @@ def parse_routable(body: str) -> RoutableTask:
         raise InvalidTaskError(f"task body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise InvalidTaskError(f"task body is a JSON {type(doc).__name__}, not an object")
-    uid = doc.get("uid")
-    problems = [
-        name
-        for name, ok in (
-            ("uid", isinstance(uid, str)),
-            ("root_uid", isinstance(doc.get("root_uid"), str)),
-            ("headers", isinstance(doc.get("headers"), dict)),
-            ("payload", isinstance(doc.get("payload"), dict)),
-            ("payload_persistent", isinstance(doc.get("payload_persistent"), dict)),
-            ("status", doc.get("status") in _STATUSES),
-            ("priority", doc.get("priority") in _PRIORITIES or doc.get("priority") is None),
-            (
-                "headers_persistent",
-                isinstance(doc.get("headers_persistent"), dict | None),
-            ),
-        )
-        if not ok
-    ]
-    if problems:
-        raise InvalidTaskError(
-            f"task body lacks or has an invalid {', '.join(problems)}",
-            uid=uid if isinstance(uid, str) else None,
-        )
+    _check_fields(doc)
     return RoutableTask(doc)

@@ -115,7 +115,7 @@ class GarbageCollector:
         unrouted: set[str] = set(await self.backend.redis.lrange(keys.TASKS_QUEUE, 0, -1))  # type: ignore[arg-type]
         collected: Counter[str] = Counter()
         async for batch in self.backend.scan_task_keys():
-            bodies = await self.backend.redis.mget(batch)
+            bodies = await self.backend.get_task_bodies([k[len(keys.TASK_PREFIX) :] for k in batch])
             doomed: list[str] = []
             for key, body in zip(batch, bodies, strict=True):
                 if body is None:
@@ -125,7 +125,7 @@ class GarbageCollector:
                 except InvalidTaskError as exc:
                     self.log.error("GC: %s is unreadable and is kept: %s", key, exc)
                     continue
-                if await self._verdict(task, unrouted, to_clear, report):
+                if await self._verdict(task, body, unrouted, to_clear, report):
                     doomed.append(key)
                     collected[task.receiver or "unknown"] += 1
             await self.backend.delete_task_keys(doomed)
@@ -135,7 +135,7 @@ class GarbageCollector:
         return report
 
     async def _verdict(
-        self, task: Task, unrouted: set[str], to_clear: set[str], report: GCReport
+        self, task: Task, body: str, unrouted: set[str], to_clear: set[str], report: GCReport
     ) -> bool:
         """Return True when ``task`` should be deleted (may crash or requeue it instead)."""
         s = self.settings
@@ -159,7 +159,7 @@ class GarbageCollector:
         elif (
             task.status is TaskState.SPAWNED
             and age > s.task_spawned_timeout
-            and await self.backend.requeue_orphan(task, time.time() - s.task_spawned_timeout)
+            and await self.backend.requeue_orphan(task, body)
         ):
             self.log.warning("Requeued orphaned task %s for %s", task.uid, task.receiver)
             report.requeued_orphans += 1

@@ -312,3 +312,23 @@ async def test_stop_returns_promptly_when_idle_and_when_busy(tmp_path: Path) -> 
         await anyio.sleep(0.3)
         queued = await p.producer.backend.queue_lengths("test.recorder")
     assert sum(queued.values()) == 1  # a stopped consumer takes nothing more
+
+
+async def test_reclaim_requeues_expired_leases_as_spawned_keeping_the_body(tmp_path: Path) -> None:
+    """Only the top-level status changes: floats and big integers survive the Lua rewrite."""
+    async with testing.pipeline(data_dir=tmp_path) as p:
+        backend = p.producer.backend
+        task = Task({"type": "x", "status": "Started"}, payload={"big": 2**70, "f": 0.1})
+        task.status, task.last_update = TaskState.STARTED, 1795349442.417694
+        task.headers["receiver"] = "test.dead"
+        await backend.set_tasks([task])
+        await backend.redis.zadd(keys.leases_key("test.dead"), {task.uid: 1})  # long expired
+        assert await backend.reclaim("test.dead") == 1
+        body = await backend.get_task_body(task.uid)
+        queued = await backend.redis.lrange(keys.queue_key("normal", "test.dead"), 0, -1)
+    assert body is not None
+    back = Task.unserialize(body)
+    assert back.status is TaskState.SPAWNED
+    assert back.headers["status"] == "Started"  # a header of the same name is untouched
+    assert back.payload == {"big": 2**70, "f": 0.1} and back.last_update == 1795349442.417694
+    assert queued == [task.uid]

@@ -118,13 +118,19 @@ def test_legacy_variants_are_read(doc: dict[str, object]) -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
+        pytest.param(
+            '{"uid": "x", "root_uid": "x", "status": ["Started"], "headers": {}, "payload": {},'
+            ' "payload_persistent": {}, "priority": {"a": 1}, "last_update": "soon"}',
+            r"invalid status \['Started'\], priority \{'a': 1\}, last_update 'soon'",
+            id="wrong-types",
+        ),
         pytest.param("{not json", "not valid JSON", id="malformed"),
         pytest.param("[1, 2]", "JSON list", id="array"),
-        pytest.param('{"uid": "x"}', "lacks", id="missing-fields"),
+        pytest.param('{"uid": "x"}', "no root_uid, no status, no headers", id="missing-fields"),
         pytest.param(
             '{"uid": "x", "root_uid": "x", "status": "Weird", "headers": {}, "payload": {},'
             ' "payload_persistent": {}}',
-            "lacks or has an invalid",
+            "invalid status 'Weird'",
             id="unknown-status",
         ),
     ],
