@@ -23,7 +23,7 @@ from anyio.abc import TaskStatus
 from .._errors import InvalidTaskError
 from .._logging import HOSTNAME, dumps_record
 from .._query import BindIndex
-from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch
+from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch, until_done
 from ..backend._keys import log_channel, task_key
 from ._fork import RoutableTask, parse_routable
 
@@ -83,7 +83,11 @@ class Router:
         blocking = self.backend.connector.blocking()
         try:
             async with anyio.create_task_group() as group:
-                await self.backend.heartbeat_router(self.instance, HEARTBEAT_TTL)
+                await until_done(
+                    lambda: self.backend.heartbeat_router(self.instance, HEARTBEAT_TTL),
+                    log=self.log,
+                    what="register the router",
+                )
                 group.start_soon(self._heartbeat)
                 task_status.started()
                 await self._loop(blocking)

@@ -17,7 +17,7 @@ from .._config import Config
 from .._errors import ConfigError
 from .._options import add_system_arguments, system_config_from_args
 from .._service import ServiceBase
-from ..backend import TRANSIENT_ERRORS
+from ..backend import TRANSIENT_ERRORS, until_done
 from ._gc import GarbageCollector
 from ._router import Router
 
@@ -87,7 +87,7 @@ class SystemService(ServiceBase):
         await self._check_bucket()
         presence = self.backend.connector.named(self.client_name)
         try:
-            await presence.ping()
+            await until_done(presence.ping, log=self.log, what="connect")
             with anyio.CancelScope() as self._scope:
                 async with anyio.create_task_group() as group:
                     if self.settings.enable_router:
@@ -128,7 +128,7 @@ class SystemService(ServiceBase):
         while True:
             await anyio.sleep(5.0)
             try:
-                await presence.ping()
+                await until_done(presence.ping, log=self.log, what="connect")
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("Redis unavailable for the presence check: %s", exc)
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import uuid
@@ -115,8 +116,8 @@ async def test_orphaned_spawned_task_is_requeued_by_the_gc(faults: FaultEnv) -> 
     assert r.lrange(QUEUE, 0, -1) == [uid]
     assert int(r.hget("asynckarton.stats", "orphans_requeued") or 0) == 1
     # task_spawned_timeout = 5 s, gc_interval = 2 s: not before 5 s, not much after.
-    assert 5.0 <= requeued_after <= 5.0 + 2 * 2 + 5, f"requeued {requeued_after:.1f}s late"
-    assert time.time() - orphaned < 20
+    assert 5.0 <= requeued_after <= 20.0, f"requeued {requeued_after:.1f}s after routing"
+    assert time.time() - orphaned < 30
 
     consumer = faults.spawn("consumer", seed=3)
     await faults.wait_ready(consumer)
@@ -125,17 +126,13 @@ async def test_orphaned_spawned_task_is_requeued_by_the_gc(faults: FaultEnv) -> 
     assert r.hget("faults:started", task.root_uid) == "1"
 
 
-@pytest.mark.xfail(
-    reason="lead report #1: a reclaimed task keeps status Started, so once orphaned "
-    "(BLPOP then death before LEASE) the GC never requeues it",
-    strict=True,
-)
 async def test_orphaned_reclaimed_task_is_requeued(faults: FaultEnv) -> None:
     """The same orphan window as (ii), for a task that was already redelivered once.
 
     Real steps: a consumer is SIGKILLed mid-task, its lease expires and is reclaimed
-    (RECLAIM puts the uid back in the queue but leaves the body Started), then a consumer
-    blocked in BLPOP takes it and dies before its LEASE call (simulated by RPOP).
+    (RECLAIM puts the uid back in its queue, and the body must say Spawned again or the
+    GC's orphan sweep never looks at it), then a consumer blocked in BLPOP takes it and
+    dies before its LEASE call (simulated by RPOP).
     """
     r = faults.r()
     system = faults.spawn("system")
@@ -149,7 +146,8 @@ async def test_orphaned_reclaimed_task_is_requeued(faults: FaultEnv) -> None:
         await anyio.sleep(3.5)  # the lease (3 s) expires
         assert await producer.backend.reclaim(IDENTITY) == 1  # what any live consumer does
     [doc] = forks_of(faults, task.root_uid)
-    assert r.lrange(QUEUE, 0, -1) == [doc["uid"]]  # back in its queue (still Started today)
+    assert r.lrange(QUEUE, 0, -1) == [doc["uid"]]  # back in its queue
+    assert doc["status"] == "Spawned", "a requeued task is not being processed"
     r.rpop(QUEUE)  # a consumer's BLPOP took it; the consumer died before leasing it
 
     second = faults.spawn("consumer", seed=7)
@@ -233,7 +231,8 @@ async def test_redis_restart_under_consumer_and_router(faults: FaultEnv) -> None
     assert {t.root_uid for t in after} <= set(done)
     for proc in (system, consumer):
         text = proc.output()
-        assert "Redis unavailable" in text, f"{proc.name} gave no clear warning:\n{text[-3000:]}"
+        warned = re.search(r"WARNING .*redis.{0,20}unavailable", text, re.IGNORECASE)
+        assert warned, f"{proc.name} gave no clear warning:\n{text[-3000:]}"
 
 
 @pytest.mark.xfail(
