@@ -62,6 +62,7 @@ class Router:
         self.tracking_ttl = tracking_ttl
         self._binds_raw: dict[str, str] | None = None
         self._index = BindIndex({})
+        self._match_errors: set[tuple[str, str]] = set()  # reported (identity, error type)
         self._tracking_cache: dict[bytes, str] = {}
         self._log_channel = log_channel("INFO", log.name)
         self._record_template = {
@@ -192,7 +193,15 @@ class Router:
         return entry
 
     def _on_match_error(self, identity: str, error: Exception) -> None:
-        self.log.error("Filters of %s failed on a task and were skipped: %s", identity, error)
+        # Once per bind and error type until the binds change: a bind that fails on every
+        # task would otherwise log (and PUBLISH) one error per routed task.
+        key = (identity, type(error).__name__)
+        if key not in self._match_errors:
+            self._match_errors.add(key)
+            self.log.error(
+                "Filters of %s failed on a task and were skipped: %s (further such failures "
+                "of this bind are not logged until the binds change)", identity, error,
+            )  # fmt: skip
 
     def _log_record(self, task: RoutableTask, now: float) -> tuple[str, str]:
         """karton-system's "Processing task" record (no current task, like Karton's)."""
@@ -215,6 +224,7 @@ class Router:
             except (ValueError, KeyError, TypeError) as exc:
                 self.log.error("Bind of %s is unreadable and is skipped: %s", identity, exc)
         self._index = BindIndex(filters)
+        self._match_errors.clear()
         for identity, error in self._index.invalid.items():
             self.log.error("Bind of %s has invalid filters and is skipped: %s", identity, error)
         self._binds_raw = raw

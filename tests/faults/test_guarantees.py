@@ -235,11 +235,6 @@ async def test_redis_restart_under_consumer_and_router(faults: FaultEnv) -> None
         assert warned, f"{proc.name} gave no clear warning:\n{text[-3000:]}"
 
 
-@pytest.mark.xfail(
-    reason="lead report #7: a service started while Redis is down or loading its AOF "
-    "exits (presence ping / bind registration are not retried)",
-    strict=True,
-)
 async def test_services_started_while_redis_is_down_wait_for_it(faults: FaultEnv) -> None:
     r = faults.r()
     await anyio.to_thread.run_sync(faults.redis_server.stop)
