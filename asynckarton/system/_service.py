@@ -78,6 +78,12 @@ class SystemService(ServiceBase):
         else:
             await self._run(task_status)
 
+    @property
+    def extra_buckets(self) -> tuple[str, ...]:
+        """Buckets the GC collects besides the default one (``[system] gc_extra_buckets``)."""
+        raw = str(self.config.get("system", "gc_extra_buckets") or "")
+        return tuple(bucket.strip() for bucket in raw.split(",") if bucket.strip())
+
     def stop(self, *, grace: float | None = None) -> None:
         """Stop routing and collecting (a routing round in progress completes first)."""
         if self._scope is not None:
@@ -105,14 +111,13 @@ class SystemService(ServiceBase):
                         )
                         await group.start(self.router.run)
                     if self.settings.enable_gc:
-                        extra = str(self.config.get("system", "gc_extra_buckets") or "")
                         self.gc = GarbageCollector(
                             self.backend,
                             self.storage,
                             self.runtime.bucket,
                             self.settings,
                             self.log,
-                            extra_buckets=tuple(b.strip() for b in extra.split(",") if b.strip()),
+                            extra_buckets=self.extra_buckets,
                         )
                         group.start_soon(self.gc.run)
                     group.start_soon(self._keep_presence, presence)

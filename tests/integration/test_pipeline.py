@@ -991,3 +991,26 @@ async def test_gc_deletes_orphaned_objects_and_keeps_referenced_ones(dep: Deploy
     assert report is not None and report.deleted_objects == 2
     assert await dep.objects() == {keys["spawned"], keys["crashed"]}
     assert await dep.objects(other_bucket) == {foreign}  # only the default bucket is collected
+
+
+async def test_gc_collects_extra_buckets_named_in_config(dep: Deployment) -> None:
+    extra = f"extra-{uuid.uuid4().hex[:8]}"
+    kept, orphan = str(uuid.uuid4()), str(uuid.uuid4())
+    async with dep.storage() as storage:
+        await storage.ensure_bucket(extra, create=True)
+        await storage.put_bytes(extra, kept, b"k")
+        await storage.put_bytes(extra, orphan, b"o")
+    referenced = RemoteResource("r", bucket=extra, uid=kept, size=1)
+    await store(dep, make_task(TaskState.SPAWNED, 1.0, "it.a", payload={"r": referenced}))
+    config = gc_config(dep)
+    config.set("system", "gc_extra_buckets", f" {extra} ,")
+    with anyio.fail_after(30):
+        async with SystemService(config) as system:
+            gc = GarbageCollector(
+                system.backend, system.storage, system.runtime.bucket, system.settings,
+                system.log, extra_buckets=system.extra_buckets,
+            )  # fmt: skip
+            assert system.extra_buckets == (extra,)
+            report = await gc.collect()
+    assert report is not None and report.deleted_objects == 1
+    assert await dep.objects(extra) == {kept}
