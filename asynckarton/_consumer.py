@@ -365,20 +365,26 @@ class Consumer(ServiceBase):
             current_task.reset(token)
 
     async def _run_process(self, task: Task) -> BaseException | None:
-        with anyio.CancelScope() as scope:
-            if self.task_timeout:
-                scope.deadline = anyio.current_time() + self.task_timeout
-            try:
-                result = self.process(task)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:  # noqa: BLE001 - a handler's failure is data (R11)
-                return exc
+        """Run ``process``; return its exception (a timeout as TaskTimeoutError) or None."""
+        if not self.task_timeout:  # no deadline: no cancel scope on the hot path
+            return await self._call_process(task)
+        error: BaseException | None = None
+        with anyio.CancelScope(deadline=anyio.current_time() + self.task_timeout) as scope:
+            error = await self._call_process(task)
         if scope.cancelled_caught:
             try:
-                raise TaskTimeoutError(float(self.task_timeout or 0))
+                raise TaskTimeoutError(float(self.task_timeout))
             except TaskTimeoutError as exc:
                 return exc
+        return error
+
+    async def _call_process(self, task: Task) -> BaseException | None:
+        try:
+            result = self.process(task)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:  # noqa: BLE001 - a handler's failure is data (R11)
+            return exc
         return None
 
     async def _finish(self, task: Task, error: BaseException | None) -> None:
