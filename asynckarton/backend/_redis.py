@@ -386,8 +386,9 @@ class KartonBackend:
             for origin, members in batch.outputs.items():
                 pipe.sadd(keys.outputs_key(origin), *members)
                 pipe.expire(keys.outputs_key(origin), tracking_ttl)
-            for channel, record in batch.logs:
-                pipe.publish(channel, record)
+            if batch.logs:  # one command for the batch's records (PUBLISH each, in Lua)
+                args = [part for record in batch.logs for part in record]
+                pipe.eval(scripts.PUBLISH_MANY, 0, *args)
             if batch.invalid:
                 pipe.rpush(keys.INVALID, *batch.invalid)
                 pipe.hincrby(keys.STATS, "invalid", len(batch.invalid))
