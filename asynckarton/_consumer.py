@@ -343,7 +343,7 @@ class Consumer(ServiceBase):
         try:
             if not self._match(task.headers):
                 self.log.info("Task rejected because binds are no longer valid.")
-                task.status = TaskState.FINISHED
+                task.status, task.last_update = TaskState.FINISHED, time.time()
                 self._completer_add(task, crashed=False)
                 return
             attempt = f" (attempt {task.attempt + 1})" if task.attempt else ""
@@ -392,7 +392,7 @@ class Consumer(ServiceBase):
         if error is None:
             task.status, task.error = TaskState.FINISHED, None
             self._log_info("Task done - %s", task.uid)
-            self._completer.add(task, crashed=False)  # type: ignore[union-attr]
+            self._completer_add(task, crashed=False)
             return
         task.error = traceback.format_exception(type(error), error, error.__traceback__)
         if self._should_retry(task, error):
@@ -454,7 +454,7 @@ class Consumer(ServiceBase):
             log.handle(record)
 
     def _completer_add(self, task: Task, *, crashed: bool, dead: bool = False) -> None:
-        task.last_update = time.time()
+        """Queue a final state for writing (the caller has set status and last_update)."""
         assert self._completer is not None
         self._completer.add(task, crashed=crashed, dead=dead)
 

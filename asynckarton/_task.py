@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from ._errors import InvalidTaskError
-from ._resource import RESOURCE_KEY, RemoteResource, ResourceBase, resource_from_wire
+from ._resource import RESOURCE_KEY, ResourceBase, resource_from_wire
 from .storage import Storage
 
 __all__ = ["Task", "TaskPriority", "TaskState", "current_task", "get_current_task"]
@@ -508,9 +508,3 @@ def _map_leaves(func: Callable[[Any], Any], value: Any) -> Any:
         return [_map_leaves(func, v) for v in value]
     return func(value)
 
-
-def bind_resources(task: Task, storage: Storage) -> None:
-    """Attach ``storage`` to every remote resource of ``task`` (for downloads)."""
-    for resource in task.iterate_resources():
-        if isinstance(resource, RemoteResource):
-            resource.bind(storage)
