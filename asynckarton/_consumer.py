@@ -99,8 +99,10 @@ class Consumer(ServiceBase):
         self._completer: Completer | None = None
         self._background: TaskGroup | None = None
         self._running: set[str] = set()
-        self._idle = self._outstanding = 0
+        self._runners = self._outstanding = 0
         self._ready: collections.deque[Task] = collections.deque()  # fetched, not yet running
+        self._parked: collections.deque[anyio.Event] = collections.deque()  # idle runners
+        self._fetching = False
         self._worker_freed = anyio.Event()
         self._blocking: Any = None
         self._ran_since_probe: set[str] = set()  # handlers active since the last lag probe
@@ -235,12 +237,14 @@ class Consumer(ServiceBase):
 
         The fetch loop keeps up to ``prefetch`` tasks ready beyond the running ones, so
         handlers never wait for a round trip, and fetches in batches (one Lua call each).
-        A runner that finishes a task takes the next ready one itself: no task is
-        spawned per delivery while work is queued.
+        Runners live as long as the work group: one that finds nothing ready parks until
+        the fetch loop wakes it, so no task is spawned per delivery.
         """
         limit = self.concurrency_limit or 1
-        self._idle, self._outstanding = limit, 0
+        self._runners, self._outstanding = 0, 0
         self._ready.clear()
+        self._parked.clear()
+        self._fetching = True
         self._worker_freed = anyio.Event()
         with anyio.CancelScope() as lifetime:
             async with anyio.create_task_group() as work:
@@ -248,22 +252,58 @@ class Consumer(ServiceBase):
                     self._scopes = lifetime, fetching
                     task_status.started()
                     await self._fetch_loop(work, limit)
+                self._fetching = False  # runners finish what is ready, then exit
+                while self._parked:
+                    self._parked.popleft().set()
         with anyio.CancelScope(shield=True):  # cut short: hand back what is still ready
             while self._ready:
                 await self._hand_back(self._ready.popleft())
         self.log.info("Service %s stopped", self.identity)
 
     async def _runner(self, task: Task | None) -> None:
-        try:
+        """Handle ready tasks one after another; park while there are none."""
+        while True:
             while task is not None:
                 try:
                     await self._handle(task)
                 finally:
                     self._outstanding -= 1
                     self._worker_freed.set()
-                task = self._ready.popleft() if self._ready else None
-        finally:
-            self._idle += 1
+                task = self._next_ready()
+            if not self._fetching:
+                return
+            parked = anyio.Event()
+            self._parked.append(parked)
+            await parked.wait()
+            task = self._next_ready()
+
+    def _next_ready(self) -> Task | None:
+        """Take the next ready task, waking one parked runner if more remain.
+
+        A handler that never suspends lets one runner drain the whole queue; a handler
+        that does suspend has the woken runner start the next task meanwhile.
+        """
+        if not self._ready:
+            return None
+        task = self._ready.popleft()
+        if self._ready and self._parked:
+            self._parked.popleft().set()
+        return task
+
+    def _dispatch(self, work: TaskGroup, tasks: list[Task], limit: int) -> None:
+        """Queue fetched tasks: wake a parked runner, start new ones up to ``limit``.
+
+        Parked runners wake one another while tasks remain (see :meth:`_next_ready`), so
+        new runners are started only for the tasks the parked ones cannot take.
+        """
+        self._outstanding += len(tasks)
+        self._ready.extend(tasks)
+        parked = len(self._parked)
+        if parked:
+            self._parked.popleft().set()
+        while len(self._ready) > parked and self._runners < limit:
+            self._runners += 1
+            work.start_soon(self._runner, self._ready.popleft())
 
     async def _room(self, limit: int) -> int:
         """Wait until a fetch is worth it; return how many tasks to take."""
@@ -291,13 +331,7 @@ class Consumer(ServiceBase):
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            self._outstanding += len(tasks)
-            for task in tasks:
-                if self._idle > 0:
-                    self._idle -= 1
-                    work.start_soon(self._runner, task)
-                else:
-                    self._ready.append(task)
+            self._dispatch(work, tasks, limit)
 
     async def _fetch(self, count: int, blocking: Any) -> list[tuple[str, str]]:
         lease = float(self.lease_timeout or 60.0)

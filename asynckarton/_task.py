@@ -390,6 +390,25 @@ class Task:
 
 def _check_fields(doc: Mapping[str, Any]) -> None:
     """Raise InvalidTaskError naming every field Karton requires that is absent or wrong."""
+    get = doc.get
+    last_update = get("last_update")
+    if (  # the common, valid case in one expression; the detailed report below
+        type(get("uid")) is str
+        and type(get("root_uid")) is str
+        and type(get("status")) is str
+        and get("status") in _STATES
+        and type(get("headers")) is dict
+        and type(get("payload")) is dict
+        and type(get("payload_persistent")) is dict
+        and (
+            get("priority") is None
+            or (type(get("priority")) is str and get("priority") in _PRIORITIES)
+        )
+        and (get("headers_persistent") is None or type(get("headers_persistent")) is dict)
+        and (last_update is None or type(last_update) is float or type(last_update) is int)
+        and (get("error") is None or type(get("error")) is list)
+    ):
+        return
     uid = doc.get("uid")
     problems = [
         f"{name} {doc.get(name)!r}" if name in doc else f"no {name}"
@@ -507,4 +526,3 @@ def _map_leaves(func: Callable[[Any], Any], value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_map_leaves(func, v) for v in value]
     return func(value)
-

@@ -225,6 +225,73 @@ async def test_concurrency_limit_bounds_running_handlers(tmp_path: Path) -> None
     assert peak == 3
 
 
+async def test_parked_runners_and_new_ones_fill_the_concurrency_limit(tmp_path: Path) -> None:
+    """After a quiet spell (runners parked), a burst still runs concurrency_limit at once."""
+    running = 0
+    peaks: list[int] = []
+
+    class Counter(Consumer):
+        identity = "test.burst"
+        filters = [{"type": "burst"}]
+        concurrency_limit = 8
+
+        async def process(self, task: Task) -> None:
+            nonlocal running
+            running += 1
+            peaks.append(running)
+            await anyio.sleep(0.05)
+            running -= 1
+
+    async with testing.pipeline(Counter, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "burst"}), Task({"type": "burst"}))
+        with anyio.fail_after(10):
+            await p.wait_idle()  # two runners now parked
+        first_wave = max(peaks)
+        peaks.clear()
+        await p.send(*(Task({"type": "burst"}) for _ in range(40)))
+        with anyio.fail_after(10):
+            await p.wait_idle()
+    assert first_wave <= 2
+    assert max(peaks) == 8
+
+
+def test_dispatch_wakes_one_parked_runner_and_starts_runners_for_the_rest(
+    tmp_path: Path,
+) -> None:
+    """A burst bigger than the parked runners starts new ones, up to the limit."""
+    consumer = Recorder(testing.embedded_config(tmp_path))
+    started: list[Any] = []
+
+    class Group:
+        def start_soon(self, func: Any, *args: Any) -> None:
+            started.append(args[0])
+
+    parked = [anyio.Event(), anyio.Event()]
+    consumer._parked.extend(parked)
+    consumer._runners = 2
+    tasks = [Task({"type": "work"}) for _ in range(12)]
+    consumer._dispatch(Group(), tasks, 8)  # type: ignore[arg-type]
+    assert [e.is_set() for e in parked] == [True, False]
+    assert started == tasks[:6]  # 2 parked + 6 new = the limit of 8
+    assert list(consumer._ready) == tasks[6:]
+    assert consumer._next_ready() is tasks[6]
+    assert parked[1].is_set()  # more remain: the next parked runner is woken
+    consumer._dispatch(Group(), [Task({"type": "work"})], 8)
+    assert len(started) == 6  # at the limit: queued, no new runner
+
+
+async def test_stop_with_parked_runners_does_not_wait_for_the_grace(tmp_path: Path) -> None:
+    consumer = Recorder(testing.embedded_config(tmp_path))
+    async with testing.pipeline(consumer, data_dir=tmp_path) as p:
+        await p.send(*(Task({"type": "work", "n": str(i)}) for i in range(5)))
+        with anyio.fail_after(10):
+            await p.wait_idle()
+        consumer.stop(grace=60)
+        with anyio.fail_after(2):
+            while consumer._scopes is not None:
+                await anyio.sleep(0.01)
+
+
 async def test_rejected_when_filters_no_longer_match(tmp_path: Path) -> None:
     """A task routed under an older bind is finished without processing, as in Karton."""
     Recorder.seen.clear()
