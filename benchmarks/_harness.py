@@ -47,6 +47,7 @@ class Context:
     workdir: Path
     smoke: bool
     publish: bool = True
+    s3_pid: int | None = None  # the S3 server process, whose CPU the resource runs report
     tracking: bool = True
     timeout_scale: float = 1.0
     profile_dir: Path | None = None  # attach py-spy to every worker, write raw stacks here
@@ -197,14 +198,22 @@ def cpu_seconds(pid: int) -> float:
 class CpuMeter:
     """CPU seconds used by groups of workers and by redis-server between two points."""
 
-    def __init__(self, client: CountingRedis, groups: dict[str, list[Worker]]) -> None:
+    def __init__(
+        self,
+        client: CountingRedis,
+        groups: dict[str, list[Worker]],
+        servers: dict[str, int] | None = None,
+    ) -> None:
         self.client = client
         self.groups = groups
+        self.servers = servers or {}  # name -> pid of another server process to meter
         self.start: dict[str, float] = {}
 
     def _read(self) -> dict[str, float]:
         now = {name: sum(cpu_seconds(w.pid) for w in ws) for name, ws in self.groups.items()}
         now["redis"] = self.client.cpu_seconds()
+        for name, pid in self.servers.items():
+            now[name] = cpu_seconds(pid)
         return now
 
     def begin(self) -> None:

@@ -57,6 +57,30 @@ def _ratio_target(
     )  # fmt: skip
 
 
+def _s3_ceiling(results: Sequence[Result]) -> Target:
+    """How fast the S3 server itself lets any system go (informational, no verdict).
+
+    Each delivery costs the server one PUT and one GET; the CPU seconds it used per
+    delivery in karton-core's run bound every system to ``cores / that`` deliveries/s,
+    even if producer, router, consumer and Redis cost nothing.
+    """
+    name = "resource: the S3 server's own ceiling (informational)"
+    wanted = "5x karton-core below it, or the target cannot be met here"
+    theirs = _find(results, "resource", KC)
+    cpu = (theirs.extra.get("cpu_seconds") or {}).get("s3 server") if theirs else None
+    if theirs is None or not cpu or not theirs.deliveries:
+        return Target(name, wanted, "not measured", None)
+    per = cpu / theirs.deliveries
+    cores = os.cpu_count() or 1
+    ceiling = cores / per
+    return Target(
+        name, wanted,
+        f"server CPU {per * 1e6:,.0f} us per delivery -> at most {ceiling:,.0f}/s on "
+        f"{cores} cores; 5x karton-core = {5 * theirs.rate:,.0f}/s",
+        None,
+    )  # fmt: skip
+
+
 def targets(results: Sequence[Result]) -> list[Target]:
     out = [
         _ratio_target(results, "plain deliveries/s", "plain", KC, 10),
@@ -71,6 +95,7 @@ def targets(results: Sequence[Result]) -> list[Target]:
         (io.rate >= 0.8 * IDEAL_IO) if io else None,
     ))  # fmt: skip
     out.append(_ratio_target(results, "resource deliveries/s", "resource", KC, 5))
+    out.append(_s3_ceiling(results))
     for scenario, how in (("plain", "Karton defaults"), ("plain-quiet", "publish+tracking off")):
         plain = _find(results, scenario, AK)
         per = plain.commands_per if plain else None

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     with servers(keep=args.keep) as (redis_server, s3_server, workdir):
         ctx = Context(redis_server.port, s3_server.url, workdir, smoke=args.smoke)
         ctx.profile_dir = args.profile
+        ctx.s3_pid = s3_server.process.pid if s3_server.process else None
         print(f"redis {redis_server.url}  s3 {s3_server.url}  work {workdir}", flush=True)
         conditions = {
             "rtt_start": ping_rtt_us(ctx.redis_url),

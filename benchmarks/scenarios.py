@@ -249,7 +249,8 @@ def run_e2e(ctx: Context, spec: E2E, system: str) -> Result:
             procs=procs,
         )  # fmt: skip
         time.sleep(0.3)
-        cpu = CpuMeter(client, {"consumers": consumers, "router": [router]})
+        s3 = {"s3 server": ctx.s3_pid} if spec.resource_bytes and ctx.s3_pid else {}
+        cpu = CpuMeter(client, {"consumers": consumers, "router": [router]}, s3)
         cpu.begin()
         client.reset_stats()
         producer = procs.python(
