@@ -32,7 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from ._completion import Completer
 from ._config import Config
 from ._errors import ConfigError, InvalidTaskError, Retry, TaskTimeoutError
-from ._logging import needs_record
+from ._logging import RecordMaker, needs_record
 from ._options import add_consumer_arguments, consumer_config_from_args
 from ._query import compile_filters
 from ._service import ServiceBase
@@ -106,6 +106,7 @@ class Consumer(ServiceBase):
         self._worker_freed = anyio.Event()
         self._blocking: Any = None
         self._ran_since_probe: set[str] = set()  # handlers active since the last lag probe
+        self._record_maker: RecordMaker | None = None
 
     def _read_policy(self, config: Config) -> None:
         settings = config.karton_settings()
@@ -483,7 +484,10 @@ class Consumer(ServiceBase):
         if publisher is not None:
             publisher.publish_line(log, logging.INFO, msg % args, "_consumer:_handle")
         if needs_record(log, logging.INFO, publisher):
-            record = log.makeRecord(log.name, logging.INFO, __file__, 0, msg, args, None)
+            maker = self._record_maker
+            if maker is None or maker.logger is not log:
+                maker = self._record_maker = RecordMaker(log, __file__, "_handle")
+            record = maker.make(logging.INFO, msg, args)
             record.karton_published = publisher is not None
             log.handle(record)
 

@@ -8,10 +8,12 @@ to the service's own logger for the service's lifetime only.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
 import platform
+import threading
 import time
 import traceback
 from typing import Any
@@ -23,7 +25,7 @@ from ._task import get_current_task
 from .backend import TRANSIENT_ERRORS, KartonBackend
 from .backend._keys import log_channel
 
-__all__ = ["KartonLogHandler", "dumps_record", "format_record", "needs_record"]
+__all__ = ["KartonLogHandler", "RecordMaker", "dumps_record", "format_record", "needs_record"]
 
 HOSTNAME = platform.node()
 _IGNORED = frozenset(
@@ -63,6 +65,64 @@ def format_record(record: logging.LogRecord) -> dict[str, Any]:
     return line
 
 
+class RecordMaker:
+    """Makes the LogRecords of one logger's per-task lines cheaply.
+
+    ``Logger.makeRecord`` spends most of its time on what never changes between two
+    records of the same call site in the same thread (file name, module, thread and
+    process names).  A record made the ordinary way once per thread serves as the
+    template; each new record copies it and sets the time and the message.  A custom
+    logger class or record factory (``logging.setLogRecordFactory``) is always honoured:
+    then every record comes from ``makeRecord``.
+    """
+
+    def __init__(self, logger: logging.Logger, pathname: str, func: str) -> None:
+        self.logger = logger
+        self._pathname = pathname
+        self._func = func
+        self._templates: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def _ordinary(self, level: int, msg: str, args: tuple[object, ...]) -> logging.LogRecord:
+        return self.logger.makeRecord(
+            self.logger.name, level, self._pathname, 0, msg, args, None, self._func
+        )
+
+    def make(self, level: int, msg: str, args: tuple[object, ...]) -> logging.LogRecord:
+        """A record equal to what ``makeRecord`` would return for this call."""
+        if (
+            logging.getLogRecordFactory() is not logging.LogRecord
+            or type(self.logger).makeRecord is not logging.Logger.makeRecord
+        ):
+            return self._ordinary(level, msg, args)
+        key = (threading.get_ident(), level)
+        template = self._templates.get(key)
+        if template is None:
+            record = self._ordinary(level, msg, args)
+            self._templates[key] = dict(record.__dict__)
+            return record
+        record = logging.LogRecord.__new__(logging.LogRecord)
+        fields = record.__dict__
+        fields.update(template)
+        now = time.time_ns()
+        created = now / 1e9
+        fields["msg"], fields["args"], fields["created"] = msg, args, created
+        fields["msecs"] = float((now % 1_000_000_000) // 1_000_000)
+        fields["relativeCreated"] = template["relativeCreated"] + (
+            created - template["created"]
+        ) * 1000
+        if "taskName" in template:  # Python 3.12+: the running asyncio task's name
+            fields["taskName"] = _asyncio_task_name()
+        return record
+
+
+def _asyncio_task_name() -> str | None:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return None
+    return task.get_name() if task is not None else None
+
+
 class KartonLogHandler(logging.Handler):
     """Buffers records for publishing; ``run()`` publishes them.
 
@@ -78,6 +138,8 @@ class KartonLogHandler(logging.Handler):
         self._channel = channel
         self._buffer: collections.deque[tuple[str, str]] = collections.deque(maxlen=max_buffer)
         self._warned = False
+        #: (logger, level, call site) -> channel and the constant fields of its lines
+        self._lines: dict[tuple[str, int, str], tuple[str, dict[str, Any]]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "karton_published", False):
@@ -95,26 +157,34 @@ class KartonLogHandler(logging.Handler):
         For the lines a consumer logs for every task: no LogRecord is needed when no
         other handler wants it (see :func:`needs_record`).
         """
+        key = (logger.name, level, where)
+        known = self._lines.get(key)
+        if known is None:
+            levelname = logging.getLevelName(level)
+            module, _, func = where.partition(":")
+            template = {
+                "name": logger.name,
+                "levelname": levelname,
+                "levelno": level,
+                "filename": module + ".py",
+                "module": module,
+                "lineno": 0,
+                "funcName": func,
+                "type": "log",
+                "hostname": HOSTNAME,
+            }
+            known = self._lines[key] = (log_channel(levelname, self._channel), template)
+        channel, template = known
         task = get_current_task()
-        levelname = logging.getLevelName(level)
-        module, _, func = where.partition(":")
-        line = {
-            "name": logger.name,
-            "levelname": levelname,
-            "levelno": level,
-            "filename": module + ".py",
-            "module": module,
-            "lineno": 0,
-            "funcName": func,
-            "created": time.time(),
-            "type": "log",
-            "message": message,
-            "task_id": task.task_uid if task is not None else "(no task)",
-            "hostname": HOSTNAME,
-        }
+        line = template.copy()
+        line["created"] = time.time()
+        line["message"] = message
         if task is not None:
+            line["task_id"] = task.task_uid
             line["task"] = task.serialize_state()
-        self._buffer.append((log_channel(levelname, self._channel), dumps_record(line)))
+        else:
+            line["task_id"] = "(no task)"
+        self._buffer.append((channel, dumps_record(line)))
 
     async def run(self, interval: float = 0.05) -> None:
         """Publish buffered records until cancelled (flushing what is left, shielded)."""
