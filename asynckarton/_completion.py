@@ -19,6 +19,9 @@ from .backend import TRANSIENT_ERRORS, KartonBackend
 
 __all__ = ["Completer"]
 
+LINGER = 0.002  # seconds a small batch of finished tasks waits for more
+COALESCE_BELOW = 16  # batches this small linger
+
 
 @dataclass(slots=True)
 class _Done:
@@ -50,10 +53,16 @@ class Completer:
         self._wake.set()
 
     async def run(self) -> None:
-        """Write batches as they accumulate, until cancelled."""
+        """Write batches as they accumulate, until cancelled.
+
+        A small batch waits ``LINGER`` seconds for company first: handlers that finish
+        one at a time (I/O-bound ones) would otherwise cost a round trip each.
+        """
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
+            if len(self._pending) < COALESCE_BELOW:
+                await anyio.sleep(LINGER)
             await self._write_pending()
 
     async def drain(self, timeout: float = 30.0) -> None:

@@ -279,28 +279,20 @@ class Consumer(ServiceBase):
             task = self._next_ready()
 
     def _next_ready(self) -> Task | None:
-        """Take the next ready task, waking one parked runner if more remain.
-
-        A handler that never suspends lets one runner drain the whole queue; a handler
-        that does suspend has the woken runner start the next task meanwhile.
-        """
-        if not self._ready:
-            return None
-        task = self._ready.popleft()
-        if self._ready and self._parked:
-            self._parked.popleft().set()
-        return task
+        return self._ready.popleft() if self._ready else None
 
     def _dispatch(self, work: TaskGroup, tasks: list[Task], limit: int) -> None:
-        """Queue fetched tasks: wake a parked runner, start new ones up to ``limit``.
+        """Queue fetched tasks: wake parked runners, start new ones up to ``limit``.
 
-        Parked runners wake one another while tasks remain (see :meth:`_next_ready`), so
-        new runners are started only for the tasks the parked ones cannot take.
+        One parked runner is woken per task, all in the same loop iteration, so handlers
+        that suspend start together (a handler that never suspends lets the first woken
+        runner drain the queue; the others find nothing and park again).  New runners
+        are started only for the tasks the parked ones cannot take.
         """
         self._outstanding += len(tasks)
         self._ready.extend(tasks)
         parked = len(self._parked)
-        if parked:
+        for _ in range(min(parked, len(self._ready))):
             self._parked.popleft().set()
         while len(self._ready) > parked and self._runners < limit:
             self._runners += 1

@@ -255,7 +255,7 @@ async def test_parked_runners_and_new_ones_fill_the_concurrency_limit(tmp_path: 
     assert max(peaks) == 8
 
 
-def test_dispatch_wakes_one_parked_runner_and_starts_runners_for_the_rest(
+def test_dispatch_wakes_parked_runners_and_starts_runners_for_the_rest(
     tmp_path: Path,
 ) -> None:
     """A burst bigger than the parked runners starts new ones, up to the limit."""
@@ -271,13 +271,17 @@ def test_dispatch_wakes_one_parked_runner_and_starts_runners_for_the_rest(
     consumer._runners = 2
     tasks = [Task({"type": "work"}) for _ in range(12)]
     consumer._dispatch(Group(), tasks, 8)  # type: ignore[arg-type]
-    assert [e.is_set() for e in parked] == [True, False]
+    assert [e.is_set() for e in parked] == [True, True]  # both woken at once
+    assert not consumer._parked
     assert started == tasks[:6]  # 2 parked + 6 new = the limit of 8
     assert list(consumer._ready) == tasks[6:]
-    assert consumer._next_ready() is tasks[6]
-    assert parked[1].is_set()  # more remain: the next parked runner is woken
-    consumer._dispatch(Group(), [Task({"type": "work"})], 8)
+    consumer._dispatch(Group(), [Task({"type": "work"})], 8)  # type: ignore[arg-type]
     assert len(started) == 6  # at the limit: queued, no new runner
+    more = [anyio.Event(), anyio.Event(), anyio.Event()]
+    consumer._parked.extend(more)
+    consumer._ready.clear()
+    consumer._dispatch(Group(), [Task({"type": "work"})], 8)  # type: ignore[arg-type]
+    assert [e.is_set() for e in more] == [True, False, False]  # one task, one wake
 
 
 async def test_stop_with_parked_runners_does_not_wait_for_the_grace(tmp_path: Path) -> None:

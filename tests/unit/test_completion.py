@@ -1,0 +1,64 @@
+"""The completion writer: small batches linger so one-at-a-time finishes share a write."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from asynckarton import Task, _completion
+from asynckarton._completion import COALESCE_BELOW, Completer
+
+pytestmark = pytest.mark.anyio
+
+
+class Backend:
+    def __init__(self) -> None:
+        self.writes: list[list[str]] = []
+
+    async def complete(self, identity: str, tasks: list[Task], crashed: int) -> None:
+        self.writes.append([t.uid for t in tasks])
+
+    async def dead_letter(self, identity: str, uids: list[str]) -> None:
+        raise AssertionError("nothing is dead here")
+
+
+async def test_finishes_close_together_share_one_write_and_release_their_leases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_completion, "LINGER", 0.5)
+    backend = Backend()
+    tasks = [Task({"type": "x"}) for _ in range(5)]
+    leased: dict[str, Any] = {t.uid: t for t in tasks}
+    completer = Completer(backend, "id", leased, logging.getLogger("test"))  # type: ignore[arg-type]
+    async with anyio.create_task_group() as group:
+        group.start_soon(completer.run)
+        for task in tasks:  # one at a time, as I/O-bound handlers finish
+            completer.add(task, crashed=False)
+            await anyio.sleep(0.005)
+        with anyio.fail_after(5):
+            while sum(map(len, backend.writes)) < 5:
+                await anyio.sleep(0.01)
+        group.cancel_scope.cancel()
+    assert backend.writes == [[t.uid for t in tasks]]
+    assert leased == {}
+
+
+async def test_a_big_batch_is_written_without_lingering(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_completion, "LINGER", 60.0)  # lingering would time the test out
+    backend = Backend()
+    tasks = [Task({"type": "x"}) for _ in range(COALESCE_BELOW)]
+    completer = Completer(backend, "id", {}, logging.getLogger("test"))  # type: ignore[arg-type]
+    async with anyio.create_task_group() as group:
+        group.start_soon(completer.run)
+        for task in tasks:
+            completer.add(task, crashed=False)
+        with anyio.fail_after(5):
+            while not backend.writes:
+                await anyio.lowlevel.checkpoint()
+        group.cancel_scope.cancel()
+    assert list(itertools.chain(*backend.writes)) == [t.uid for t in tasks]
