@@ -48,6 +48,7 @@ BIND_CHECK_INTERVAL = 5.0
 LOOP_LAG_PROBE = 0.25  # seconds between event-loop lag probes
 LOOP_LAG_WARNING = 0.5  # lag (seconds) that earns a warning naming the running tasks
 BLOCKING_POP_TIMEOUT = 0.5
+QUICK_HANDLER = 0.001  # seconds: tasks handled faster than this are drained by one runner
 
 
 def _load_exception(dotted: str) -> type[BaseException]:
@@ -67,8 +68,10 @@ class Consumer(ServiceBase):
     Class attributes (each overridable by ``[karton]`` config and CLI options):
         identity, filters, persistent, version: as in Karton.
         concurrency_limit: handlers running at once (default 1, as Karton's asyncio).
-        prefetch: tasks taken ahead of free handlers (default concurrency_limit // 2;
-            ``[karton] prefetch``): keeps handlers busy without a round trip between tasks.
+        prefetch: tasks taken ahead of free handlers (default concurrency_limit, 0 for a
+            sequential consumer; ``[karton] prefetch``): keeps handlers busy without a
+            round trip between tasks.  Long tasks with several replicas: set it to 0, so
+            no task waits behind a busy replica while another is idle.
         task_timeout: seconds per task (fractions allowed); None = config, 0 = none.
         max_retries, retry_for, retry_backoff, retry_backoff_max: automatic retries.
         lease_timeout: seconds after which a dead consumer's task is redelivered.
@@ -83,7 +86,7 @@ class Consumer(ServiceBase):
     retry_backoff: ClassVar[float] = 1.0
     retry_backoff_max: ClassVar[float] = 300.0
     lease_timeout: ClassVar[float | None] = None
-    #: Tasks taken ahead of free workers (default: half of concurrency_limit).
+    #: Tasks taken ahead of free workers (default: concurrency_limit; 0 when it is 1).
     prefetch: ClassVar[int | None] = None
 
     def __init__(self, config: Config | None = None, identity: str | None = None) -> None:
@@ -103,6 +106,7 @@ class Consumer(ServiceBase):
         self._ready: collections.deque[Task] = collections.deque()  # fetched, not yet running
         self._parked: collections.deque[anyio.Event] = collections.deque()  # idle runners
         self._fetching = False
+        self._handle_seconds = 0.0  # moving average of one task's wall time in a runner
         self._worker_freed = anyio.Event()
         self._blocking: Any = None
         self._ran_since_probe: set[str] = set()  # handlers active since the last lag probe
@@ -128,7 +132,8 @@ class Consumer(ServiceBase):
         self.shutdown_grace = settings.shutdown_grace
         prefetch = config.getint("karton", "prefetch")
         if prefetch is None:
-            prefetch = cls.prefetch if cls.prefetch is not None else self.concurrency_limit // 2
+            limit = self.concurrency_limit
+            prefetch = cls.prefetch if cls.prefetch is not None else (limit if limit > 1 else 0)
         if prefetch < 0:
             raise ConfigError(
                 "prefetch must be >= 0", section="karton", option="prefetch", value=prefetch,
@@ -265,11 +270,13 @@ class Consumer(ServiceBase):
         """Handle ready tasks one after another; park while there are none."""
         while True:
             while task is not None:
+                began = time.perf_counter()
                 try:
                     await self._handle(task)
                 finally:
                     self._outstanding -= 1
                     self._worker_freed.set()
+                self._handle_seconds += (time.perf_counter() - began - self._handle_seconds) / 8
                 task = self._next_ready()
             if not self._fetching:
                 return
@@ -284,15 +291,17 @@ class Consumer(ServiceBase):
     def _dispatch(self, work: TaskGroup, tasks: list[Task], limit: int) -> None:
         """Queue fetched tasks: wake parked runners, start new ones up to ``limit``.
 
-        One parked runner is woken per task, all in the same loop iteration, so handlers
-        that suspend start together (a handler that never suspends lets the first woken
-        runner drain the queue; the others find nothing and park again).  New runners
-        are started only for the tasks the parked ones cannot take.
+        Handlers that take a while (they suspend: I/O) get one parked runner woken per
+        task, all in the same loop iteration, so they start together.  Quick handlers
+        get one: it drains the queue before any other runner could run, so waking more
+        would only cost.  New runners are started only for the tasks the parked ones
+        cannot take.
         """
         self._outstanding += len(tasks)
         self._ready.extend(tasks)
         parked = len(self._parked)
-        for _ in range(min(parked, len(self._ready))):
+        wake = len(self._ready) if self._handle_seconds > QUICK_HANDLER else 1
+        for _ in range(min(parked, wake)):
             self._parked.popleft().set()
         while len(self._ready) > parked and self._runners < limit:
             self._runners += 1

@@ -266,6 +266,7 @@ def test_dispatch_wakes_parked_runners_and_starts_runners_for_the_rest(
         def start_soon(self, func: Any, *args: Any) -> None:
             started.append(args[0])
 
+    consumer._handle_seconds = 0.05  # handlers that suspend (I/O-bound)
     parked = [anyio.Event(), anyio.Event()]
     consumer._parked.extend(parked)
     consumer._runners = 2
@@ -282,6 +283,12 @@ def test_dispatch_wakes_parked_runners_and_starts_runners_for_the_rest(
     consumer._ready.clear()
     consumer._dispatch(Group(), [Task({"type": "work"})], 8)  # type: ignore[arg-type]
     assert [e.is_set() for e in more] == [True, False, False]  # one task, one wake
+    consumer._handle_seconds = 0.00005  # quick handlers: the first woken drains the rest
+    quick = [anyio.Event(), anyio.Event(), anyio.Event()]
+    consumer._parked.clear()
+    consumer._parked.extend(quick)
+    consumer._dispatch(Group(), [Task({"type": "work"}) for _ in range(3)], 8)  # type: ignore[arg-type]
+    assert [e.is_set() for e in quick] == [True, False, False]
 
 
 async def test_stop_with_parked_runners_does_not_wait_for_the_grace(tmp_path: Path) -> None:
