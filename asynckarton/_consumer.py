@@ -49,6 +49,7 @@ LOOP_LAG_PROBE = 0.25  # seconds between event-loop lag probes
 LOOP_LAG_WARNING = 0.5  # lag (seconds) that earns a warning naming the running tasks
 BLOCKING_POP_TIMEOUT = 0.5
 QUICK_HANDLER = 0.001  # seconds: tasks handled faster than this are drained by one runner
+STRANDED_AFTER = 0.002  # seconds before tasks left behind by a quick batch get runners
 
 
 def _load_exception(dotted: str) -> type[BaseException]:
@@ -106,7 +107,8 @@ class Consumer(ServiceBase):
         self._ready: collections.deque[Task] = collections.deque()  # fetched, not yet running
         self._parked: collections.deque[anyio.Event] = collections.deque()  # idle runners
         self._fetching = False
-        self._handle_seconds = 0.0  # moving average of one task's wall time in a runner
+        self._handle_seconds = -1.0  # moving average of a task's wall time (< 0: none yet)
+        self._maybe_stranded = anyio.Event()
         self._worker_freed = anyio.Event()
         self._blocking: Any = None
         self._ran_since_probe: set[str] = set()  # handlers active since the last lag probe
@@ -218,10 +220,15 @@ class Consumer(ServiceBase):
                 background.start_soon(self._watch_bind, presence)
                 background.start_soon(self._keep_leases)
                 background.start_soon(self._watch_loop_lag)
+                background.start_soon(self._unstrand)
                 self._blocking = blocking
-                await self._consume(task_status)
-                with anyio.CancelScope(shield=True):
-                    await self._completer.drain()
+                stopped = False
+                try:
+                    await self._consume(task_status)
+                    stopped = True
+                finally:  # finished tasks are written even when run() is cancelled
+                    with anyio.CancelScope(shield=True):
+                        await self._completer.drain(30.0 if stopped else 5.0)
                 background.cancel_scope.cancel()
         finally:
             self._scopes = None
@@ -276,7 +283,10 @@ class Consumer(ServiceBase):
                 finally:
                     self._outstanding -= 1
                     self._worker_freed.set()
-                self._handle_seconds += (time.perf_counter() - began - self._handle_seconds) / 8
+                took = time.perf_counter() - began
+                if self._handle_seconds < 0:  # the first sample seeds the average
+                    self._handle_seconds = took
+                self._handle_seconds += (took - self._handle_seconds) / 8
                 task = self._next_ready()
             if not self._fetching:
                 return
@@ -299,13 +309,34 @@ class Consumer(ServiceBase):
         """
         self._outstanding += len(tasks)
         self._ready.extend(tasks)
-        parked = len(self._parked)
-        wake = len(self._ready) if self._handle_seconds > QUICK_HANDLER else 1
-        for _ in range(min(parked, wake)):
-            self._parked.popleft().set()
-        while len(self._ready) > parked and self._runners < limit:
+        quick = 0.0 <= self._handle_seconds <= QUICK_HANDLER
+        woken = self._wake_parked(1 if quick else len(self._ready))
+        while len(self._ready) > woken and self._runners < limit:
             self._runners += 1
             work.start_soon(self._runner, self._ready.popleft())
+        if quick and self._ready and self._parked:
+            self._maybe_stranded.set()  # see _unstrand
+
+    def _wake_parked(self, wanted: int) -> int:
+        woken = min(wanted, len(self._parked))
+        for _ in range(woken):
+            self._parked.popleft().set()
+        return woken
+
+    async def _unstrand(self) -> None:
+        """Wake parked runners for tasks that a quick-looking batch left waiting.
+
+        Quick handlers get a single runner per batch; should one of them suspend for
+        long (a slow call, or one waiting for another task of the batch), the rest of
+        the batch would wait with runners parked.  ``STRANDED_AFTER`` seconds after such
+        a batch, every task still ready gets a parked runner.  A batch that was really
+        quick is drained by then and this finds nothing to do.
+        """
+        while True:
+            await self._maybe_stranded.wait()
+            self._maybe_stranded = anyio.Event()
+            await anyio.sleep(STRANDED_AFTER)
+            self._wake_parked(len(self._ready))
 
     async def _room(self, limit: int) -> int:
         """Wait until a fetch is worth it; return how many tasks to take."""

@@ -12,10 +12,12 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import platform
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -80,7 +82,7 @@ class RecordMaker:
         self.logger = logger
         self._pathname = pathname
         self._func = func
-        self._templates: dict[tuple[int, int], dict[str, Any]] = {}
+        self._templates: dict[tuple[object, ...], dict[str, Any]] = {}
 
     def _ordinary(self, level: int, msg: str, args: tuple[object, ...]) -> logging.LogRecord:
         return self.logger.makeRecord(
@@ -94,10 +96,18 @@ class RecordMaker:
             or type(self.logger).makeRecord is not logging.Logger.makeRecord
         ):
             return self._ordinary(level, msg, args)
-        key = (threading.get_ident(), level)
+        if len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+            return self._ordinary(level, msg, args)  # LogRecord unwraps a lone mapping
+        key = (
+            threading.get_ident(), threading.current_thread().name, os.getpid(), level,
+            logging.logThreads, logging.logProcesses, logging.logMultiprocessing,
+            getattr(logging, "logAsyncioTasks", None),
+        )  # fmt: skip
         template = self._templates.get(key)
         if template is None:
             record = self._ordinary(level, msg, args)
+            if len(self._templates) >= 64:  # threads come and go: keep it bounded
+                self._templates.clear()
             self._templates[key] = dict(record.__dict__)
             return record
         record = logging.LogRecord.__new__(logging.LogRecord)
@@ -110,8 +120,8 @@ class RecordMaker:
         fields["relativeCreated"] = template["relativeCreated"] + (
             created - template["created"]
         ) * 1000
-        if "taskName" in template:  # Python 3.12+: the running asyncio task's name
-            fields["taskName"] = _asyncio_task_name()
+        if "taskName" in template and getattr(logging, "logAsyncioTasks", False):
+            fields["taskName"] = _asyncio_task_name()  # Python 3.12+
         return record
 
 

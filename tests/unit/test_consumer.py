@@ -291,6 +291,61 @@ def test_dispatch_wakes_parked_runners_and_starts_runners_for_the_rest(
     assert [e.is_set() for e in quick] == [True, False, False]
 
 
+async def test_tasks_left_by_a_quick_batch_get_parked_runners_soon(tmp_path: Path) -> None:
+    """One runner drains a quick batch; if its handler suspends instead, the rest of the
+    batch must not wait for it with runners parked (here: within STRANDED_AFTER)."""
+    from asynckarton._consumer import STRANDED_AFTER
+
+    consumer = Recorder(testing.embedded_config(tmp_path))
+    consumer._handle_seconds = 0.00005  # so far every task was quick
+    parked = [anyio.Event() for _ in range(3)]
+    consumer._parked.extend(parked)
+    consumer._runners = 3
+
+    class Group:
+        def start_soon(self, func: Any, *args: Any) -> None:
+            raise AssertionError("no new runner: all three exist")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(consumer._unstrand)
+        consumer._dispatch(Group(), [Task({"type": "work"}) for _ in range(3)], 3)  # type: ignore[arg-type]
+        assert [e.is_set() for e in parked] == [True, False, False]
+        consumer._ready.popleft()  # the woken runner takes one, then suspends in it
+        with anyio.fail_after(STRANDED_AFTER + 2):
+            while not all(e.is_set() for e in parked[1:]):
+                await anyio.sleep(0.001)
+        group.cancel_scope.cancel()
+
+
+async def test_finished_tasks_are_written_when_run_is_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling run() from outside (not stop()) still records what already finished."""
+    from asynckarton import _completion
+
+    monkeypatch.setattr(_completion, "LINGER", 5.0)  # the writer is surely lingering
+    done = anyio.Event()
+
+    class Quick(Consumer):
+        identity = "test.cancelled"
+        filters = [{"type": "cancelled"}]
+
+        async def process(self, task: Task) -> None:
+            done.set()
+
+    async with testing.pipeline(data_dir=tmp_path) as p:
+        consumer = Quick(p.config)
+        async with consumer, anyio.create_task_group() as group:
+            await group.start(consumer.run)
+            await p.send(Task({"type": "cancelled"}))
+            with anyio.fail_after(10):
+                await done.wait()
+            await anyio.sleep(0.05)
+            group.cancel_scope.cancel()
+        [task] = await p.tasks(receiver="test.cancelled")
+    assert task.status is TaskState.FINISHED
+
+
 async def test_stop_with_parked_runners_does_not_wait_for_the_grace(tmp_path: Path) -> None:
     consumer = Recorder(testing.embedded_config(tmp_path))
     async with testing.pipeline(consumer, data_dir=tmp_path) as p:

@@ -66,3 +66,26 @@ def test_a_custom_record_factory_is_honoured() -> None:
     finally:
         logging.setLogRecordFactory(default)
     assert getattr(record, "custom", None) == "yes"
+
+
+def test_a_lone_mapping_argument_is_unwrapped_as_logging_does() -> None:
+    logger = logging.getLogger("test.records.mapping")
+    maker = RecordMaker(logger, __file__, "_handle")
+    maker.make(logging.INFO, "warm", ())
+    record = maker.make(logging.INFO, "%(n)s done", ({"n": 7},))
+    assert record.getMessage() == "7 done"
+
+
+def test_changed_logging_flags_are_honoured() -> None:
+    logger = logging.getLogger("test.records.flags")
+    maker = RecordMaker(logger, __file__, "_handle")
+    maker.make(logging.INFO, "warm", ())
+    assert maker.make(logging.INFO, "x", ()).threadName == threading.current_thread().name
+    previous = logging.logThreads
+    logging.logThreads = False
+    try:
+        maker.make(logging.INFO, "template for the new flags", ())
+        record = maker.make(logging.INFO, "x", ())
+    finally:
+        logging.logThreads = previous
+    assert record.threadName is None and record.thread is None
