@@ -142,7 +142,6 @@ class Consumer(ServiceBase):
                 source=config.source("karton", "prefetch"),
             )  # fmt: skip
         self.prefetch = prefetch  # type: ignore[misc]
-        self._prefetch: int = prefetch
 
     @classmethod
     def args_parser(cls) -> argparse.ArgumentParser:
@@ -340,7 +339,7 @@ class Consumer(ServiceBase):
 
     async def _room(self, limit: int) -> int:
         """Wait until a fetch is worth it; return how many tasks to take."""
-        capacity = limit + self._prefetch
+        capacity = limit + (self.prefetch or 0)
         threshold = max(1, capacity // 4)
         while True:
             room = capacity - self._outstanding
