@@ -5,14 +5,22 @@ filters match; consumers run ``async def process(self, task)``.  Redis holds tas
 queues (Karton's keys), S3 holds resources; with neither configured, an in-process Redis
 and a local directory run everything in one process.
 
-Layering (lower never imports higher): _errors -> _config, _query -> _resource,
-storage -> _task -> backend -> _service -> _producer, _consumer -> _karton -> system
--> cli, fastapi.
+Map of the package, lowest layer first; a module imports only its own layer or lower
+ones, never in a cycle (``tests/unit/test_layers.py`` checks both):
+
+===================  ===================================================================
+``_errors``          the exception tree (every error carries its data)
+``_settings/``       configuration: ini layers, environment, flags, declared options
+``storage/``         where resource bytes live: the ``Storage`` protocol, S3 and local
+``_wire/``           Karton's wire format: tasks, resources, filters (queries), archives
+``backend/``         the only code that talks to Redis: keys, Lua scripts, connections
+``_services/``       producer, consumer, their runtime, logging, and the run loop
+``system/``          the system service: router, garbage collector, task admin
+``demo/``            a small classifier pipeline with shipped samples
+``cli/``, ``fastapi``, ``testing``   the edges: command line, FastAPI, test kit
+===================  ===================================================================
 """
 
-from ._blocking import to_process, to_thread
-from ._config import Config, Option
-from ._consumer import Consumer
 from ._errors import (
     ConfigError,
     InvalidTaskError,
@@ -24,11 +32,14 @@ from ._errors import (
     TaskTimeoutError,
     UnsafeArchiveError,
 )
-from ._karton import Karton
-from ._producer import Producer
-from ._resource import LocalResource, RemoteResource, ResourceBase
-from ._task import Task, TaskPriority, TaskState, get_current_task
+from ._services._blocking import to_process, to_thread
+from ._services._consumer import Consumer
+from ._services._karton import Karton
+from ._services._producer import Producer
+from ._settings._config import Config, Option
 from ._version import __version__
+from ._wire._resource import LocalResource, RemoteResource, ResourceBase
+from ._wire._task import Task, TaskPriority, TaskState, get_current_task
 from .system import SystemService
 
 Resource = LocalResource

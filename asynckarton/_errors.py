@@ -50,7 +50,9 @@ class ConfigError(KartonError, ValueError):
             parts.append(f"value {value!r}")
         if source:
             parts.append(f"from {source}")
-        super().__init__(": ".join(parts[:1]) + (" (" + ", ".join(parts[1:]) + ")" if parts[1:] else ""))
+        super().__init__(
+            ": ".join(parts[:1]) + (" (" + ", ".join(parts[1:]) + ")" if parts[1:] else "")
+        )
         self.section = section
         self.option = option
         self.source = source

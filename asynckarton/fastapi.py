@@ -34,9 +34,9 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
         "asynckarton.fastapi needs FastAPI: pip install 'asynckarton[fastapi]'"
     ) from exc
 
-from ._config import Config
-from ._consumer import Consumer
-from ._producer import Producer
+from ._services._consumer import Consumer
+from ._services._producer import Producer
+from ._settings._config import Config
 from .system import SystemService
 
 __all__ = ["Lifespan", "ProducerDep", "lifespan"]

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import anyio
 
-from ._config import Config
-from ._consumer import Consumer
-from ._producer import Producer
-from ._task import Task, TaskState
+from ._services._consumer import Consumer
+from ._services._producer import Producer
+from ._settings._config import Config
+from ._wire._task import Task, TaskState
 from .backend import _keys as keys
 from .system import SystemService
 

@@ -69,8 +69,10 @@ async def send_upload(
 ) -> dict[str, str]:
     """Send the uploaded file as an ``upload`` task; returns its uid and root uid."""
     content = await file.read()
-    task = Task({"type": "upload"}, payload={"file": LocalResource(file.filename or "upload",
-                                                                   content=content)})
+    task = Task(
+        {"type": "upload"},
+        payload={"file": LocalResource(file.filename or "upload", content=content)},
+    )
     await producer.send_task(task)
     return {"uid": task.uid, "root_uid": task.root_uid}
 

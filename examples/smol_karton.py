@@ -12,16 +12,14 @@ from asynckarton import Config, Karton, Task
 
 class SmolKarton(Karton):
     identity = "karton.smol"
-    filters = [{
-        "type": "smol-tasks"
-    }]
+    filters = [{"type": "smol-tasks"}]
 
     async def process(self, task: Task) -> None:
         if self.config.has_option("smol", "how_smol"):
             how_smol = self.config.getint("smol", "how_smol")
             if task.headers["size"] > how_smol:
-               # Task is not smol enough UwU
-               return
+                # Task is not smol enough UwU
+                return
         ...  # noqa: PIE790
 
     @classmethod
@@ -47,6 +45,7 @@ class SmolKarton(Karton):
                 }
             }
         )
+
 
 if __name__ == "__main__":
     SmolKarton.main()

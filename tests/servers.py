@@ -71,8 +71,18 @@ class RedisServer:
             else ["--appendonly", "no", "--save", ""]
         )
         self.process = subprocess.Popen(
-            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
-             "--dir", str(self.dir), "--protected-mode", "no", *persistence],
+            [
+                self.binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.dir),
+                "--protected-mode",
+                "no",
+                *persistence,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

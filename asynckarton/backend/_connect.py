@@ -34,7 +34,9 @@ class FastConnection(aredis.Connection):
         if _hiredis_pack is None or any(isinstance(a, memoryview) for a in args):
             return super().pack_command(*args)
         first = args[0]
-        if (isinstance(first, str) and " " in first) or (isinstance(first, bytes) and b" " in first):
+        if (isinstance(first, str) and " " in first) or (
+            isinstance(first, bytes) and b" " in first
+        ):
             args = (*first.split(), *args[1:])
         return [_hiredis_pack(args)]
 

@@ -20,7 +20,7 @@ import anyio
 import redis.asyncio as aredis
 import redis.exceptions
 
-from .._task import Task, TaskState
+from .._wire._task import Task, TaskState
 from . import _keys as keys
 from . import _scripts as scripts
 from ._connect import RedisConnector
@@ -208,7 +208,9 @@ class KartonBackend:
         out: list[str | None] = []
         for start in range(0, len(uids), 1000):
             chunk = uids[start : start + 1000]
-            out.extend(cast(list[str | None], await self.redis.mget([keys.task_key(u) for u in chunk])))
+            out.extend(
+                cast(list[str | None], await self.redis.mget([keys.task_key(u) for u in chunk]))
+            )
         return out
 
     async def scan_task_keys(self, match: str = keys.TASK_PREFIX + "*") -> AsyncIterator[list[str]]:
@@ -362,7 +364,11 @@ class KartonBackend:
     async def route_wait(self, client: aredis.Redis, instance: str, timeout: float) -> bool:
         """Block until one unrouted uid was moved into the journal (BLMOVE)."""
         moved = await client.blmove(
-            keys.TASKS_QUEUE, keys.routing_key(instance), timeout, "LEFT", "RIGHT"  # type: ignore[arg-type]
+            keys.TASKS_QUEUE,
+            keys.routing_key(instance),
+            timeout,  # type: ignore[arg-type]  # Redis takes fractional seconds
+            "LEFT",
+            "RIGHT",
         )
         return moved is not None
 

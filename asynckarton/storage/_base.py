@@ -161,6 +161,6 @@ class Storage(Protocol):
 
         Deduplicated objects are stored under their lowercase hex SHA-256 as the key, so
         this is one existence check (see :meth:`LocalResource.upload
-        <asynckarton._resource.LocalResource.upload>`).
+        <asynckarton._wire._resource.LocalResource.upload>`).
         """
         ...

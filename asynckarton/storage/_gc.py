@@ -8,7 +8,7 @@ before declaring (or for clocks that disagree): a key any of whose versions is y
 than ``min_age`` seconds is left for a later run.
 
 Known limit, shared with Karton's GC: with deduplicated resources (the key is the
-content's SHA-256, see :meth:`LocalResource.upload <asynckarton._resource.LocalResource.upload>`)
+content's SHA-256, see :meth:`LocalResource.upload <asynckarton._wire._resource.LocalResource.upload>`)
 an object can be re-referenced by a new task *after* the scan and still be deleted by this
 run. The window is the scan-to-delete time; keep it short, and prefer dedup for buckets
 whose GC runs with a generous ``min_age``.

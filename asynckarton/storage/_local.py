@@ -40,8 +40,10 @@ def _check_name(kind: str, name: str) -> str:
         or any(sep in name for sep in ("/", "\\", "\0"))
         or (os.altsep is not None and os.altsep in name)
     ):
-        raise StorageError(f"invalid {kind} name {name!r} for LocalStorage: "
-                           "it must be one path component without a leading dot")
+        raise StorageError(
+            f"invalid {kind} name {name!r} for LocalStorage: "
+            "it must be one path component without a leading dot"
+        )
     return name
 
 
@@ -94,8 +96,9 @@ class LocalStorage:
             yield
         except FileNotFoundError as exc:
             if not self._bucket_dir(bucket).is_dir():
-                raise StorageError(f"local {op} failed: bucket {bucket!r} does not exist "
-                                   f"under {self.root}") from exc
+                raise StorageError(
+                    f"local {op} failed: bucket {bucket!r} does not exist under {self.root}"
+                ) from exc
             if key is None:
                 raise StorageError(f"local {op} on bucket {bucket!r} failed: {exc}") from exc
             raise ResourceNotFoundError(bucket, key) from exc
@@ -223,8 +226,9 @@ class LocalStorage:
 
         def copy() -> None:
             with self._errors("download_to_file", bucket, key), open(source, "rb") as src:
-                fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
-                                            dir=target.parent)
+                fd, name = tempfile.mkstemp(
+                    prefix=f".{target.name}.", suffix=".part", dir=target.parent
+                )
                 try:
                     with os.fdopen(fd, "wb") as out:
                         shutil.copyfileobj(src, out, _COPY_CHUNK)
@@ -253,7 +257,8 @@ class LocalStorage:
         def names() -> list[str]:
             with self._errors("list_object_versions", bucket, None):
                 return sorted(
-                    entry.name for entry in os.scandir(directory)
+                    entry.name
+                    for entry in os.scandir(directory)
                     if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
                 )
 

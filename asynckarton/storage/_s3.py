@@ -308,8 +308,9 @@ class S3Storage:
 
     async def put_bytes(self, bucket: str, key: str, data: bytes) -> None:
         """Store ``data`` under ``key`` in one PUT."""
-        await self._call("put_object", bucket, key, self._client.put_object,
-                         Bucket=bucket, Key=key, Body=data)
+        await self._call(
+            "put_object", bucket, key, self._client.put_object, Bucket=bucket, Key=key, Body=data
+        )
 
     async def exists(self, bucket: str, key: str) -> bool:
         """HEAD the object; a 404 means no."""
@@ -355,8 +356,12 @@ class S3Storage:
         self, bucket: str, key: str, *, start: int | None = None, end: int | None = None
     ) -> bytes:
         """Read the object, or the inclusive range ``start..end``, into memory."""
-        parts = [chunk async for chunk in self.iter_chunks(
-            bucket, key, chunk_size=8 * MiB, start=start, end=end)]
+        parts = [
+            chunk
+            async for chunk in self.iter_chunks(
+                bucket, key, chunk_size=8 * MiB, start=start, end=end
+            )
+        ]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def iter_chunks(
@@ -394,14 +399,20 @@ class S3Storage:
         """Yield every version and delete marker, one page (1000 entries) at a time."""
         params: ListObjectVersionsRequestTypeDef = {"Bucket": bucket, "MaxKeys": _LIST_PAGE}
         while True:
-            page = await self._call("list_object_versions", bucket, None,
-                                    self._client.list_object_versions, **params)
+            page = await self._call(
+                "list_object_versions", bucket, None, self._client.list_object_versions, **params
+            )
             for version in page.get("Versions", []):
-                yield ObjectVersion(version["Key"], version.get("VersionId"), False,
-                                    version["LastModified"].timestamp())
+                yield ObjectVersion(
+                    version["Key"],
+                    version.get("VersionId"),
+                    False,
+                    version["LastModified"].timestamp(),
+                )
             for marker in page.get("DeleteMarkers", []):
-                yield ObjectVersion(marker["Key"], marker.get("VersionId"), True,
-                                    marker["LastModified"].timestamp())
+                yield ObjectVersion(
+                    marker["Key"], marker.get("VersionId"), True, marker["LastModified"].timestamp()
+                )
             if not page.get("IsTruncated"):
                 return
             params["KeyMarker"] = page["NextKeyMarker"]
@@ -424,11 +435,19 @@ class S3Storage:
         failed: list[tuple[str, str]] = []
         for offset in range(0, len(entries), _DELETE_BATCH):
             batch = entries[offset : offset + _DELETE_BATCH]
-            reply = await self._call("delete_objects", bucket, None, self._client.delete_objects,
-                                     Bucket=bucket, Delete={"Objects": batch, "Quiet": False})
+            reply = await self._call(
+                "delete_objects",
+                bucket,
+                None,
+                self._client.delete_objects,
+                Bucket=bucket,
+                Delete={"Objects": batch, "Quiet": False},
+            )
             deleted += len(reply.get("Deleted", []))
-            failed += [(e.get("Key", "?"), f"{e.get('Code')}: {e.get('Message')}")
-                       for e in reply.get("Errors", [])]
+            failed += [
+                (e.get("Key", "?"), f"{e.get('Code')}: {e.get('Message')}")
+                for e in reply.get("Errors", [])
+            ]
         if failed:
             raise PartialDeleteError(bucket, deleted, failed)
         return deleted
@@ -440,4 +459,3 @@ def _identifier(item: ObjectVersion | str, delete_null_versions: bool) -> Object
     if item.version_id is None or (item.version_id == "null" and not delete_null_versions):
         return {"Key": item.key}
     return {"Key": item.key, "VersionId": item.version_id}
-

@@ -93,8 +93,10 @@ def classify(exc: Exception, op: str, bucket: str, key: str | None) -> Failure |
     where = f"S3 {op} on bucket {bucket!r}" + (f", key {key!r}" if key is not None else "")
     if isinstance(exc, ClientError):
         code, status = error_code(exc), http_status(exc)
-        if key is not None and (code in _NOT_FOUND_CODES or status == 404) and (
-            code != "NoSuchBucket"
+        if (
+            key is not None
+            and (code in _NOT_FOUND_CODES or status == 404)
+            and (code != "NoSuchBucket")
         ):
             return Failure(ResourceNotFoundError(bucket, key), transient=False)
         if code == "NoSuchBucket":

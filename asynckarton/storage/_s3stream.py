@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from asynckarton._errors import StorageError
+from asynckarton.storage._s3calls import S3Calls
 from asynckarton.storage._s3errors import (
     ClientError,
     backoff_delay,
@@ -24,7 +25,6 @@ from asynckarton.storage._s3errors import (
 if TYPE_CHECKING:
     from types_aiobotocore_s3.type_defs import GetObjectRequestTypeDef
 
-    from asynckarton.storage._s3 import S3Storage
 
 _READ_SIZE = 1 << 18  # what one body.read() asks aiohttp for
 
@@ -33,7 +33,7 @@ class S3Reader:
     """One streaming read of ``key`` between inclusive offsets ``first`` and ``last``."""
 
     def __init__(
-        self, storage: S3Storage, bucket: str, key: str, first: int, last: int | None
+        self, storage: S3Calls, bucket: str, key: str, first: int, last: int | None
     ) -> None:
         self._storage = storage
         self._bucket = bucket

@@ -18,11 +18,11 @@ import anyio
 
 from asynckarton._errors import StorageError
 from asynckarton.storage._io import HashingReader
+from asynckarton.storage._s3calls import S3Calls
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
-    from asynckarton.storage._s3 import S3Storage
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _ABORT_TIMEOUT = 30.0
 class S3Upload:
     """One ``put_file`` call: decides between a PUT and a multipart upload, and runs it."""
 
-    def __init__(self, storage: S3Storage, bucket: str, key: str, reader: HashingReader) -> None:
+    def __init__(self, storage: S3Calls, bucket: str, key: str, reader: HashingReader) -> None:
         self._storage = storage
         self._bucket = bucket
         self._key = key
@@ -80,14 +80,26 @@ class S3Upload:
     async def _multipart(self, head: list[bytes], part_size: int) -> None:
         storage, client = self._storage, self._storage._client
         bucket, key = self._bucket, self._key
-        created = await storage._call("create_multipart_upload", bucket, key,
-                                      client.create_multipart_upload, Bucket=bucket, Key=key)
+        created = await storage._call(
+            "create_multipart_upload",
+            bucket,
+            key,
+            client.create_multipart_upload,
+            Bucket=bucket,
+            Key=key,
+        )
         upload_id = created["UploadId"]
         try:
             parts = await self._upload_parts(upload_id, head, part_size)
             await storage._call(
-                "complete_multipart_upload", bucket, key, client.complete_multipart_upload,
-                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
+                "complete_multipart_upload",
+                bucket,
+                key,
+                client.complete_multipart_upload,
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
             )
         except BaseException:
             await self._abort(upload_id)
@@ -99,9 +111,15 @@ class S3Upload:
         storage, bucket, key = self._storage, self._bucket, self._key
         with anyio.move_on_after(_ABORT_TIMEOUT, shield=True):
             try:
-                await storage._call("abort_multipart_upload", bucket, key,
-                                    storage._client.abort_multipart_upload,
-                                    Bucket=bucket, Key=key, UploadId=upload_id)
+                await storage._call(
+                    "abort_multipart_upload",
+                    bucket,
+                    key,
+                    storage._client.abort_multipart_upload,
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                )
             except StorageError as exc:  # the original failure matters more
                 log.warning("could not abort multipart upload %s of %r: %s", upload_id, key, exc)
 
@@ -121,10 +139,17 @@ class S3Upload:
 
         async def send(number: int, body: bytes) -> None:
             try:
-                reply = await storage._call("upload_part", bucket, key,
-                                            storage._client.upload_part, Bucket=bucket,
-                                            Key=key, UploadId=upload_id, PartNumber=number,
-                                            Body=body)
+                reply = await storage._call(
+                    "upload_part",
+                    bucket,
+                    key,
+                    storage._client.upload_part,
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                )
                 etags[number] = reply["ETag"]
             except StorageError as exc:
                 errors.append(exc)

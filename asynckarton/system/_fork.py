@@ -12,10 +12,9 @@ import uuid
 from typing import Any
 
 from .._errors import InvalidTaskError
-from .._task import TaskState, _check_fields, dumps, loads
+from .._wire._task import TaskState, _check_fields, dumps, loads
 
 __all__ = ["RoutableTask", "parse_routable"]
-
 
 
 class RoutableTask:

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import anyio
 
 from .._errors import InvalidTaskError
-from .._options import SystemSettings
-from .._task import Task, TaskState
+from .._settings._options import SystemSettings
+from .._wire._task import Task, TaskState
 from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend
 from ..backend import _keys as keys
 from ..storage import Storage, collect_orphans

@@ -21,8 +21,8 @@ import orjson
 from anyio.abc import TaskStatus
 
 from .._errors import InvalidTaskError
-from .._logging import HOSTNAME, dumps_record
-from .._query import BindIndex
+from .._services._logging import HOSTNAME, dumps_record
+from .._wire._query import BindIndex
 from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch, until_done
 from ..backend._keys import log_channel, task_key
 from ._fork import RoutableTask, parse_routable

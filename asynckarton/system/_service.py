@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 import anyio
 from anyio.abc import TaskStatus
 
-from .._config import Config
 from .._errors import ConfigError
-from .._options import add_system_arguments, system_config_from_args
-from .._service import ServiceBase
+from .._services._service import ServiceBase
+from .._settings._config import Config
+from .._settings._options import add_system_arguments, system_config_from_args
 from ..backend import TRANSIENT_ERRORS, until_done
 from ._gc import GarbageCollector
 from ._router import Router

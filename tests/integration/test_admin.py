@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from asynckarton import Task, TaskPriority, TaskState
-from asynckarton._admin import cancel_crashed, last_error_line, list_crashed, restart_crashed
 from asynckarton.backend import KartonBackend, ServerConnector
 from asynckarton.backend._keys import dead_key, queue_key, task_key
-from asynckarton.cli import app
+from asynckarton.cli._app import app
+from asynckarton.system._admin import cancel_crashed, last_error_line, list_crashed, restart_crashed
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

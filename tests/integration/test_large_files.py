@@ -51,9 +51,22 @@ def test_256_mib_round_trip_in_constant_memory(
     source, target = tmp_path / "large.bin", tmp_path / "large.out"
     expected = write_random_file(source, SIZE)
     run = subprocess.run(
-        [sys.executable, "-m", "tests.integration._large_file_client", s3_srv.url,
-         s3_srv.access_key, s3_srv.secret_key, s3_bucket, str(source), str(target)],
-        cwd=ROOT, capture_output=True, text=True, timeout=800, check=False,
+        [
+            sys.executable,
+            "-m",
+            "tests.integration._large_file_client",
+            s3_srv.url,
+            s3_srv.access_key,
+            s3_srv.secret_key,
+            s3_bucket,
+            str(source),
+            str(target),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=800,
+        check=False,
     )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])

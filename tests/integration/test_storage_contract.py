@@ -24,7 +24,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 )
 
 from asynckarton._errors import ResourceNotFoundError, StorageError
-from asynckarton._resource import LocalResource, RemoteResource
+from asynckarton._wire._resource import LocalResource, RemoteResource
 from asynckarton.storage import (
     LocalStorage,
     ObjectVersion,
@@ -60,7 +60,11 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     srv: S3Server = request.getfixturevalue("s3_srv")
     bucket = request.getfixturevalue("s3_bucket")
     async with S3Storage(
-        srv.url, srv.access_key, srv.secret_key, multipart_threshold=PART + 1, part_size=PART,
+        srv.url,
+        srv.access_key,
+        srv.secret_key,
+        multipart_threshold=PART + 1,
+        part_size=PART,
         backoff=0.01,
     ) as s3:
         await s3.ensure_bucket(bucket, create=True)
@@ -136,8 +140,8 @@ async def test_iter_chunks_exact_sizes(env: Env) -> None:
     assert [len(c) for c in chunks] == [MiB, MiB, MiB, 123]
     assert b"".join(chunks) == data
     ranged = [
-        c async for c in env.storage.iter_chunks(
-            env.bucket, "c", chunk_size=1000, start=5, end=2504)
+        c
+        async for c in env.storage.iter_chunks(env.bucket, "c", chunk_size=1000, start=5, end=2504)
     ]
     assert [len(c) for c in ranged] == [1000, 1000, 500]
     assert b"".join(ranged) == data[5:2505]
@@ -282,7 +286,8 @@ def counted(real: Callable[..., Awaitable[Any]], name: str, calls: list[str]) ->
 async def test_versioned_bucket_versions_and_markers(env: Env) -> None:
     assert isinstance(env.storage, S3Storage)
     await env.storage._client.put_bucket_versioning(
-        Bucket=env.bucket, VersioningConfiguration={"Status": "Enabled"})
+        Bucket=env.bucket, VersioningConfiguration={"Status": "Enabled"}
+    )
     await env.storage.put_bytes(env.bucket, "v", b"one")
     await env.storage.put_bytes(env.bucket, "v", b"two")
     await env.storage.put_bytes(env.bucket, "keep", b"k")
@@ -400,8 +405,12 @@ async def test_dedup(env: Env, tmp_path: Path) -> None:
 @pytest.fixture
 async def s3(s3_srv: S3Server, s3_bucket: str) -> AsyncIterator[S3Storage]:
     async with S3Storage(
-        s3_srv.url, s3_srv.access_key, s3_srv.secret_key,
-        multipart_threshold=PART + 1, part_size=PART, backoff=0.01,
+        s3_srv.url,
+        s3_srv.access_key,
+        s3_srv.secret_key,
+        multipart_threshold=PART + 1,
+        part_size=PART,
+        backoff=0.01,
     ) as storage:
         await storage.ensure_bucket(s3_bucket, create=True)
         yield storage
@@ -409,8 +418,10 @@ async def s3(s3_srv: S3Server, s3_bucket: str) -> AsyncIterator[S3Storage]:
 
 def client_error(status: int, code: str, op: str = "UploadPart") -> ClientError:
     return ClientError(
-        {"Error": {"Code": code, "Message": "injected"},
-         "ResponseMetadata": {"HTTPStatusCode": status}},
+        {
+            "Error": {"Code": code, "Message": "injected"},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
         op,
     )
 
@@ -574,7 +585,8 @@ async def test_s3_from_settings_and_closed_use(s3_srv: S3Server, s3_bucket: str)
         iam_auth: bool = False
 
     storage = S3Storage.from_settings(
-        Settings(s3_srv.url, s3_srv.access_key, s3_srv.secret_key, s3_bucket))
+        Settings(s3_srv.url, s3_srv.access_key, s3_srv.secret_key, s3_bucket)
+    )
     with pytest.raises(RuntimeError, match="not open"):
         await storage.exists(s3_bucket, "k")
     async with storage:

@@ -17,8 +17,8 @@ from anyio.abc import TaskStatus
 from typer.testing import CliRunner
 
 from asynckarton import Config, SystemService, __version__
-from asynckarton._loader import CommonOptions, build_services, load_service_class, split_targets
-from asynckarton.cli import app, serve_forever
+from asynckarton.cli._app import app, serve_forever
+from asynckarton.cli._loader import CommonOptions, build_services, load_service_class, split_targets
 from asynckarton.demo import classify, extract_strings, sample_files
 
 REPO = Path(__file__).resolve().parents[2]

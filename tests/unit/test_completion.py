@@ -10,8 +10,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from asynckarton import Task, _completion
-from asynckarton._completion import COALESCE_BELOW, Completer
+from asynckarton import Task
+from asynckarton._services import _completion
+from asynckarton._services._completion import COALESCE_BELOW, Completer
 
 pytestmark = pytest.mark.anyio
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from asynckarton._config import (
+from asynckarton._errors import ConfigError
+from asynckarton._settings._config import (
     Config,
     KartonSettings,
     LoggingSettings,
@@ -18,8 +19,7 @@ from asynckarton._config import (
     S3Settings,
     SystemSettings,
 )
-from asynckarton._errors import ConfigError
-from asynckarton._options import (
+from asynckarton._settings._options import (
     Option,
     add_consumer_arguments,
     add_options_to_parser,

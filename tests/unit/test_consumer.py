@@ -44,7 +44,9 @@ class Sleeper(Consumer):
 
 async def test_a_crashing_handler_marks_the_task_and_keeps_consuming(tmp_path: Path) -> None:
     async with testing.pipeline(Exploder, Recorder, data_dir=tmp_path) as p:
-        await p.send(Task({"type": "boom"}), Task({"type": "boom"}), Task({"type": "work", "n": "1"}))
+        await p.send(
+            Task({"type": "boom"}), Task({"type": "boom"}), Task({"type": "work", "n": "1"})
+        )
         await p.wait_idle()
         crashed = await p.tasks(receiver="test.exploder")
         metrics = await p.producer.backend.redis.hgetall(keys.metrics_key("crashed"))
@@ -55,7 +57,10 @@ async def test_a_crashing_handler_marks_the_task_and_keeps_consuming(tmp_path: P
 
 async def test_fractional_timeout_crashes_with_task_timeout_error(tmp_path: Path) -> None:
     async with testing.pipeline(Sleeper, data_dir=tmp_path) as p:
-        await p.send(Task({"type": "slow"}, payload={"sleep": 5}), Task({"type": "slow"}, payload={"sleep": 0}))
+        await p.send(
+            Task({"type": "slow"}, payload={"sleep": 5}),
+            Task({"type": "slow"}, payload={"sleep": 0}),
+        )
         with anyio.fail_after(5):
             await p.wait_idle()
         tasks = await p.tasks(receiver="test.sleeper")
@@ -184,7 +189,10 @@ class Blocker(Consumer):
 async def test_stop_drains_short_tasks_and_hands_back_long_ones(tmp_path: Path) -> None:
     consumer = Blocker(testing.embedded_config(tmp_path))
     async with testing.pipeline(consumer, data_dir=tmp_path) as p:
-        await p.send(Task({"type": "block"}, payload={"sleep": 0.2}), Task({"type": "block"}, payload={"sleep": 30}))
+        await p.send(
+            Task({"type": "block"}, payload={"sleep": 0.2}),
+            Task({"type": "block"}, payload={"sleep": 30}),
+        )
         with anyio.fail_after(5):
             while Blocker.started < 2:
                 await anyio.sleep(0.01)
@@ -193,7 +201,9 @@ async def test_stop_drains_short_tasks_and_hands_back_long_ones(tmp_path: Path) 
             while consumer._scopes is not None:
                 await anyio.sleep(0.01)
         tasks = await p.tasks(receiver="test.blocker")
-        queued = await p.producer.backend.redis.lrange(keys.queue_key("normal", "test.blocker"), 0, -1)
+        queued = await p.producer.backend.redis.lrange(
+            keys.queue_key("normal", "test.blocker"), 0, -1
+        )
         leases = await p.producer.backend.redis.zcard(keys.leases_key("test.blocker"))
     statuses = sorted(t.status.value for t in tasks)
     assert statuses == ["Finished", "Spawned"]
@@ -294,7 +304,7 @@ def test_dispatch_wakes_parked_runners_and_starts_runners_for_the_rest(
 async def test_tasks_left_by_a_quick_batch_get_parked_runners_soon(tmp_path: Path) -> None:
     """One runner drains a quick batch; if its handler suspends instead, the rest of the
     batch must not wait for it with runners parked (here: within STRANDED_AFTER)."""
-    from asynckarton._consumer import STRANDED_AFTER
+    from asynckarton._services._consumer import STRANDED_AFTER
 
     consumer = Recorder(testing.embedded_config(tmp_path))
     consumer._handle_seconds = 0.00005  # so far every task was quick
@@ -321,7 +331,7 @@ async def test_finished_tasks_are_written_when_run_is_cancelled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Cancelling run() from outside (not stop()) still records what already finished."""
-    from asynckarton import _completion
+    from asynckarton._services import _completion
 
     monkeypatch.setattr(_completion, "LINGER", 5.0)  # the writer is surely lingering
     done = anyio.Event()

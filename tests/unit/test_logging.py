@@ -6,7 +6,7 @@ import logging
 import threading
 from typing import Any
 
-from asynckarton._logging import RecordMaker
+from asynckarton._services._logging import RecordMaker
 
 VOLATILE = {"created", "msecs", "relativeCreated"}
 

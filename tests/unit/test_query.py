@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from asynckarton._errors import QueryError
-from asynckarton._query import BindIndex, Matcher, compile_filters, matches_filters
+from asynckarton._wire._query import BindIndex, Matcher, compile_filters, matches_filters
 
 RAISES = "raises"  # compiles, but raises when matching these headers
 COMPILE_ERROR = "compile error"  # rejected by compile_filters

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from asynckarton._errors import QueryError
-from asynckarton._query import BindIndex, compile_filters
+from asynckarton._wire._query import BindIndex, compile_filters
 
 if os.environ.get("CI"):
     from karton.core import query as karton_query  # must be installed under CI

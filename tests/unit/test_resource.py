@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from asynckarton._errors import InvalidTaskError, UnsafeArchiveError
-from asynckarton._resource import (
+from asynckarton._wire._resource import (
     RESOURCE_KEY,
     LocalResource,
     RemoteResource,
@@ -240,7 +240,9 @@ def read_tree(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("in_memory", [False, True])
 async def test_directory_round_trip(storage: LocalStorage, tmp_path: Path, in_memory: bool) -> None:
     files = make_tree(tmp_path / "tree")
-    resource = await LocalResource.from_directory("tree.zip", tmp_path / "tree", in_memory=in_memory)
+    resource = await LocalResource.from_directory(
+        "tree.zip", tmp_path / "tree", in_memory=in_memory
+    )
     assert resource.flags == ["Directory"]
     remote = await uploaded(storage, resource)
     assert remote.is_directory
@@ -394,11 +396,10 @@ def test_decompressed_bytes_are_counted_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Even if the declared sizes were believed, extraction stops at max_size."""
-    from asynckarton import _archive
+    from asynckarton._wire import _archive
 
     monkeypatch.setattr(_archive, "check_members", lambda *a, **k: None)
     archive = zip_of({"ok.txt": b"fine", "big.bin": b"\0" * (3 << 20)})
     with pytest.raises(UnsafeArchiveError, match="expands past max_size"):
-        _archive.safe_extract(io.BytesIO(archive), tmp_path / "out", max_size=1 << 20,
-                              max_files=10)
+        _archive.safe_extract(io.BytesIO(archive), tmp_path / "out", max_size=1 << 20, max_files=10)
     assert names(tmp_path) == []

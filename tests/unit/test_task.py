@@ -79,7 +79,9 @@ def test_we_read_karton_core_json_identically() -> None:
 
 
 def test_resources_round_trip_as_karton_resources() -> None:
-    task = Task({"type": "x"}, payload={"files": [LocalResource("a", b"abc", uid="u-1", bucket="b")]})
+    task = Task(
+        {"type": "x"}, payload={"files": [LocalResource("a", b"abc", uid="u-1", bucket="b")]}
+    )
     doc = json.loads(task.serialize())
     spec = doc["payload"]["files"][0]["__karton_resource__"]
     assert spec["uid"] == "u-1" and spec["name"] == "a" and spec["bucket"] == "b"

@@ -14,11 +14,11 @@ from collections.abc import Iterable, Sequence
 
 import anyio
 
-from ._errors import InvalidTaskError
-from ._resource import LocalResource
+from .._errors import InvalidTaskError
+from .._wire._resource import LocalResource
+from .._wire._task import Task, get_current_task
+from ..backend._keys import task_key
 from ._service import ServiceBase
-from ._task import Task, get_current_task
-from .backend._keys import task_key
 
 __all__ = ["Producer"]
 

@@ -54,7 +54,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
-from ._errors import QueryError
+from .._errors import QueryError
 
 __all__ = ["BindIndex", "Matcher", "compile_filters", "matches_filters"]
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ._config import Config
+from .._settings._config import Config
+from .._wire._task import Task
 from ._consumer import Consumer
 from ._producer import Producer
-from ._task import Task
 
 __all__ = ["Karton"]
 

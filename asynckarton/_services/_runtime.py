@@ -20,9 +20,9 @@ from typing import Any
 
 import anyio
 
-from ._config import Config
-from .backend import EmbeddedConnector, KartonBackend, RedisConnector, ServerConnector
-from .storage import LocalStorage, S3Storage, Storage
+from .._settings._config import Config
+from ..backend import EmbeddedConnector, KartonBackend, RedisConnector, ServerConnector
+from ..storage import LocalStorage, S3Storage, Storage
 
 __all__ = ["Runtime", "acquire_runtime"]
 

@@ -26,14 +26,14 @@ from typing import Any, ClassVar
 
 import anyio
 
-from ._config import Config
-from ._consumer import Consumer
-from ._karton import Karton
+from .._services._consumer import Consumer
+from .._services._karton import Karton
+from .._services._producer import Producer
+from .._settings._config import Config
+from .._wire._resource import LocalResource, RemoteResource, ResourceBase
+from .._wire._task import Task
+from ..system import SystemService
 from ._magic import classify, extract_strings
-from ._producer import Producer
-from ._resource import LocalResource, RemoteResource, ResourceBase
-from ._task import Task
-from .system import SystemService
 
 __all__ = [
     "Classifier",

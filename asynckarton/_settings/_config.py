@@ -32,7 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 from ._options import (
     KartonSettings,
     LoggingSettings,

@@ -27,9 +27,10 @@ from typing import Any
 
 import orjson
 
-from ._errors import InvalidTaskError
+from .._errors import InvalidTaskError
+from ..storage import Storage
+from ._query import matches_filters
 from ._resource import RESOURCE_KEY, ResourceBase, resource_from_wire
-from .storage import Storage
 
 __all__ = ["Task", "TaskPriority", "TaskState", "current_task", "get_current_task"]
 
@@ -213,8 +214,6 @@ class Task:
 
     def matches_filters(self, filters: list[dict[str, Any]]) -> bool:
         """Tell whether this task's headers match Karton ``filters``."""
-        from ._query import matches_filters
-
         return matches_filters(filters, self.headers)
 
     # -- payload access ---------------------------------------------------------------

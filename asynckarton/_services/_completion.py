@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import anyio
 
-from ._task import Task
-from .backend import TRANSIENT_ERRORS, KartonBackend
+from .._wire._task import Task
+from ..backend import TRANSIENT_ERRORS, KartonBackend
 
 __all__ = ["Completer"]
 

@@ -18,14 +18,20 @@ from urllib.parse import urlencode
 
 import anyio
 
-from ._config import Config, Option
-from ._errors import InvalidIdentityError
+from .._errors import InvalidIdentityError
+from .._settings._config import Config, Option
+from .._settings._options import (
+    add_options_to_parser,
+    base_args_parser,
+    base_config_from_args,
+    options_from_args,
+)
+from .._version import __version__ as _version
+from ..backend import KARTON_PROTOCOL_VERSION, KartonBackend
+from ..storage import Storage
 from ._logging import KartonLogHandler
-from ._options import base_args_parser, base_config_from_args
+from ._run import serve_forever, startup_errors
 from ._runtime import Runtime, acquire_runtime
-from ._version import __version__ as _version
-from .backend import KARTON_PROTOCOL_VERSION, KartonBackend
-from .storage import Storage
 
 __all__ = ["ServiceBase"]
 
@@ -85,8 +91,6 @@ class ServiceBase:
         """Return the argument parser of :meth:`main` (extend it and call super)."""
         parser = base_args_parser(cls.args_description())
         parser.add_argument("--version", action="version", version=str(cls.version or _version))
-        from ._options import add_options_to_parser
-
         add_options_to_parser(parser, cls.options)
         return parser
 
@@ -94,8 +98,6 @@ class ServiceBase:
     def config_from_args(cls, config: Config, args: argparse.Namespace) -> None:
         """Copy parsed arguments into ``config`` (extend it and call super)."""
         base_config_from_args(config, args)
-        from ._options import options_from_args
-
         options_from_args(config, cls.options, args)
 
     @classmethod
@@ -110,8 +112,6 @@ class ServiceBase:
     @classmethod
     def main(cls, argv: Sequence[str] | None = None) -> None:
         """Entry point: parse arguments, run until SIGINT/SIGTERM, drain, exit."""
-        from .cli import serve_forever, startup_errors
-
         args = cls.args_parser().parse_args(argv)
         with startup_errors(getattr(args, "log_level", None)):  # bad config: one line, exit 1
             service = cls.karton_from_args(args)

@@ -23,9 +23,9 @@ from typing import Any
 import anyio
 import orjson
 
-from ._task import get_current_task
-from .backend import TRANSIENT_ERRORS, KartonBackend
-from .backend._keys import log_channel
+from .._wire._task import get_current_task
+from ..backend import TRANSIENT_ERRORS, KartonBackend
+from ..backend._keys import log_channel
 
 __all__ = ["KartonLogHandler", "RecordMaker", "dumps_record", "format_record", "needs_record"]
 
@@ -117,9 +117,9 @@ class RecordMaker:
         created = now / 1e9
         fields["msg"], fields["args"], fields["created"] = msg, args, created
         fields["msecs"] = float((now % 1_000_000_000) // 1_000_000)
-        fields["relativeCreated"] = template["relativeCreated"] + (
-            created - template["created"]
-        ) * 1000
+        fields["relativeCreated"] = (
+            template["relativeCreated"] + (created - template["created"]) * 1000
+        )
         if "taskName" in template and getattr(logging, "logAsyncioTasks", False):
             fields["taskName"] = _asyncio_task_name()  # Python 3.12+
         return record

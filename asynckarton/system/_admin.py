@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
-from ._errors import InvalidTaskError
-from ._task import Task, TaskState
-from .backend import KartonBackend
-from .backend._keys import dead_key, queue_key, task_key
+from .._errors import InvalidTaskError
+from .._wire._task import Task, TaskState
+from ..backend import KartonBackend
+from ..backend._keys import dead_key, queue_key, task_key
 
 __all__ = ["cancel_crashed", "last_error_line", "list_crashed", "restart_crashed"]
 

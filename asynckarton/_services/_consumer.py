@@ -29,15 +29,15 @@ from typing import Any, ClassVar
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from .._errors import ConfigError, InvalidTaskError, Retry, TaskTimeoutError
+from .._settings._config import Config
+from .._settings._options import add_consumer_arguments, consumer_config_from_args
+from .._wire._query import compile_filters
+from .._wire._task import Task, TaskState, current_task
+from ..backend import TRANSIENT_ERRORS, Bind, until_done
 from ._completion import Completer
-from ._config import Config
-from ._errors import ConfigError, InvalidTaskError, Retry, TaskTimeoutError
 from ._logging import RecordMaker, needs_record
-from ._options import add_consumer_arguments, consumer_config_from_args
-from ._query import compile_filters
 from ._service import ServiceBase
-from ._task import Task, TaskState, current_task
-from .backend import TRANSIENT_ERRORS, Bind, until_done
 
 __all__ = ["Consumer"]
 

@@ -11,7 +11,7 @@ Differences from karton-core, all invisible on the wire:
   file is computed while it uploads (one read pass instead of Karton's two), or earlier by
   :meth:`LocalResource.prepare`. Zipping, extraction and file access run in threads.
 * Large files stream: multipart upload, chunked download, ranged reads.
-* Directory archives are extracted safely (see :mod:`asynckarton._archive`).
+* Directory archives are extracted safely (see :mod:`asynckarton._wire._archive`).
 * Optional content-addressed deduplication: the object key is the SHA-256 of the content,
   so a second upload of the same bytes is a single existence check. Karton's GC deletes
   any unreferenced object in the default bucket whatever its key, so deduplicated objects
@@ -35,8 +35,8 @@ from typing import Any, BinaryIO, Self
 
 import anyio
 
-from asynckarton._archive import safe_extract, zip_directory_to
 from asynckarton._errors import InvalidTaskError, StorageError
+from asynckarton._wire._archive import safe_extract, zip_directory_to
 from asynckarton.storage._base import Source, Storage
 from asynckarton.storage._io import hash_source, sha256_bytes
 
@@ -164,16 +164,26 @@ class LocalResource(ResourceBase):
         flags: list[str] | None = None,
         deduplicate: bool = False,
     ) -> None:
-        given = [label for label, value in (("content", content), ("path", path), ("fd", fd))
-                 if value is not None]
+        given = [
+            label
+            for label, value in (("content", content), ("path", path), ("fd", fd))
+            if value is not None
+        ]
         if len(given) != 1:
             raise ValueError(
                 "LocalResource needs exactly one of content, path or fd; "
                 + (f"got {' and '.join(given)}" if given else "got none")
             )
         data = content.encode() if isinstance(content, str) else content
-        super().__init__(name, bucket=bucket, metadata=metadata, uid=uid, sha256=sha256,
-                         size=len(data) if data is not None else None, flags=flags)
+        super().__init__(
+            name,
+            bucket=bucket,
+            metadata=metadata,
+            uid=uid,
+            sha256=sha256,
+            size=len(data) if data is not None else None,
+            flags=flags,
+        )
         self._content = data
         self.path = os.fspath(path) if path is not None else None
         self.fd = fd
@@ -204,9 +214,15 @@ class LocalResource(ResourceBase):
             NotADirectoryError: ``directory_path`` is not a directory.
         """
         archive = await anyio.to_thread.run_sync(
-            lambda: zip_directory_to(directory_path, compression, in_memory=in_memory))
-        options: dict[str, Any] = {"bucket": bucket, "metadata": metadata, "uid": uid,
-                                   "flags": [DIRECTORY_FLAG], "deduplicate": deduplicate}
+            lambda: zip_directory_to(directory_path, compression, in_memory=in_memory)
+        )
+        options: dict[str, Any] = {
+            "bucket": bucket,
+            "metadata": metadata,
+            "uid": uid,
+            "flags": [DIRECTORY_FLAG],
+            "deduplicate": deduplicate,
+        }
         if isinstance(archive, io.BytesIO):
             return cls(name, archive.getvalue(), **options)
         resource = cls(name, fd=archive, **options)
@@ -328,8 +344,9 @@ class RemoteResource(ResourceBase):
         flags: list[str] | None = None,
         storage: Storage | None = None,
     ) -> None:
-        super().__init__(name, bucket=bucket, metadata=metadata, uid=uid, sha256=sha256,
-                         size=size, flags=flags)
+        super().__init__(
+            name, bucket=bucket, metadata=metadata, uid=uid, sha256=sha256, size=size, flags=flags
+        )
         self._storage = storage
         self._content: bytes | None = None
 
@@ -483,12 +500,15 @@ class RemoteResource(ResourceBase):
         """
         if self._content is not None:
             await anyio.to_thread.run_sync(
-                lambda: safe_extract(io.BytesIO(self.content), path,
-                                     max_size=max_size, max_files=max_files))
+                lambda: safe_extract(
+                    io.BytesIO(self.content), path, max_size=max_size, max_files=max_files
+                )
+            )
             return
         async with self.download_temporary_file(suffix=".zip") as handle:
             await anyio.to_thread.run_sync(
-                lambda: safe_extract(handle, path, max_size=max_size, max_files=max_files))
+                lambda: safe_extract(handle, path, max_size=max_size, max_files=max_files)
+            )
 
     @asynccontextmanager
     async def extract_temporary(

@@ -1,7 +1,7 @@
 """``asynckarton tasks``: list, restart and cancel Crashed tasks from the command line.
 
-The logic lives in :mod:`asynckarton._admin`; this is only its typer front end (part of
-the CLI edge, registered by :mod:`asynckarton.cli`).
+The logic lives in :mod:`asynckarton.system._admin`; this is only its typer front end (part of
+the CLI edge, registered by :mod:`asynckarton.cli._app`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Annotated, Any
 import anyio
 import typer
 
-from . import _admin
-from ._config import Config
-from ._errors import ConfigError
-from .backend import KartonBackend, ServerConnector
+from .._errors import ConfigError
+from .._services._run import startup_errors
+from .._settings._config import Config
+from ..backend import KartonBackend, ServerConnector
+from ..system import _admin
 
 __all__ = ["tasks_app"]
 
@@ -25,12 +26,6 @@ tasks_app = typer.Typer(help="List, restart or cancel Crashed tasks.", no_args_i
 ConfigFile = Annotated[
     str | None, typer.Option("--config-file", help="ini file read after the default ones.")
 ]
-
-
-def _startup_errors() -> Any:
-    from .cli import startup_errors  # the CLI owns error reporting (and imports us)
-
-    return startup_errors()
 
 
 def _with_backend(config_file: str | None, action: Callable[[KartonBackend], Any]) -> Any:
@@ -60,7 +55,7 @@ def tasks_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """List Crashed tasks: uid, receiver and the last line of their error."""
-    with _startup_errors():
+    with startup_errors():
         tasks = _with_backend(config_file, _admin.list_crashed)
     for task in tasks:
         error = _admin.last_error_line(task)
@@ -89,7 +84,7 @@ def _act(
         done: list[str] = await action(backend, uids=uid, identity=identity, all=everything)
         return done
 
-    with _startup_errors():
+    with startup_errors():
         done = _with_backend(config_file, call)
     for new in done:
         typer.echo(new)

@@ -19,10 +19,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ._config import Config
-from ._errors import ConfigError
-from ._service import ServiceBase
-from .system import SystemService
+from .._errors import ConfigError
+from .._services._service import ServiceBase
+from .._settings._config import Config
+from ..system import SystemService
 
 __all__ = ["CommonOptions", "build_services", "load_service_class", "split_targets"]
 

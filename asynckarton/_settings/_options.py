@@ -1,6 +1,6 @@
 """What can be configured: typed settings views, service options and command-line flags.
 
-:class:`~asynckarton._config.Config` knows *where* values come from; this module describes
+:class:`~asynckarton._settings._config.Config` knows *where* values come from; this module describes
 *what* they are. The frozen ``*Settings`` dataclasses are the validated views that
 ``Config.redis_settings()`` and friends return (build them directly to skip ini files
 altogether: secrets are left out of their repr).
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 if TYPE_CHECKING:
     from ._config import Config

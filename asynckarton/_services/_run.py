@@ -1,0 +1,171 @@
+"""Running services as a program: the run loop, signal handling and logging set-up.
+
+Library classes never install signal handlers or configure logging; this module does
+both, and only for its two callers at the program's edge: the ``asynckarton`` console
+script and ``Service.main()``.  Shutdown is two-stage, like Karton's graceful killer: the
+first SIGINT/SIGTERM stops fetching and gives in-flight tasks the grace period to finish;
+a second one hands whatever still runs back to its queue at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .._errors import ConfigError, KartonError
+from .._settings._config import Config
+
+__all__ = ["Servable", "configure_logging", "describe_error", "serve_forever", "startup_errors"]
+
+LOG_FORMAT = "[%(asctime)s][%(levelname)s] %(message)s"  # karton-core's format
+log = logging.getLogger("asynckarton.run")
+
+
+@runtime_checkable
+class Servable(Protocol):
+    """What :func:`serve_forever` runs: a service (Consumer, Karton, SystemService)."""
+
+    @property
+    def identity(self) -> str: ...
+    @property
+    def config(self) -> Config: ...
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, *exc_info: object) -> bool | None: ...
+
+    async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
+    def stop(self, *, grace: float | None = None) -> None: ...
+
+
+# -- logging and errors ------------------------------------------------------------------
+
+
+def configure_logging(level: str | None) -> str:
+    """Set up the root logger in Karton's format; return the level name used.
+
+    Raises:
+        ConfigError: ``level`` is not a logging level name.
+    """
+    name = (level or "INFO").strip().upper()
+    if name not in logging.getLevelNamesMapping():
+        raise ConfigError("unknown log level", option="--log-level", value=level)
+    logging.basicConfig(format=LOG_FORMAT, level=name)
+    logging.getLogger().setLevel(name)
+    return name
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a failure: our errors speak for themselves, others get their type."""
+    leaves = [e for e in _leaves(exc) if not isinstance(e, asyncio.CancelledError)]
+    first = leaves[0] if leaves else exc
+    text = str(first) if isinstance(first, KartonError) else f"{type(first).__name__}: {first}"
+    return " ".join(text.split())
+
+
+@contextmanager
+def startup_errors(log_level: str | None = None) -> Iterator[None]:
+    """Turn any exception into a one-line error on stderr and exit code 1.
+
+    The traceback is printed too when ``log_level`` is DEBUG.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the program's edge: any failure is one line
+        if str(log_level or "").upper() == "DEBUG":
+            traceback.print_exception(exc)
+        print(f"asynckarton: error: {describe_error(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+# -- serving -----------------------------------------------------------------------------
+
+
+class _Supervisor:
+    """Runs services in one task group and turns signals into ``stop()`` calls."""
+
+    def __init__(self, services: Sequence[object], grace: float | None) -> None:
+        self.services: list[Servable] = []
+        for service in services:
+            if not isinstance(service, Servable):
+                raise TypeError(f"{type(service).__name__} has no run()/stop(): cannot serve it")
+            self.services.append(service)
+        self.grace = grace
+        self.started = False
+        self.scope: anyio.CancelScope | None = None  # startup and run; made in the loop
+
+    async def serve(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as watcher:
+                watcher.start_soon(self._watch, signals)
+                with anyio.CancelScope() as self.scope:
+                    async with AsyncExitStack() as stack:
+                        for service in self.services:
+                            await stack.enter_async_context(service)
+                        async with anyio.create_task_group() as group:
+                            for runnable in self.services:
+                                await group.start(runnable.run)
+                            self.started = True
+                            names = ", ".join(s.identity for s in self.services)
+                            log.info("Running %s; SIGINT/SIGTERM drains, twice stops now", names)
+                watcher.cancel_scope.cancel()  # every service returned: stop listening
+
+    async def _watch(self, signals: Any) -> None:
+        received = 0
+        async for signum in signals:
+            received += 1
+            name = signal.Signals(signum).name
+            if not self.started or received > 2:
+                log.warning("%s: cancelling everything", name)
+                if self.scope is not None:
+                    self.scope.cancel()
+            elif received == 1:
+                grace = "configured" if self.grace is None else f"{self.grace:g} s"
+                log.warning("%s: draining (%s grace); send it again to stop now", name, grace)
+                for runnable in self.services:
+                    runnable.stop(grace=self.grace)
+            else:
+                log.warning("%s again: handing in-flight tasks back to their queues", name)
+                for runnable in self.services:
+                    runnable.stop(grace=0)
+
+
+def serve_forever(
+    services: Sequence[object], *, log_level: str | None = None, grace: float | None = None
+) -> None:
+    """Run ``services`` in one event loop until they stop or SIGINT/SIGTERM stops them.
+
+    The first signal stops fetching and gives in-flight tasks ``grace`` seconds (default:
+    each service's ``[karton] shutdown_grace``); a second one hands them back at once.
+    Returns normally (exit code 0) once every service returned; a failure, at startup
+    or later, prints one line on stderr and exits with code 1.
+
+    Args:
+        services: Consumers, Kartons and SystemServices (not yet open).
+        log_level: root log level (default: the first service's ``[logging] level``).
+        grace: seconds in-flight tasks get after the first signal.
+    """
+    if not services:
+        raise ValueError("serve_forever() needs at least one service")
+    with startup_errors(log_level):
+        supervisor = _Supervisor(services, grace)
+        level = log_level or supervisor.services[0].config.logging_settings().level
+        level = configure_logging(level)
+    with startup_errors(level):
+        anyio.run(supervisor.serve)
+    log.info("All services stopped")

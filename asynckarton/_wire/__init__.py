@@ -1,0 +1,1 @@
+"""(layer package; see asynckarton/__init__.py)."""
