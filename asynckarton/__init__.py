@@ -36,6 +36,7 @@ from ._services._blocking import to_process, to_thread
 from ._services._consumer import Consumer
 from ._services._karton import Karton
 from ._services._producer import Producer
+from ._services._runtime import Runtime
 from ._settings._config import Config, Option
 from ._version import __version__
 from ._wire._resource import LocalResource, RemoteResource, ResourceBase
@@ -60,6 +61,7 @@ __all__ = [
     "ResourceBase",
     "ResourceNotFoundError",
     "Retry",
+    "Runtime",
     "StorageError",
     "SystemService",
     "Task",

@@ -16,7 +16,10 @@ optionally a SystemService, which the embedded runtime needs) in one task group 
 ``tg.start`` (the app serves only once they are ready), and on shutdown calls
 ``stop(grace=...)`` on each: in-flight tasks get the grace period, then are handed back.
 The ``async with`` nesting gives the exit order: services drain, then the producer
-closes.  Lifespan shutdown is the application's signal handling (style R15).
+closes, then the runtime.  The producer and every service with the same connection
+settings share one :class:`~asynckarton.Runtime` (one Redis pool, one storage client), or
+the one passed as ``runtime=``.  Lifespan shutdown is the application's signal handling:
+the library installs no signal handlers.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
 
 from ._services._consumer import Consumer
 from ._services._producer import Producer
+from ._services._runtime import Runtime, share_runtimes
 from ._settings._config import Config
 from .system import SystemService
 
@@ -54,6 +58,7 @@ def lifespan(
     system: bool = False,
     producer_identity: str = "asynckarton.fastapi",
     grace: float | None = None,
+    runtime: Runtime | None = None,
 ) -> Lifespan:
     """Build a FastAPI lifespan that runs asynckarton services beside the app.
 
@@ -66,6 +71,8 @@ def lifespan(
         producer_identity: identity of the shared producer (``origin`` of its tasks).
         grace: seconds in-flight tasks get at shutdown (default: each consumer's
             ``[karton] shutdown_grace``).
+        runtime: the runtime every service not given one uses (default: one per
+            distinct connection settings, opened and closed by the lifespan).
     """
 
     @asynccontextmanager
@@ -73,8 +80,10 @@ def lifespan(
         cfg = config if config is not None else Config()
         services: list[Consumer | SystemService] = [SystemService(cfg)] if system else []
         services.extend(consumers)
+        producer = Producer(cfg, identity=producer_identity)
         async with (
-            Producer(cfg, identity=producer_identity) as producer,
+            share_runtimes([producer, *services], runtime),
+            producer,
             anyio.create_task_group() as group,
         ):
             for service in services:

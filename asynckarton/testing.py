@@ -23,6 +23,7 @@ import anyio
 
 from ._services._consumer import Consumer
 from ._services._producer import Producer
+from ._services._runtime import share_runtimes
 from ._settings._config import Config
 from ._wire._task import Task, TaskState
 from .backend import _keys as keys
@@ -121,11 +122,15 @@ async def pipeline(
         if not gc:
             config.set("system", "enable_gc", "0")
         async with AsyncExitStack() as stack:
-            system = await stack.enter_async_context(SystemService(config))
+            system = SystemService(config)
             consumers = [s if isinstance(s, Consumer) else s(config) for s in services]
+            producer = Producer(config, identity="testing")
+            # one runtime for the pipeline's services, closed after them
+            await stack.enter_async_context(share_runtimes([system, *consumers, producer]))
+            await stack.enter_async_context(system)
             for consumer in consumers:
                 await stack.enter_async_context(consumer)
-            producer = await stack.enter_async_context(Producer(config, identity="testing"))
+            await stack.enter_async_context(producer)
             group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(group.cancel_scope.cancel)
             await group.start(system.run)

@@ -37,6 +37,7 @@ from .._wire._task import Task, TaskState, current_task
 from ..backend import TRANSIENT_ERRORS, Bind, until_done
 from ._completion import Completer
 from ._logging import RecordMaker, needs_record
+from ._runtime import Runtime
 from ._service import ServiceBase
 
 __all__ = ["Consumer"]
@@ -90,8 +91,14 @@ class Consumer(ServiceBase):
     #: Tasks taken ahead of free workers (default: concurrency_limit; 0 when it is 1).
     prefetch: ClassVar[int | None] = None
 
-    def __init__(self, config: Config | None = None, identity: str | None = None) -> None:
-        super().__init__(config, identity)
+    def __init__(
+        self,
+        config: Config | None = None,
+        identity: str | None = None,
+        *,
+        runtime: Runtime | None = None,
+    ) -> None:
+        super().__init__(config, identity, runtime=runtime)
         if self.filters is None:
             raise ValueError("filters must be a list of dicts (use [] to match nothing)")
         self._match = compile_filters(list(self.filters))

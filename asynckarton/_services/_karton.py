@@ -6,6 +6,7 @@ from .._settings._config import Config
 from .._wire._task import Task
 from ._consumer import Consumer
 from ._producer import Producer
+from ._runtime import Runtime
 
 __all__ = ["Karton"]
 
@@ -19,8 +20,14 @@ class Karton(Consumer, Producer):
 
     with_service_info = True
 
-    def __init__(self, config: Config | None = None, identity: str | None = None) -> None:
-        super().__init__(config, identity)
+    def __init__(
+        self,
+        config: Config | None = None,
+        identity: str | None = None,
+        *,
+        runtime: Runtime | None = None,
+    ) -> None:
+        super().__init__(config, identity, runtime=runtime)
         if self.config.signaling_status():
             self.add_pre_hook(self._signal_begin, "karton.signaling.status")
             self.add_post_hook(self._signal_end, "karton.signaling.status")

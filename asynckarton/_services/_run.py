@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 
 from .._errors import ConfigError, KartonError
 from .._settings._config import Config
+from ._runtime import share_runtimes
 
 __all__ = ["Servable", "configure_logging", "describe_error", "serve_forever", "startup_errors"]
 
@@ -115,6 +116,8 @@ class _Supervisor:
                 watcher.start_soon(self._watch, signals)
                 with anyio.CancelScope() as self.scope:
                     async with AsyncExitStack() as stack:
+                        # one runtime per connection settings, shared by the services
+                        await stack.enter_async_context(share_runtimes(self.services))
                         for service in self.services:
                             await stack.enter_async_context(service)
                         async with anyio.create_task_group() as group:
@@ -153,7 +156,8 @@ def serve_forever(
     The first signal stops fetching and gives in-flight tasks ``grace`` seconds (default:
     each service's ``[karton] shutdown_grace``); a second one hands them back at once.
     Returns normally (exit code 0) once every service returned; a failure, at startup
-    or later, prints one line on stderr and exits with code 1.
+    or later, prints one line on stderr and exits with code 1.  Services with the same
+    connection settings share one runtime (``_runtime.share_runtimes``).
 
     Args:
         services: Consumers, Kartons and SystemServices (not yet open).

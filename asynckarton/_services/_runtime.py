@@ -1,22 +1,41 @@
-"""Runtime: the connections one process shares between all its services.
+"""Runtime: the connections services use (a Redis backend and a storage client).
 
-Every Producer, Consumer and SystemService built from equivalent configuration in one
-process (and one event loop) shares one Redis connection pool and one storage client
-(one aiobotocore client for S3).  The first user opens them, the last one closes them.
+A :class:`Runtime` is an explicit object.  Build it from a configuration
+(:meth:`Runtime.from_config`) or from the parts (a :class:`~asynckarton.backend.RedisConnector`
+and a :class:`~asynckarton.storage.Storage`, for tests and custom set-ups); neither does
+I/O.  It is an async context manager with a count of users: the first ``async with``
+opens the storage client and the Redis pool, the last one to leave closes both, and a
+closed runtime cannot be opened again.  Services share a runtime only when they are given
+the same one::
+
+    async with Runtime.from_config(config) as runtime:
+        async with Producer(config, runtime=runtime) as producer, Hasher(config, runtime=runtime):
+            ...
+
+A service that is not given a runtime opens its own on ``__aenter__`` and closes it on
+``__aexit__``: two services with equal configurations and no runtime get two pools.  The
+program's edges choose to share: ``serve_forever`` (so ``asynckarton run A B`` and
+``Service.main()``), ``asynckarton.fastapi.lifespan`` and ``asynckarton.testing.pipeline``
+open one runtime per distinct connection settings (:func:`share_runtimes`) for the
+services of their process.
 
 With no ``[redis]`` and no ``[s3]`` configured (or ``[asynckarton] embedded = 1``), the
 runtime is *embedded*: an in-process Redis (fakeredis) driven by the same backend code,
-and resources in a local directory.
+and resources in ``<data_dir>/resources``.  The in-process Redis *server* belongs to the
+data directory, not to a runtime: every runtime of this process built for the same
+``data_dir`` connects to the same server (:func:`embedded_server`), which lives as long as
+the process, as a redis-server outlives its clients.  So services on the embedded default
+see one another's queues whether or not they share a runtime, and a service restarted in
+the same process (tests, FastAPI reloads) finds the data it left.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Hashable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 import anyio
 
@@ -24,83 +43,229 @@ from .._settings._config import Config
 from ..backend import EmbeddedConnector, KartonBackend, RedisConnector, ServerConnector
 from ..storage import LocalStorage, S3Storage, Storage
 
-__all__ = ["Runtime", "acquire_runtime"]
-
-DEFAULT_BUCKET = "karton"
-
-
-@dataclass
-class Runtime:
-    """Redis backend + storage + default bucket, shared by a process's services."""
-
-    backend: KartonBackend
-    storage: Storage
-    bucket: str
-    embedded: bool
-    users: int = field(default=0, repr=False)
-
-
-_RUNTIMES: dict[tuple[Any, ...], Runtime] = {}
-_OPENING: dict[tuple[Any, ...], anyio.Lock] = {}
-# Embedded servers outlive their runtimes for the life of the process, so a service
-# restarted in the same process (tests, FastAPI reloads) sees the same in-process data.
-_EMBEDDED_SERVERS: dict[str, Any] = {}
-
-
-def _runtime_key(config: Config) -> tuple[Any, ...]:
-    loop = id(asyncio.get_running_loop())
-    if config.embedded:
-        return (loop, "embedded", str(config.data_dir))
-    redis = config.redis_settings()
-    s3 = config.s3_settings()
-    return (loop, redis, s3)
-
-
-def _embedded_server(data_dir: Path) -> Any:
+if TYPE_CHECKING:
     import fakeredis
 
-    server = _EMBEDDED_SERVERS.get(str(data_dir))
+__all__ = ["DEFAULT_BUCKET", "Runtime", "RuntimeUser", "embedded_server", "share_runtimes"]
+
+#: Bucket resources go to when neither ``[s3] bucket`` nor the runtime names one.
+DEFAULT_BUCKET = "karton"
+
+# The in-process Redis servers of the embedded mode, one per data directory, for the life
+# of the process (see the module docstring).
+_EMBEDDED_SERVERS: dict[str, fakeredis.FakeServer] = {}
+
+
+def embedded_server(data_dir: str | Path) -> fakeredis.FakeServer:
+    """Return this process's in-process Redis server for ``data_dir`` (made on first use)."""
+    import fakeredis
+
+    key = str(Path(data_dir))
+    server = _EMBEDDED_SERVERS.get(key)
     if server is None:
-        server = _EMBEDDED_SERVERS[str(data_dir)] = fakeredis.FakeServer()
+        server = _EMBEDDED_SERVERS[key] = fakeredis.FakeServer()
     return server
 
 
-async def _open(config: Config) -> Runtime:
-    connector: RedisConnector
-    storage: Storage
-    if config.embedded:
-        data_dir = Path(config.data_dir)
-        connector = EmbeddedConnector(_embedded_server(data_dir))
-        storage = LocalStorage(data_dir / "resources")
-        bucket = config.get("s3", "bucket") or DEFAULT_BUCKET
-    else:
-        connector = ServerConnector.from_settings(config.redis_settings())
+class Runtime:
+    """A Redis backend and a storage client, opened and closed together.
+
+    Args:
+        connector: where Redis clients come from (a real server or an in-process one).
+        storage: where resource bytes live; the runtime opens and closes it.
+        bucket: bucket new resources go to.
+        create_bucket: create ``bucket`` when opening if it does not exist (the embedded
+            mode does; against S3 that is ``karton-system --setup-bucket``'s job).
+
+    Attributes:
+        bucket: bucket new resources go to.
+        embedded: True when built by :meth:`from_config` for the embedded mode.
+    """
+
+    def __init__(
+        self,
+        connector: RedisConnector,
+        storage: Storage,
+        *,
+        bucket: str = DEFAULT_BUCKET,
+        create_bucket: bool = False,
+    ) -> None:
+        self.connector = connector
+        self.bucket = bucket
+        self.embedded = False
+        self._storage = storage
+        self._create_bucket = create_bucket
+        self._backend: KartonBackend | None = None
+        self._users = 0
+        self._closed = False
+        self._lock = anyio.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config) -> Runtime:
+        """Build the runtime ``config`` describes (embedded, or ``[redis]`` + ``[s3]``).
+
+        Nothing is opened yet.
+
+        Raises:
+            ConfigError: the ``[redis]`` or ``[s3]`` settings are incomplete or invalid.
+        """
+        if config.embedded:
+            data_dir = Path(config.data_dir)
+            runtime = cls(
+                EmbeddedConnector(embedded_server(data_dir)),
+                LocalStorage(data_dir / "resources"),
+                bucket=str(config.get("s3", "bucket") or DEFAULT_BUCKET),
+                create_bucket=True,
+            )
+            runtime.embedded = True
+            return runtime
         s3 = config.s3_settings()
-        storage = S3Storage.from_settings(s3)
-        bucket = s3.bucket or DEFAULT_BUCKET
-    await storage.__aenter__()
-    if config.embedded:
-        await storage.ensure_bucket(bucket, create=True)
-    return Runtime(KartonBackend(connector), storage, str(bucket), config.embedded)
+        return cls(
+            ServerConnector.from_settings(config.redis_settings()),
+            S3Storage.from_settings(s3),
+            bucket=str(s3.bucket or DEFAULT_BUCKET),
+        )
+
+    @staticmethod
+    def sharing_key(config: Config) -> Hashable:
+        """Return what two configs must have equal for their services to share a runtime.
+
+        The connection settings: ``[redis]`` and ``[s3]``, or the embedded data directory.
+        """
+        if config.embedded:
+            return ("embedded", str(Path(config.data_dir)), config.get("s3", "bucket"))
+        return (config.redis_settings(), config.s3_settings())
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def users(self) -> int:
+        """How many ``async with`` blocks hold the runtime open now."""
+        return self._users
+
+    @property
+    def closed(self) -> bool:
+        """True once the last user left (a closed runtime cannot be reopened)."""
+        return self._closed
+
+    async def __aenter__(self) -> Self:
+        async with self._lock:
+            if self._closed:
+                raise RuntimeError(
+                    f"{self!r} is closed (its last user left); a runtime opens once: keep it "
+                    "open with 'async with runtime' around every service that uses it"
+                )
+            if self._users == 0:
+                await self._open()
+            self._users += 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._leave()
+
+    async def _open(self) -> None:
+        await self._storage.__aenter__()
+        try:
+            if self._create_bucket:
+                await self._storage.ensure_bucket(self.bucket, create=True)
+            self._backend = KartonBackend(self.connector)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._storage.aclose()
+            raise
+
+    async def _leave(self) -> None:
+        with anyio.CancelScope(shield=True):  # a cancelled user still closes what it opened
+            async with self._lock:
+                self._users -= 1
+                if self._users > 0:
+                    return
+                self._closed = True
+                backend, self._backend = self._backend, None
+                try:
+                    await self._storage.aclose()
+                finally:
+                    if backend is not None:
+                        await backend.aclose()
+
+    # -- what services use --------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._backend is None:
+            state = "closed" if self._closed else "not open"
+            raise RuntimeError(f"{self!r} is {state}: use 'async with runtime' first")
+
+    @property
+    def backend(self) -> KartonBackend:
+        """Redis access (only while open)."""
+        self._check_open()
+        assert self._backend is not None
+        return self._backend
+
+    @property
+    def storage(self) -> Storage:
+        """The storage client (only while open)."""
+        self._check_open()
+        return self._storage
+
+    def __repr__(self) -> str:
+        kind = "embedded" if self.embedded else type(self.connector).__name__
+        return f"<Runtime {kind} bucket={self.bucket!r} users={self._users}>"
+
+
+@runtime_checkable
+class RuntimeUser(Protocol):
+    """What :func:`share_runtimes` can hand a runtime to (every asynckarton service)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def given_runtime(self) -> Runtime | None: ...
+    def use_runtime(self, runtime: Runtime | None) -> None: ...
 
 
 @asynccontextmanager
-async def acquire_runtime(config: Config) -> AsyncIterator[Runtime]:
-    """Share (or open) the runtime for ``config`` while the block runs."""
-    key = _runtime_key(config)
-    async with _OPENING.setdefault(key, anyio.Lock()):
-        runtime = _RUNTIMES.get(key)
-        if runtime is None:
-            runtime = _RUNTIMES[key] = await _open(config)
-        runtime.users += 1
+async def share_runtimes(
+    services: Sequence[object], runtime: Runtime | None = None
+) -> AsyncIterator[list[Runtime]]:
+    """Give ``services`` shared runtimes, held open while the block runs.
+
+    Services already given a runtime keep it.  The others get ``runtime`` when it is
+    given; otherwise one new runtime per distinct :meth:`Runtime.sharing_key` of their
+    configs, so services of one process with the same connection settings share one
+    Redis pool and one storage client.  Enter this before the services, so the runtimes
+    outlive them; on exit the services given a runtime here are given none again.
+    Objects that are not :class:`RuntimeUser` are left alone.
+
+    Yields:
+        the runtimes this call opened or was given.
+    """
+    by_key: dict[Hashable, Runtime] = {}
+    opened: list[Runtime] = []
+    users: list[RuntimeUser] = []
+    for service in services:
+        if not isinstance(service, RuntimeUser) or service.given_runtime is not None:
+            continue
+        chosen = runtime
+        if chosen is None:
+            key = Runtime.sharing_key(service.config)
+            chosen = by_key.get(key)
+            if chosen is None:
+                chosen = by_key[key] = Runtime.from_config(service.config)
+        if chosen not in opened:
+            opened.append(chosen)
+        service.use_runtime(chosen)
+        users.append(service)
     try:
-        yield runtime
+        async with AsyncExitStack() as stack:
+            for chosen in opened:
+                await stack.enter_async_context(chosen)
+            yield opened
     finally:
-        runtime.users -= 1
-        if runtime.users == 0 and _RUNTIMES.get(key) is runtime:
-            del _RUNTIMES[key]
-            _OPENING.pop(key, None)
-            try:
-                await runtime.storage.aclose()
-            finally:
-                await runtime.backend.aclose()
+        for service in users:
+            service.use_runtime(None)

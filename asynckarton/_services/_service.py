@@ -1,8 +1,10 @@
 """What every asynckarton component shares: configuration, identity, runtime, logging.
 
-``ServiceBase`` is an async context manager.  Entering it acquires the process's shared
-runtime (Redis pool + storage client) and starts publishing the service logger's records
-to Karton's log channels; leaving it releases both.  Constructors do no I/O.
+``ServiceBase`` is an async context manager.  Entering it opens its runtime (Redis pool +
+storage client: the one it was given, else a new one of its own, see ``_runtime``) and
+starts publishing the service logger's records to Karton's log channels; leaving it stops
+both (a runtime it was given closes only when its last user leaves).  Constructors do no
+I/O.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..backend import KARTON_PROTOCOL_VERSION, KartonBackend
 from ..storage import Storage
 from ._logging import KartonLogHandler
 from ._run import serve_forever, startup_errors
-from ._runtime import Runtime, acquire_runtime
+from ._runtime import Runtime
 
 __all__ = ["ServiceBase"]
 
@@ -52,6 +54,8 @@ class ServiceBase:
         config: configuration (default: ``Config()``, Karton's layered loading).
         identity: identity when the class does not set one; ``[karton] identity``
             overrides both, as in Karton.
+        runtime: the :class:`~asynckarton.Runtime` to use (shared with whoever else is
+            given it); default: open a runtime of its own from ``config`` on ``__aenter__``.
     """
 
     identity: ClassVar[str] = ""
@@ -63,7 +67,13 @@ class ServiceBase:
     #: Karton's default GC interval, kept so code written against Karton's docs runs.
     GC_INTERVAL: ClassVar[int] = 180
 
-    def __init__(self, config: Config | None = None, identity: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        identity: str | None = None,
+        *,
+        runtime: Runtime | None = None,
+    ) -> None:
         self.config = config if config is not None else Config()
         resolved = self.config.get("karton", "identity") or identity or type(self).identity
         self.debug = bool(self.config.getboolean("karton", "debug", False))
@@ -75,6 +85,7 @@ class ServiceBase:
         if self.log.level == logging.NOTSET:  # [logging] level, unless the app chose one
             self.log.setLevel(self.config.logging_settings().level)
         self._stack: AsyncExitStack | None = None
+        self._given_runtime = runtime
         self._runtime: Runtime | None = None
         self._publisher: KartonLogHandler | None = None
 
@@ -128,7 +139,8 @@ class ServiceBase:
             raise RuntimeError(f"{type(self).__name__} {self.identity!r} is already open")
         stack = AsyncExitStack()
         try:
-            self._runtime = await stack.enter_async_context(acquire_runtime(self.config))
+            runtime = self._given_runtime or Runtime.from_config(self.config)
+            self._runtime = await stack.enter_async_context(runtime)
             await self._start_log_publishing(stack)
         except BaseException:
             await stack.aclose()
@@ -146,7 +158,7 @@ class ServiceBase:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop publishing logs and release the shared runtime."""
+        """Stop publishing logs and leave the runtime (closing it if this was its last user)."""
         stack, self._stack = self._stack, None
         self._publisher = None
         if stack is not None:
@@ -167,11 +179,29 @@ class ServiceBase:
         stack.callback(group.cancel_scope.cancel)  # runs first on exit: stop the publisher
         group.start_soon(handler.run)
 
-    # -- shared runtime -----------------------------------------------------------------
+    # -- runtime ------------------------------------------------------------------------
+
+    @property
+    def given_runtime(self) -> Runtime | None:
+        """The runtime this service was given (None: it opens its own)."""
+        return self._given_runtime
+
+    def use_runtime(self, runtime: Runtime | None) -> None:
+        """Use ``runtime`` from the next ``__aenter__`` on (None: open one of its own).
+
+        Raises:
+            RuntimeError: the service is open.
+        """
+        if self._stack is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} {self.identity!r} is open: give it a runtime "
+                "before 'async with'"
+            )
+        self._given_runtime = runtime
 
     @property
     def runtime(self) -> Runtime:
-        """The shared runtime (only while the service is open)."""
+        """The runtime in use (only while the service is open)."""
         if self._runtime is None:
             raise RuntimeError(
                 f"{type(self).__name__} {self.identity!r} is not open: use 'async with'"

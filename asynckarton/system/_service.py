@@ -14,6 +14,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .._errors import ConfigError
+from .._services._runtime import Runtime
 from .._services._service import ServiceBase
 from .._settings._config import Config
 from .._settings._options import add_system_arguments, system_config_from_args
@@ -30,6 +31,7 @@ class SystemService(ServiceBase):
     Args:
         config: configuration; ``[system]`` holds the GC timeouts and switches.
         identity: defaults to ``karton.system``.
+        runtime: the runtime to use (default: its own, see :class:`~asynckarton.Runtime`).
         setup_bucket: create the default bucket when it is missing.
     """
 
@@ -41,10 +43,11 @@ class SystemService(ServiceBase):
         config: Config | None = None,
         identity: str | None = None,
         *,
+        runtime: Runtime | None = None,
         setup_bucket: bool = False,
         batch_size: int = 500,
     ) -> None:
-        super().__init__(config, identity)
+        super().__init__(config, identity, runtime=runtime)
         self.settings = self.config.system_settings()
         self.setup_bucket = setup_bucket or self.settings.setup_bucket
         self.batch_size = batch_size

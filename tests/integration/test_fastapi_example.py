@@ -91,7 +91,8 @@ def test_upload_is_hashed_by_the_consumer(
 @pytest.mark.integration
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient` is deprecated")
 def test_lifespan_in_process(tmp_path: Path) -> None:
-    """The factory alone: ProducerDep is injected, consumers run and are stopped."""
+    """The factory alone: ProducerDep is injected, consumers run and are stopped, and all
+    of them share one runtime."""
     from fastapi.testclient import TestClient
 
     seen: list[str] = []
@@ -114,7 +115,12 @@ def test_lifespan_in_process(tmp_path: Path) -> None:
         await producer.send_task(task)
         return {"uid": task.uid}
 
+    @app.get("/runtime")
+    async def runtime(producer: ProducerDep) -> dict[str, bool]:
+        return {"shared": producer.runtime is echo.runtime}
+
     with TestClient(app) as client:
+        assert client.get("/runtime").json() == {"shared": True}  # one pool per app
         assert client.post("/echo/hello").status_code == 200
         deadline = time.monotonic() + 30
         while not seen:
@@ -122,6 +128,7 @@ def test_lifespan_in_process(tmp_path: Path) -> None:
             time.sleep(0.02)
     assert seen == ["hello"]
     assert echo._scopes is None  # stopped with the app
+    assert echo.given_runtime is None  # the lifespan's runtime was lent, then taken back
 
 
 def test_import_guard_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
