@@ -443,7 +443,7 @@ def s3_rates(url: str, count: int = 100, size: int = 4096) -> tuple[float, float
 
 
 def bind_json(filters: list[dict[str, Any]], *, is_async: bool) -> str:
-    """A Karton 5 bind value (karton.md §4.4) for an identity with no running process."""
+    """A Karton 5 bind value (docs/wire-format.md) for an identity with no running process."""
     return json.dumps(
         {"filters": filters, "info": None, "is_async": is_async, "persistent": True,
          "service_version": None, "version": "5.9.1"},

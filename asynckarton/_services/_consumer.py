@@ -456,7 +456,7 @@ class Consumer(ServiceBase):
             result = self.process(task)
             if inspect.isawaitable(result):
                 await result
-        except Exception as exc:  # noqa: BLE001 - a handler's failure is data (R11)
+        except Exception as exc:  # noqa: BLE001 - a handler's failure is data
             return exc
         return None
 

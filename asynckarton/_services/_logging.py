@@ -49,7 +49,7 @@ def dumps_record(line: dict[str, Any]) -> str:
 
 
 def format_record(record: logging.LogRecord) -> dict[str, Any]:
-    """Return ``record`` as the JSON object Karton's log consumers expect (karton.md §4.6)."""
+    """Return ``record`` as the JSON object Karton's log consumers expect (docs/wire-format.md)."""
     line = {k: v for k, v in record.__dict__.items() if k not in _IGNORED}
     if record.exc_info and record.exc_info[0] is not None:
         exc_type, exc, tb = record.exc_info

@@ -1,6 +1,6 @@
 """Producer: declare tasks, upload their resources, hand them to the router.
 
-Order per task (karton.md §4.13, kept because Karton's GC depends on it): the task key is
+Order per task (Karton's, kept because its GC depends on it; docs/guarantees.md): the task key is
 written (Declared) *before* its resources are uploaded, so a GC listing objects never
 sees an upload without a task referencing it, and the uid reaches ``karton.tasks`` only
 after every upload finished.  Tasks without local resources skip the first write: one

@@ -1,7 +1,7 @@
 """Directory resources: zipping a tree, and extracting an untrusted zip safely.
 
 Karton ships directories as zip archives flagged ``"Directory"`` whose member names are
-paths relative to the zipped directory (karton.md §3.3); this module writes exactly that
+paths relative to the zipped directory; this module writes exactly that
 layout, so karton-core reads our archives and we read theirs.
 
 Karton extracts with ``ZipFile.extractall``, which trusts the archive. Resources come from

@@ -1,6 +1,6 @@
 """Resources: files attached to tasks, stored in S3 (or a directory) and passed by reference.
 
-Wire format (karton.md §4.3), inside ``{"__karton_resource__": {...}}``::
+Wire format (docs/wire-format.md), inside ``{"__karton_resource__": {...}}``::
 
     {"uid": str, "name": str, "bucket": str | None, "size": int,
      "metadata": {..., "sha256": hex}, "flags": ["Directory"]?, "sha256": hex | None}

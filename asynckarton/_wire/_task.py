@@ -2,7 +2,7 @@
 
 A task is headers (what routing looks at), payload (data and resources) and bookkeeping
 (uids, status, priority).  The JSON written here is read by karton-core services and
-karton-dashboard, so the field set and meanings follow Karton 5 (karton.md §4.2):
+karton-dashboard, so the field set and meanings follow Karton 5 (docs/wire-format.md):
 
 * persistent headers are written twice, top level and as
   ``payload_persistent["__headers_persistent"]`` (readers older than 5.2 need it);

@@ -1,7 +1,7 @@
 """How asynckarton reaches Redis: a real server, or the in-process one of the embedded mode.
 
 Both paths hand out ``redis.asyncio.Redis`` clients, so every command goes through the
-same backend code (decisions.md #1).  A connector gives:
+same backend code.  A connector gives:
 
 * one shared, *unnamed* connection pool for ordinary commands, and
 * dedicated *named* single connections, one per service per process, which is how

@@ -2,14 +2,14 @@
 
 Karton's names (shared with karton-core services and karton-dashboard) come first; they
 must keep their exact meaning.  Everything asynckarton adds lives under ``asynckarton.``,
-which Karton ignores (decisions.md #3).
+which Karton ignores (docs/wire-format.md).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-# -- Karton 5 keys (the compatibility contract, karton.md §4.1) -------------------------
+# -- Karton 5 keys (the compatibility contract, docs/wire-format.md) --------------------
 TASKS_QUEUE: Final = "karton.tasks"  # list: unrouted task uids (producers RPUSH)
 OPERATIONS_QUEUE: Final = "karton.operations"  # list: legacy (<= 4.3) status changes
 TASK_PREFIX: Final = "karton.task:"  # string: task JSON, key = prefix + uid

@@ -1,4 +1,4 @@
-"""Orphaned resource collection: the storage half of Karton's GC (karton.md §4.14).
+"""Orphaned resource collection: the storage half of Karton's GC.
 
 The order is what makes it safe, and it is Karton's: list the bucket *first*, then ask
 which keys live tasks reference. A producer declares its task (so it is referenced)

@@ -1,6 +1,6 @@
 """S3Storage: resources in any S3 API (AWS, MinIO, Ceph, moto) through one aiobotocore client.
 
-Beyond Karton's boto3 usage (karton.md §3.3, §8):
+Beyond Karton's boto3 usage:
 
 * one client per storage object, opened in ``__aenter__`` and reused by every call;
 * ``put_file`` streams: it reads the source once in a worker thread, hashing as it goes, and

@@ -1,6 +1,6 @@
 """Garbage collector: Karton's task and resource lifecycle rules, off the routing path.
 
-Task rules (karton.md §4.14), applied to one SCAN pass:
+Task rules (Karton's, see docs/architecture.md), applied to one SCAN pass:
 
 * the receiver is a non-persistent bind with no consumer online → delete (and the bind
   and its queues go first);

@@ -679,7 +679,7 @@ class Chatty(Consumer):
 async def test_log_records_are_published_in_kartons_shape(dep: Deployment) -> None:
     config = dep.config()
     chatty = Chatty(config)
-    # Library classes never configure logging (style R15): the application sets the level,
+    # Library classes never configure logging: the application sets the level,
     # as the CLI does; karton-core's setup_logger sets INFO itself.
     logger = logging.getLogger("it.chatty")
     level = logger.level

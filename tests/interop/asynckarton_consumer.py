@@ -1,6 +1,6 @@
 """An asynckarton ``Karton`` consumer in its own process, for the interop tests.
 
-Runs until SIGTERM/SIGINT, then stops gracefully (what the CLI does, style R15) and
+Runs until SIGTERM/SIGINT, then stops gracefully (what the CLI does) and
 exits 0.  Each processed task is appended as one JSON line to ``--record``.
 
 Usage: python asynckarton_consumer.py --config-file karton.ini --identity ID

@@ -632,7 +632,7 @@ async def test_c_karton_state_reads_an_asynckarton_deployment(
     # Analyses: one per root with something pending (the unmatched "skip" task is done).
     assert len(state.pending_tasks) == 6
     assert set(state.analyses) == {t.root_uid for t in sent[:5]} | {crash.root_uid}
-    # 5.9.1's analysis "pending" excludes only Crashed tasks (karton.md §3.18).
+    # 5.9.1's analysis "pending" excludes only Crashed tasks.
     assert {r for r, a in state.analyses.items() if a.is_done} == {crash.root_uid}
 
     # Every asynckarton-written task parses in karton-core and re-serialises identically.
