@@ -22,12 +22,14 @@ from typing import Any
 import anyio
 import pytest
 import redis
+from fastapi import FastAPI
 from typer.testing import CliRunner, Result
 
-from asynckarton import Config, Producer, Task
+from asynckarton import Config, Consumer, Producer, Task
 from asynckarton.backend import Bind
 from asynckarton.backend import _keys as keys
 from asynckarton.cli._app import app
+from asynckarton.fastapi import lifespan
 from asynckarton.storage import S3Storage
 from tests.servers import RedisServer, S3Server, free_port
 
@@ -275,3 +277,33 @@ def test_logs_tails_asynckarton_services_and_karton_core(
     legacy = next(line for line in lines if line.get("message") == "from karton-core")
     assert legacy["levelname"] == "ERROR" and legacy["task"]["headers"]["type"] == "legacy"
     assert {line["name"] for line in lines} <= {"ops.echo", "karton.legacy"}
+
+
+class Noop(Consumer):
+    identity = "ops.noop"
+    filters = [{"type": "noop"}]
+
+    async def process(self, task: Task) -> None:
+        pass
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient` is deprecated")
+def test_fastapi_healthz_and_readyz(dep: Deployment) -> None:
+    """Ready while Redis, the bucket and every service are up; 503 naming what is not."""
+    from fastapi.testclient import TestClient
+
+    consumer = Noop(dep.config())
+    api = FastAPI(lifespan=lifespan(dep.config(), consumers=[consumer], system=True))
+    with TestClient(api) as client:
+        assert client.get("/healthz").json()["status"] == "ok"
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        checks = {c["name"]: c["ok"] for c in ready.json()["checks"]}
+        assert checks == {"redis": True, "bucket": True, "services": True, "loop_lag": True}
+
+        assert client.portal is not None
+        client.portal.call(lambda: consumer.stop(grace=0))
+        wait_for(lambda: client.get("/readyz").status_code == 503, "the consumer to stop")
+        failed = [c for c in client.get("/readyz").json()["checks"] if not c["ok"]]
+        assert [c["name"] for c in failed] == ["services"]
+        assert "ops.noop" in failed[0]["detail"]
