@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -182,3 +185,32 @@ def test_metrics_port_flag_lands_in_the_system_section() -> None:
     SystemService.config_from_args(config, args)
     assert config.getint("system", "metrics_port") == 9311
     assert config.source("system", "metrics_port") == "--metrics-port"
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
+
+
+async def test_asynckarton_system_metrics_port_flag(config: Config, tmp_path: Path) -> None:
+    """``asynckarton system --metrics-port`` serves the system metrics (a real process)."""
+    port = free_port()
+    ini = str(tmp_path / "karton.ini")  # written by the config fixture
+    argv = [sys.executable, "-m", "asynckarton", "system", "--config-file", ini,
+            "--metrics-port", str(port)]  # fmt: skip
+    process = spawn(argv, tmp_path / "system.log")
+    try:
+
+        async def up() -> bool:
+            try:
+                samples = await scrape(port)
+            except httpx.TransportError:
+                return process.poll() is not None
+            return samples.get(("asynckarton_routers_alive", frozenset())) == 1
+
+        await until(up, "the system's metrics", timeout=60)
+        assert process.poll() is None, (tmp_path / "system.log").read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await anyio.to_thread.run_sync(process.wait, 20)
+    assert process.returncode == 0
