@@ -235,7 +235,7 @@ _GC_PASSES = Counter(
 #: asynckarton.stats fields -> exported counter names
 _STATS = {
     "redelivered": "asynckarton_lease_reclaims",
-    "rerouted": "asynckarton_router_batches_recovered",
+    "rerouted": "asynckarton_rerouted_tasks",
     "orphans_requeued": "asynckarton_orphans_requeued",
     "invalid": "asynckarton_invalid_tasks",
 }

@@ -178,7 +178,7 @@ def _system_table(state: DeploymentState, counts: TaskCounts | None) -> Table:
     table.add_row("routers", routers)
     table.add_row("karton.system connections", str(state.system_replicas))
     if state.gc is None:
-        table.add_row("last GC pass", "none recorded (karton-system's GC records none)")
+        table.add_row("last GC pass", "none recorded yet (karton-system's GC records none)")
     else:
         gc = state.gc
         table.add_row(
