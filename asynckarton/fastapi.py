@@ -37,6 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
         "asynckarton.fastapi needs FastAPI: pip install 'asynckarton[fastapi]'"
     ) from exc
 
+from ._services import _health
 from ._services._consumer import Consumer
 from ._services._producer import Producer
 from ._services._runtime import Runtime, share_runtimes
@@ -88,6 +89,7 @@ def lifespan(
         ):
             for service in services:
                 await group.start(service.run)
+            _health.install(app, producer, services)  # health: /healthz and /readyz
             yield {_STATE_KEY: producer}
             for service in reversed(services):  # consumers first, the router last
                 service.stop(grace=grace)

@@ -35,6 +35,7 @@ from .._settings._options import add_consumer_arguments, consumer_config_from_ar
 from .._wire._query import compile_filters
 from .._wire._task import Task, TaskState, current_task
 from ..backend import TRANSIENT_ERRORS, Bind, until_done
+from . import _metrics
 from ._completion import Completer
 from ._logging import RecordMaker, needs_record
 from ._runtime import Runtime
@@ -227,6 +228,7 @@ class Consumer(ServiceBase):
                 background.start_soon(self._keep_leases)
                 background.start_soon(self._watch_loop_lag)
                 background.start_soon(self._unstrand)
+                background.start_soon(_metrics.serve_consumer, self)  # metrics
                 self._blocking = blocking
                 stopped = False
                 try:
@@ -290,6 +292,7 @@ class Consumer(ServiceBase):
                     self._outstanding -= 1
                     self._worker_freed.set()
                 took = time.perf_counter() - began
+                _metrics.handled(self.identity, took)  # metrics
                 if self._handle_seconds < 0:  # the first sample seeds the average
                     self._handle_seconds = took
                 self._handle_seconds += (took - self._handle_seconds) / 8
@@ -461,6 +464,7 @@ class Consumer(ServiceBase):
         return None
 
     async def _finish(self, task: Task, error: BaseException | None) -> None:
+        _metrics.outcome(self.identity, error)  # metrics
         task.last_update = time.time()
         if error is None:
             task.status, task.error = TaskState.FINISHED, None
@@ -586,6 +590,7 @@ class Consumer(ServiceBase):
             started = anyio.current_time()
             await anyio.sleep(LOOP_LAG_PROBE)
             lag = anyio.current_time() - started - LOOP_LAG_PROBE
+            _metrics.loop_lag(lag)  # metrics
             if lag > LOOP_LAG_WARNING:
                 self.log.warning(
                     "Event loop blocked for %.2fs while running task(s) %s; move blocking "
@@ -602,6 +607,7 @@ class Consumer(ServiceBase):
             try:
                 if self._leased:
                     await self.backend.renew_leases(self.identity, list(self._leased), lease)
+                    _metrics.leases_renewed(self.identity, len(self._leased))  # metrics
                 moved = await self.backend.reclaim(self.identity)
                 if moved:
                     self.log.warning("Requeued %d task(s) whose consumer died", moved)

@@ -21,6 +21,7 @@ from .._settings._config import Config
 from .._version import __version__
 from ..backend import KARTON_PROTOCOL_VERSION
 from ..system import SystemService
+from . import _ops
 from ._loader import CommonOptions, build_services, load_service_class, split_targets
 from ._tasks import tasks_app
 
@@ -39,6 +40,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(tasks_app, name="tasks")
+for _name, _command in _ops.COMMANDS.items():  # list, status, delete, check, logs
+    app.command(_name)(_command)
 
 ConfigFile = Annotated[
     str | None, typer.Option("--config-file", help="ini file read after the default ones.")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from .._errors import InvalidTaskError
+from .._services import _metrics
 from .._settings._options import SystemSettings
 from .._wire._task import Task, TaskState
 from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend
@@ -103,7 +104,9 @@ class GarbageCollector:
         while True:
             await anyio.sleep(float(self.settings.gc_interval))
             try:
-                await self.collect()
+                began = time.perf_counter()  # metrics
+                report = await self.collect()
+                await _metrics.gc_pass(self.backend, report, time.perf_counter() - began)  # metrics
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("GC skipped, Redis unavailable: %s", exc)
             except Exception:  # a GC bug must not take the router (same task group) down

@@ -14,6 +14,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .._errors import ConfigError
+from .._services import _metrics
 from .._services._runtime import Runtime
 from .._services._service import ServiceBase
 from .._settings._config import Config
@@ -65,6 +66,7 @@ class SystemService(ServiceBase):
         """karton-system's flags, exactly (plus asynckarton's additions)."""
         parser = super().args_parser()
         add_system_arguments(parser)
+        _metrics.add_metrics_port_flag(parser)  # metrics
         return parser
 
     @classmethod
@@ -72,6 +74,7 @@ class SystemService(ServiceBase):
         """Copy system flags into ``[system]``."""
         super().config_from_args(config, args)
         system_config_from_args(config, args)
+        _metrics.metrics_port_from_args(config, args)  # metrics
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Route and collect until :meth:`stop` or cancellation."""
@@ -124,6 +127,7 @@ class SystemService(ServiceBase):
                         )
                         group.start_soon(self.gc.run)
                     group.start_soon(self._keep_presence, presence)
+                    await group.start(_metrics.serve_system, self)  # metrics
                     self.log.info("Manager %s started", self.identity)
                     task_status.started()
         finally:
