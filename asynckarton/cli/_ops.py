@@ -27,7 +27,7 @@ from .._services._health import run_checks
 from .._services._inspect import DeploymentState, TaskCounts, count_tasks, delete_bind
 from .._services._log_consumer import LEVELS, LogPrinter
 from .._services._run import startup_errors
-from .._services._runtime import Runtime, acquire_runtime
+from .._services._runtime import Runtime
 from .._settings._config import Config
 from ..backend import KartonBackend
 
@@ -57,7 +57,7 @@ def _with_runtime(config_file: str | None, action: Callable[[Runtime], Awaitable
     config = _config(config_file)
 
     async def go() -> T:
-        async with acquire_runtime(config) as runtime:
+        async with Runtime.from_config(config) as runtime:
             return await action(runtime)
 
     return anyio.run(go)
