@@ -34,7 +34,8 @@ from .._settings._config import Config
 from .._settings._options import add_consumer_arguments, consumer_config_from_args
 from .._wire._query import compile_filters
 from .._wire._task import Task, TaskState, current_task
-from ..backend import TRANSIENT_ERRORS, Bind, until_done
+from ..backend import Bind
+from ..backend._guard import TRANSIENT_ERRORS, until_done
 from ._completion import Completer
 from ._logging import RecordMaker, needs_record
 from ._service import ServiceBase
@@ -559,8 +560,7 @@ class Consumer(ServiceBase):
         mine = self.bind
         while True:
             try:
-                raw = await presence.hget("karton.binds", self.identity)
-                current = Bind.from_json(self.identity, raw) if raw else None
+                current = await self.backend.get_bind(self.identity, client=presence)
                 if current is None:
                     self.log.warning("Bind of %s disappeared; registering again", self.identity)
                     await self.backend.register_bind(mine)

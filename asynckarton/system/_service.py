@@ -17,7 +17,7 @@ from .._errors import ConfigError
 from .._services._service import ServiceBase
 from .._settings._config import Config
 from .._settings._options import add_system_arguments, system_config_from_args
-from ..backend import TRANSIENT_ERRORS, until_done
+from ..backend._guard import TRANSIENT_ERRORS, until_done
 from ._gc import GarbageCollector
 from ._router import Router
 
