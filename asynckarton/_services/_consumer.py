@@ -211,7 +211,7 @@ class Consumer(ServiceBase):
         try:
             # Online (named) before the bind exists: Karton's GC order.  A service started
             # while Redis is down or loading waits for it, like one that lost it later.
-            await until_done(presence.ping, log=self.log, what="connect")
+            await until_done(lambda: self.backend.ping(presence), log=self.log, what="connect")
             await until_done(self._register, log=self.log, what="register the bind")
             self._completer = Completer(self.backend, self.identity, self._leased, self.log)
             async with anyio.create_task_group() as background:

@@ -58,6 +58,14 @@ class BackendCore:
         """Close the connector's shared pool."""
         await self.connector.aclose()
 
+    @entry_point("connect")
+    async def ping(self, client: aredis.Redis | None = None) -> None:
+        """Check that Redis answers, on ``client`` (e.g. a named presence connection).
+
+        A named connection that was dropped reconnects here, with its name.
+        """
+        await (client or self.redis).ping()
+
     @staticmethod
     def log_channel(level: str | None, logger: str | None) -> str:
         """Pub/sub channel of a log record of ``level`` from ``logger``, as Karton names it."""

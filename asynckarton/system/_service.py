@@ -93,7 +93,7 @@ class SystemService(ServiceBase):
         await self._check_bucket()
         presence = self.backend.connector.named(self.client_name)
         try:
-            await until_done(presence.ping, log=self.log, what="connect")
+            await until_done(lambda: self.backend.ping(presence), log=self.log, what="connect")
             with anyio.CancelScope() as self._scope:
                 async with anyio.create_task_group() as group:
                     if self.settings.enable_router:
@@ -133,7 +133,7 @@ class SystemService(ServiceBase):
         while True:
             await anyio.sleep(5.0)
             try:
-                await until_done(presence.ping, log=self.log, what="connect")
+                await until_done(lambda: self.backend.ping(presence), log=self.log, what="connect")
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("Redis unavailable for the presence check: %s", exc)
 
