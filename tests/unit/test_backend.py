@@ -589,3 +589,18 @@ def test_nothing_outside_the_backend_imports_its_keys() -> None:
         if path.parent.name != "backend" and _imports_backend_keys(path)
     ]
     assert importers == []
+
+
+def test_only_the_backend_imports_redis() -> None:
+    importers = [
+        f"{path.relative_to(PACKAGE)}:{node.lineno}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.parent.name != "backend"
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "redis")
+        or (
+            isinstance(node, ast.Import)
+            and any(alias.name.split(".")[0] == "redis" for alias in node.names)
+        )
+    ]
+    assert importers == []
