@@ -105,7 +105,11 @@ class GarbageCollector:
                 self.log.exception("GC run failed; next run in %ss", self.settings.gc_interval)
 
     async def collect(self) -> GCReport | None:
-        """Run one collection under the GC lock; None if another collector holds it."""
+        """Run one collection under the GC lock; None if another collector holds it.
+
+        Raises:
+            BackendError: Redis failed (``BackendUnavailableError`` when it is down).
+        """
         token = uuid.uuid4().hex  # time.time() is not unique across hosts
         if not await self.backend.take_gc_lock(token, LOCK_TTL):
             return None
