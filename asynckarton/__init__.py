@@ -22,6 +22,8 @@ ones, never in a cycle (``tests/unit/test_layers.py`` checks both):
 """
 
 from ._errors import (
+    BackendError,
+    BackendUnavailableError,
     ConfigError,
     InvalidTaskError,
     KartonError,
@@ -46,6 +48,8 @@ from .system import SystemService
 Resource = LocalResource
 
 __all__ = [
+    "BackendError",
+    "BackendUnavailableError",
     "Config",
     "ConfigError",
     "Consumer",

@@ -3,7 +3,8 @@
     KartonError
     ├── ConfigError               a bad or missing configuration value (names option and source)
     ├── InvalidIdentityError      an identity with a space or '?'
-    ├── BackendError              Redis refused or went away
+    ├── BackendError              Redis refused a command at a public entry point
+    │   └── BackendUnavailableError   Redis was unreachable, timed out or still loading
     ├── StorageError              S3 / local storage failures
     │   ├── ResourceNotFoundError the object behind a resource is gone
     │   ├── UnsafeArchiveError    a directory archive that tries to escape or explode
@@ -64,7 +65,35 @@ class InvalidIdentityError(KartonError, ValueError):
 
 
 class BackendError(KartonError):
-    """Redis failed in a way the caller has to know about."""
+    """Redis failed during an operation a user called.
+
+    The rule: public entry points (``Producer.send_task``/``send_tasks``, the task admin
+    and inspection functions, the ``testing`` helpers, ``GarbageCollector.collect``, and
+    the ``KartonBackend`` methods they use) raise a Redis connection, timeout or response
+    error as ``BackendError`` (or :class:`BackendUnavailableError`), naming the operation
+    and the Redis address and chained (``raise ... from``) to the redis-py exception.
+    One decorator in ``backend/`` does the wrapping.  The services' own loops (fetch,
+    complete, lease renewal, routing, log publishing) call unwrapped backend methods:
+    they catch the transient redis-py errors themselves and retry, so a Redis outage
+    delays their work instead of stopping it.
+
+    Attributes:
+        operation: what was being done (``"send tasks"``, ``"list crashed tasks"``...).
+        address: the Redis server (``redis://host:port/db``, password masked) or
+            ``"embedded"``.
+    """
+
+    def __init__(self, message: str, *, operation: str, address: str) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.address = address
+
+
+class BackendUnavailableError(BackendError):
+    """Redis could not be reached, timed out, or is loading or read-only.
+
+    Retrying later may succeed (the services' own loops retry such errors).
+    """
 
 
 class StorageError(KartonError):

@@ -26,7 +26,6 @@ from ._services._producer import Producer
 from ._services._runtime import share_runtimes
 from ._settings._config import Config
 from ._wire._task import Task, TaskState
-from .backend import _keys as keys
 from .system import SystemService
 
 __all__ = ["Pipeline", "embedded_config", "pipeline"]
@@ -54,33 +53,27 @@ class Pipeline:
         await self.producer.send_tasks(tasks)
 
     async def tasks(self, *, receiver: str | None = None) -> list[Task]:
-        """Return every task in Redis (optionally only copies routed to ``receiver``)."""
-        backend = self.producer.backend
+        """Return every task in Redis (optionally only copies routed to ``receiver``).
+
+        Raises:
+            BackendError: Redis failed (names the operation and the server).
+        """
         found: list[Task] = []
-        async for batch in backend.scan_task_keys():
-            for body in await backend.redis.mget(batch):
-                if body is None:
-                    continue
+        async for batch in self.producer.backend.scan_tasks():
+            for _, body in batch:
                 task = Task.unserialize(body)
                 if receiver is None or task.receiver == receiver:
                     found.append(task)
         return found
 
     async def busy(self) -> bool:
-        """Tell whether anything is still queued, routed, leased or scheduled."""
-        redis = self.producer.backend.redis
-        routers = await redis.zrange(keys.ROUTERS, 0, -1)
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.llen(keys.TASKS_QUEUE)
-            pipe.zcard(keys.DELAYED)
-            for router in routers:
-                pipe.llen(keys.routing_key(str(router)))
-            for service in self.services:
-                for queue in keys.consumer_queues(service.identity):
-                    pipe.llen(queue)
-                pipe.zcard(keys.leases_key(service.identity))
-            counts = await pipe.execute()
-        if any(counts):
+        """Tell whether anything is still queued, routed, leased or scheduled.
+
+        Raises:
+            BackendError: Redis failed (names the operation and the server).
+        """
+        backend = self.producer.backend
+        if await backend.count_in_flight(service.identity for service in self.services):
             return True
         return any(
             t.status in (TaskState.DECLARED, TaskState.SPAWNED, TaskState.STARTED)

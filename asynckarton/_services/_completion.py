@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import anyio
 
 from .._wire._task import Task
-from ..backend import TRANSIENT_ERRORS, KartonBackend
+from ..backend import KartonBackend
+from ..backend._guard import TRANSIENT_ERRORS
 
 __all__ = ["Completer"]
 

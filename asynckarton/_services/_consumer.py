@@ -34,7 +34,8 @@ from .._settings._config import Config
 from .._settings._options import add_consumer_arguments, consumer_config_from_args
 from .._wire._query import compile_filters
 from .._wire._task import Task, TaskState, current_task
-from ..backend import TRANSIENT_ERRORS, Bind, until_done
+from ..backend import Bind
+from ..backend._guard import TRANSIENT_ERRORS, until_done
 from . import _metrics
 from ._completion import Completer
 from ._logging import RecordMaker, needs_record
@@ -218,7 +219,7 @@ class Consumer(ServiceBase):
         try:
             # Online (named) before the bind exists: Karton's GC order.  A service started
             # while Redis is down or loading waits for it, like one that lost it later.
-            await until_done(presence.ping, log=self.log, what="connect")
+            await until_done(lambda: self.backend.ping(presence), log=self.log, what="connect")
             await until_done(self._register, log=self.log, what="register the bind")
             self._completer = Completer(self.backend, self.identity, self._leased, self.log)
             async with anyio.create_task_group() as background:
@@ -570,8 +571,7 @@ class Consumer(ServiceBase):
         mine = self.bind
         while True:
             try:
-                raw = await presence.hget("karton.binds", self.identity)
-                current = Bind.from_json(self.identity, raw) if raw else None
+                current = await self.backend.get_bind(self.identity, client=presence)
                 if current is None:
                     self.log.warning("Bind of %s disappeared; registering again", self.identity)
                     await self.backend.register_bind(mine)

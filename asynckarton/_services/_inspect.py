@@ -46,7 +46,7 @@ class UnknownBindError(KartonError, LookupError):
     """``delete`` was asked for an identity that has no bind in ``karton.binds``."""
 
     def __init__(self, identity: str) -> None:
-        super().__init__(f"no bind named {identity!r} in karton.binds")
+        super().__init__(f"no bind registered for {identity!r}")
         self.identity = identity
 
 

@@ -28,8 +28,8 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .._settings._config import Config
-from ..backend import TRANSIENT_ERRORS
-from ..backend._keys import log_channel
+from ..backend import KartonBackend
+from ..backend._guard import TRANSIENT_ERRORS
 from ._service import ServiceBase
 
 __all__ = ["LEVELS", "LogConsumer", "LogPrinter", "decode_event"]
@@ -79,7 +79,7 @@ class LogConsumer(ServiceBase):
 
     def patterns(self) -> list[str]:
         """The channel patterns to PSUBSCRIBE (Karton's: one from the two attributes)."""
-        return [log_channel(self.level, self.logger_filter)]
+        return [KartonBackend.log_channel(self.level, self.logger_filter)]
 
     def stop(self, *, grace: float | None = None) -> None:
         """Stop consuming (the record being processed finishes first)."""
@@ -100,7 +100,7 @@ class LogConsumer(ServiceBase):
         backoff = 0.5
         try:
             with anyio.CancelScope() as self._scope:
-                await presence.ping()
+                await self.backend.ping(presence)
                 self.log.info("Logger %s started", self.identity)
                 while True:
                     try:
@@ -117,29 +117,23 @@ class LogConsumer(ServiceBase):
                 await presence.aclose()
 
     async def _consume(self) -> None:
-        patterns = self.patterns()
-        pubsub = self.backend.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.psubscribe(*patterns)
-            if self._task_status is not None:
-                self._task_status.started()
-                self._task_status = None
-            # One PUBLISH reaches us once per matching pattern, back to back; keep the first.
-            last: tuple[Any, Any] | None = None
-            seen: set[Any] = set()
-            while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is None or message.get("type") != "pmessage":
-                    continue
-                key = (message["channel"], message["data"])
-                if key == last and message["pattern"] not in seen:
-                    seen.add(message["pattern"])
-                    continue
-                last, seen = key, {message["pattern"]}
-                await self._deliver(message["data"])
-        finally:
-            with anyio.CancelScope(shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        # One PUBLISH reaches us once per matching pattern, back to back; keep the first.
+        last: tuple[Any, Any] | None = None
+        seen: set[Any] = set()
+        async for pattern, channel, data in self.backend.log_messages(
+            self.patterns(), self._subscribed
+        ):
+            key = (channel, data)
+            if key == last and pattern not in seen:
+                seen.add(pattern)
+                continue
+            last, seen = key, {pattern}
+            await self._deliver(data)
+
+    def _subscribed(self) -> None:
+        if self._task_status is not None:
+            self._task_status.started()
+            self._task_status = None
 
     async def _deliver(self, data: str | bytes) -> None:
         try:
@@ -200,8 +194,12 @@ class LogPrinter(LogConsumer):
     def patterns(self) -> list[str]:
         """One pattern per (level, identity): Redis does the filtering."""
         if self.levels == LEVELS and self.identities == ("*",):
-            return [log_channel(None, None)]
-        return [log_channel(level, ident) for level in self.levels for ident in self.identities]
+            return [KartonBackend.log_channel(None, None)]
+        return [
+            KartonBackend.log_channel(level, ident)
+            for level in self.levels
+            for ident in self.identities
+        ]
 
     def format(self, event: dict[str, Any]) -> str:
         """One line: time, level, identity, task id and message."""

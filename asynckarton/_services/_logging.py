@@ -24,8 +24,8 @@ import anyio
 import orjson
 
 from .._wire._task import get_current_task
-from ..backend import TRANSIENT_ERRORS, KartonBackend
-from ..backend._keys import log_channel
+from ..backend import KartonBackend
+from ..backend._guard import TRANSIENT_ERRORS
 
 __all__ = ["KartonLogHandler", "RecordMaker", "dumps_record", "format_record", "needs_record"]
 
@@ -159,7 +159,7 @@ class KartonLogHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - a bad record must never break the service
             self.handleError(record)
             return
-        self._buffer.append((log_channel(record.levelname, self._channel), body))
+        self._buffer.append((self._backend.log_channel(record.levelname, self._channel), body))
 
     def publish_line(self, logger: logging.Logger, level: int, message: str, where: str) -> None:
         """Publish one record built directly, in the shape :func:`format_record` gives.
@@ -183,7 +183,8 @@ class KartonLogHandler(logging.Handler):
                 "type": "log",
                 "hostname": HOSTNAME,
             }
-            known = self._lines[key] = (log_channel(levelname, self._channel), template)
+            channel = self._backend.log_channel(levelname, self._channel)
+            known = self._lines[key] = (channel, template)
         channel, template = known
         task = get_current_task()
         line = template.copy()

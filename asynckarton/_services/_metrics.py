@@ -58,7 +58,8 @@ from prometheus_client.registry import Collector
 
 from .._errors import ConfigError, TaskTimeoutError
 from .._settings._config import Config
-from ..backend import TRANSIENT_ERRORS, KartonBackend
+from ..backend import KartonBackend
+from ..backend._guard import TRANSIENT_ERRORS
 from ..backend._inspect import record_gc_pass
 from ._inspect import DeploymentState, TaskCounts, count_tasks
 
@@ -382,7 +383,7 @@ class SystemMetrics(Collector):
                 value=state.redis.used_memory,
             )
         for field, name in _STATS.items():
-            family = CounterMetricFamily(name, f"asynckarton.stats {field} (all processes).")
+            family = CounterMetricFamily(name, f"Counter {field!r} of every asynckarton process.")
             family.add_metric([], state.stats.get(field, 0))
             yield family
 

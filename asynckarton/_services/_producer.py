@@ -17,7 +17,6 @@ import anyio
 from .._errors import InvalidTaskError
 from .._wire._resource import LocalResource
 from .._wire._task import Task, get_current_task
-from ..backend._keys import task_key
 from ._service import ServiceBase
 
 __all__ = ["Producer"]
@@ -98,7 +97,7 @@ class Producer(ServiceBase):
                 resource.bucket = bucket
             if dedup:  # the uid becomes the sha256: declare the final object key
                 await resource.prepare(deduplicate=True)
-        await self.backend.set_tasks(batch)  # Declared, before any upload (GC safety)
+        await self.backend.declare_tasks(batch)  # Declared, before any upload (GC safety)
         try:
             limiter = anyio.CapacityLimiter(UPLOAD_CONCURRENCY)
 
@@ -113,5 +112,5 @@ class Producer(ServiceBase):
             # Nothing half-written: the declared keys go, unreferenced objects are
             # orphans the resource GC removes.
             with anyio.CancelScope(shield=True):
-                await self.backend.delete_task_keys([task_key(t.uid) for t in batch])
+                await self.backend.delete_tasks([t.uid for t in batch])
             raise

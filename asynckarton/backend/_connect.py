@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aredis
 
@@ -43,6 +44,11 @@ class FastConnection(aredis.Connection):
 
 class RedisConnector(Protocol):
     """Makes Redis clients for one deployment."""
+
+    @property
+    def address(self) -> str:
+        """Where the clients connect, for error messages (no password)."""
+        ...
 
     def pool(self) -> aredis.Redis:
         """Return the shared client (pooled, unnamed connections)."""
@@ -75,6 +81,18 @@ class ServerConnector:
     socket_timeout: float | None = 30.0
     max_connections: int = 64
     _pool: aredis.Redis | None = field(default=None, init=False, repr=False)
+
+    @property
+    def address(self) -> str:
+        if self.url:
+            parts = urlsplit(self.url)
+            if parts.password is not None:  # keep the user name, mask the password
+                user = f"{parts.username}:***" if parts.username else ":***"
+                netloc = f"{user}@{parts.netloc.rpartition('@')[2]}"
+                parts = parts._replace(netloc=netloc)
+            return urlunsplit(parts)
+        scheme = "rediss" if self.ssl else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
     @classmethod
     def from_settings(cls, settings: Any) -> ServerConnector:
@@ -146,6 +164,10 @@ class EmbeddedConnector:
 
         self.server = server if server is not None else fakeredis.FakeServer()
         self._pool: aredis.Redis | None = None
+
+    @property
+    def address(self) -> str:
+        return "embedded"
 
     def _client(self, **extra: Any) -> aredis.Redis:
         import fakeredis

@@ -144,10 +144,8 @@ async def scan_task_statuses(backend: KartonBackend) -> Counter[tuple[str, str, 
     Unrouted tasks count under receiver ``""``.
     """
     counts: Counter[tuple[str, str, str]] = Counter()
-    async for batch in backend.scan_task_keys():
-        for body in await backend.redis.mget(batch):
-            if body is None:
-                continue
+    async for batch in backend.scan_tasks():
+        for _uid, body in batch:
             try:
                 doc = orjson.loads(body)
                 headers = doc.get("headers") or {}

@@ -3,6 +3,10 @@
 Karton's names (shared with karton-core services and karton-dashboard) come first; they
 must keep their exact meaning.  Everything asynckarton adds lives under ``asynckarton.``,
 which Karton ignores (docs/wire-format.md).
+
+Only ``backend/`` reads this module.  The Lua scripts get their key names from here too:
+as KEYS/ARGV where the caller knows them, or rendered into the script text from the
+constants below (see ``_scripts.render``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ BINDS: Final = "karton.binds"  # hash: identity -> bind JSON
 METRICS_PREFIX: Final = "karton.metrics."  # hashes: identity -> counter
 OUTPUTS_PREFIX: Final = "karton.outputs:"  # set per origin: JSON of routed headers
 LOG_CHANNEL_PREFIX: Final = "karton.log."  # pub/sub: karton.log.<level>.<logger>
+QUEUE_PREFIX: Final = "karton.queue."  # list per priority and identity (see queue_key)
 PRIORITIES: Final = ("high", "normal", "low")  # strict order consumers read queues in
 
 # -- asynckarton's own keys --------------------------------------------------------------
@@ -28,6 +33,7 @@ DELAYED_ROUTES: Final = "asynckarton.delayed.routes"  # hash: uid -> queue it re
 DEAD_PREFIX: Final = "asynckarton.dead:"  # list per identity: uids that used every retry
 STATS: Final = "asynckarton.stats"  # hash: redelivered / rerouted / invalid counters
 INVALID: Final = "asynckarton.invalid"  # list: uids whose body could not be parsed
+GC_LOCK: Final = "asynckarton.gc.lock"  # string: token of the collector running now
 
 
 def task_key(uid: str) -> str:
@@ -37,7 +43,12 @@ def task_key(uid: str) -> str:
 
 def queue_key(priority: str, identity: str) -> str:
     """Queue the router fills for ``identity`` at ``priority``."""
-    return f"karton.queue.{priority}:{identity}"
+    return f"{QUEUE_PREFIX}{priority}:{identity}"
+
+
+def task_uid(key: str) -> str:
+    """The uid of the task held in ``key`` (the inverse of :func:`task_key`)."""
+    return key[len(TASK_PREFIX) :]
 
 
 def consumer_queues(identity: str) -> list[str]:

@@ -2,11 +2,39 @@
 
 Task bodies are never re-encoded in Lua (cjson would round floats and big integers);
 scripts only move uids between lists and sorted sets, and at most *read* a body.
+
+No script spells a key name.  A script receives the keys its caller knows as KEYS (or,
+for a name it only completes, such as a router's journal, as ARGV); a key it derives
+from a uid read inside the script is built from a ``_keys`` prefix that :func:`render`
+writes into the text in place of an ``@NAME@`` placeholder.  ``tests/unit/test_backend.py``
+checks that no string in this module holds a key prefix.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Final
+
+from . import _keys as keys
+
+__all__ = ["render"]
+
+#: Placeholders a script may use, and the ``_keys`` value each one stands for.
+PLACEHOLDERS: Final = {
+    "TASK_PREFIX": keys.TASK_PREFIX,
+    "ROUTING_PREFIX": keys.ROUTING_PREFIX,
+}
+
+
+def render(template: str) -> str:
+    """Return ``template`` with each ``@NAME@`` replaced by its key prefix as a Lua string."""
+
+    def quoted(match: re.Match[str]) -> str:
+        return json.dumps(PLACEHOLDERS[match.group(1)])
+
+    return re.sub(r"@([A-Z_]+)@", quoted, template)
+
 
 # Pop up to ARGV[1] uids from the queues in KEYS[1..n-1] (strict priority order), lease
 # each one in KEYS[n] until ARGV[2] (ms), and return uid, body pairs ('' = body missing).
@@ -26,7 +54,7 @@ local scored, keys = {}, {}
 for i, uid in ipairs(uids) do
   scored[2 * i - 1] = ARGV[2]
   scored[2 * i] = uid
-  keys[i] = 'karton.task:' .. uid
+  keys[i] = @TASK_PREFIX@ .. uid
 end
 redis.call('ZADD', KEYS[#KEYS], unpack(scored))
 local bodies = redis.call('MGET', unpack(keys))
@@ -44,22 +72,25 @@ LEASE: Final = """
 local out = {}
 for i = 2, #ARGV do
   redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
-  out[#out + 1] = redis.call('GET', 'karton.task:' .. ARGV[i]) or ''
+  out[#out + 1] = redis.call('GET', @TASK_PREFIX@ .. ARGV[i]) or ''
 end
 return out
 """
 
 # Requeue (at the head of their queue) the tasks whose lease in KEYS[1] expired before
-# ARGV[1] (ms); ARGV[2] = identity, ARGV[3] = max uids per call.  Tasks already Finished
-# or Crashed (or deleted) only lose their stale lease.  A Started body goes back to
-# Spawned by rewriting just its top-level status (the key before "uid" in sorted JSON,
-# as Karton and asynckarton write it); cjson would re-encode floats and big integers.
+# ARGV[1] (ms); KEYS[2..4] = the identity's high, normal and low queues, KEYS[5] = the
+# stats hash; ARGV[2] = max uids per call.  Tasks already Finished or Crashed (or
+# deleted) only lose their stale lease.  A Started body goes back to Spawned by rewriting
+# just its top-level status (the key before "uid" in sorted JSON, as Karton and
+# asynckarton write it); cjson would re-encode floats and big integers.
 RECLAIM: Final = """
-local uids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local queues = {high = KEYS[2], normal = KEYS[3], low = KEYS[4]}
+local uids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 local moved = 0
 for _, uid in ipairs(uids) do
   redis.call('ZREM', KEYS[1], uid)
-  local body = redis.call('GET', 'karton.task:' .. uid)
+  local key = @TASK_PREFIX@ .. uid
+  local body = redis.call('GET', key)
   if body then
     local status, prio
     local fixed, n = string.gsub(
@@ -73,18 +104,18 @@ for _, uid in ipairs(uids) do
     end
     if status == 'Spawned' or status == 'Started' then
       if prio ~= 'high' and prio ~= 'low' then prio = 'normal' end
-      if n == 1 then redis.call('SET', 'karton.task:' .. uid, fixed) end
-      redis.call('LPUSH', 'karton.queue.' .. prio .. ':' .. ARGV[2], uid)
+      if n == 1 then redis.call('SET', key, fixed) end
+      redis.call('LPUSH', queues[prio], uid)
       moved = moved + 1
     end
   end
 end
-if moved > 0 then redis.call('HINCRBY', 'asynckarton.stats', 'redelivered', moved) end
+if moved > 0 then redis.call('HINCRBY', KEYS[5], 'redelivered', moved) end
 return moved
 """
 
-# Move up to ARGV[1] uids from the head of KEYS[1] (karton.tasks) to the tail of KEYS[2]
-# (this router's in-flight list) and return them.
+# Move up to ARGV[1] uids from the head of KEYS[1] (the unrouted queue) to the tail of
+# KEYS[2] (this router's journal) and return them.
 ROUTE_POP: Final = """
 local uids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #uids > 0 then
@@ -94,13 +125,14 @@ end
 return uids
 """
 
-# Give the in-flight batches of routers whose heartbeat (zset KEYS[1]) expired before
-# ARGV[1] back to the head of KEYS[2] (karton.tasks), in their original order.
+# Give the journals of routers whose heartbeat (zset KEYS[1]) expired before ARGV[1]
+# back to the head of KEYS[2] (the unrouted queue), in their original order; count them
+# in the stats hash KEYS[3].
 RECOVER_ROUTING: Final = """
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local moved = 0
 for _, instance in ipairs(dead) do
-  local key = 'asynckarton.routing:' .. instance
+  local key = @ROUTING_PREFIX@ .. instance
   local uids = redis.call('LRANGE', key, 0, -1)
   for i = #uids, 1, -1 do
     redis.call('LPUSH', KEYS[2], uids[i])
@@ -109,7 +141,7 @@ for _, instance in ipairs(dead) do
   redis.call('DEL', key)
   redis.call('ZREM', KEYS[1], instance)
 end
-if moved > 0 then redis.call('HINCRBY', 'asynckarton.stats', 'rerouted', moved) end
+if moved > 0 then redis.call('HINCRBY', KEYS[3], 'rerouted', moved) end
 return moved
 """
 
@@ -122,7 +154,7 @@ for _, uid in ipairs(uids) do
   local queue = redis.call('HGET', KEYS[2], uid)
   redis.call('ZREM', KEYS[1], uid)
   redis.call('HDEL', KEYS[2], uid)
-  if queue and redis.call('EXISTS', 'karton.task:' .. uid) == 1 then
+  if queue and redis.call('EXISTS', @TASK_PREFIX@ .. uid) == 1 then
     redis.call('RPUSH', queue, uid)
     moved = moved + 1
   end
@@ -131,19 +163,20 @@ return moved
 """
 
 # Requeue a Spawned task that sits in no queue, under no lease and in no retry schedule
-# (a consumer died between popping and leasing it).  ARGV = uid, identity, priority, and
-# the body the GC judged: the task is requeued only if it has not changed since (so the
-# verdict still holds), without parsing JSON in Lua.  Returns 1 if requeued.
+# (a consumer died between popping and leasing it).  KEYS = the task, the receiver's
+# leases, the retry schedule, the task's queue, the receiver's bare (Karton 2.x) queue
+# and the stats hash; ARGV = uid and the body the GC judged: the task is requeued only if
+# it has not changed since (so the verdict still holds), without parsing JSON in Lua.
+# Returns 1 if requeued.
 REQUEUE_ORPHAN: Final = """
 local uid = ARGV[1]
-if redis.call('GET', 'karton.task:' .. uid) ~= ARGV[4] then return 0 end
-if redis.call('ZSCORE', 'asynckarton.leases:' .. ARGV[2], uid) then return 0 end
-if redis.call('ZSCORE', 'asynckarton.delayed', uid) then return 0 end
-local queue = 'karton.queue.' .. ARGV[3] .. ':' .. ARGV[2]
-if redis.call('LPOS', queue, uid) then return 0 end
-if redis.call('LPOS', ARGV[2], uid) then return 0 end
-redis.call('RPUSH', queue, uid)
-redis.call('HINCRBY', 'asynckarton.stats', 'orphans_requeued', 1)
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
+if redis.call('ZSCORE', KEYS[2], uid) then return 0 end
+if redis.call('ZSCORE', KEYS[3], uid) then return 0 end
+if redis.call('LPOS', KEYS[4], uid) then return 0 end
+if redis.call('LPOS', KEYS[5], uid) then return 0 end
+redis.call('RPUSH', KEYS[4], uid)
+redis.call('HINCRBY', KEYS[6], 'orphans_requeued', 1)
 return 1
 """
 
@@ -155,4 +188,15 @@ for i = 1, #ARGV, 2 do
   if redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) == 0 then unheard = unheard + 1 end
 end
 return unheard
+"""
+
+# Extend (ARGV[2] ms) or release the lock KEYS[1] only while ARGV[1], the caller's
+# token, still holds it (compared in the same step).
+EXTEND_LOCK: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+RELEASE_LOCK: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """

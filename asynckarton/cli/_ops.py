@@ -186,7 +186,7 @@ def _system_table(state: DeploymentState, counts: TaskCounts | None) -> Table:
             f"{_ago(gc.age)}, {gc.duration:.2f}s, {gc.deleted_tasks} task(s) and "
             f"{gc.deleted_objects} object(s) deleted",
         )
-    table.add_row("unrouted (karton.tasks)", str(state.unrouted))
+    table.add_row("unrouted (waiting for the router)", str(state.unrouted))
     table.add_row("retries scheduled", str(state.retries_scheduled))
     for name, value in sorted(state.stats.items()):
         table.add_row(f"stats: {name}", str(value))

@@ -5,7 +5,6 @@ keeps objects as files in a directory. Both satisfy the same contract suite.
 """
 
 from asynckarton.storage._base import ObjectVersion, Storage, UploadResult
-from asynckarton.storage._gc import collect_orphans
 from asynckarton.storage._local import LocalStorage
 from asynckarton.storage._s3 import S3Storage
 
@@ -15,5 +14,4 @@ __all__ = [
     "S3Storage",
     "Storage",
     "UploadResult",
-    "collect_orphans",
 ]

@@ -9,10 +9,13 @@ the dashboard's history stays consistent:
 * cancel sets the crashed task Finished.
 
 Both also drop the uid from ``asynckarton.dead:<receiver>`` (the dead-letter list of
-tasks that used every automatic retry).  Writes are optimistic transactions (WATCH on the
-task keys, then MULTI/EXEC), so a task that changed meanwhile (deleted by the GC, restarted
-by someone else) is re-read and skipped instead of resurrected.  Tasks are found with
-SCAN over ``karton.task:*``, never KEYS.
+tasks that used every automatic retry).  Writes are optimistic transactions
+(:meth:`KartonBackend.rewrite_tasks <asynckarton.backend.KartonBackend.rewrite_tasks>`:
+WATCH on the task keys, then MULTI/EXEC), so a task that changed meanwhile (deleted by
+the GC, restarted by someone else) is re-read and skipped instead of resurrected.  Tasks
+are found with SCAN, never KEYS.
+
+Redis failures are raised as ``BackendError`` naming the operation and the server.
 """
 
 from __future__ import annotations
@@ -21,13 +24,10 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from redis.asyncio.client import Pipeline
-from redis.exceptions import WatchError
-
 from .._errors import InvalidTaskError
 from .._wire._task import Task, TaskState
 from ..backend import KartonBackend
-from ..backend._keys import dead_key, queue_key, task_key
+from ..backend._records import TaskRewrite
 
 __all__ = ["cancel_crashed", "last_error_line", "list_crashed", "restart_crashed"]
 
@@ -37,7 +37,8 @@ _CRASHED_RE = re.compile(r'"status":\s*"Crashed"')
 _CHUNK = 200
 _WATCH_ATTEMPTS = 5
 
-Writer = Callable[[Pipeline, Task, float], str | None]
+#: Records what happens to one Crashed task in a rewrite; returns the uid to report.
+Writer = Callable[[TaskRewrite, Task, float], str | None]
 
 
 def _parse_crashed(body: str | bytes | None) -> Task | None:
@@ -53,16 +54,18 @@ def _parse_crashed(body: str | bytes | None) -> Task | None:
 
 
 async def _iter_crashed(backend: KartonBackend) -> AsyncIterator[Task]:
-    async for found in backend.scan_task_keys():
-        for start in range(0, len(found), 1000):
-            bodies = await backend.redis.mget(found[start : start + 1000])
-            for body in bodies:
-                if (task := _parse_crashed(body)) is not None:
-                    yield task
+    async for batch in backend.scan_tasks():
+        for _, body in batch:
+            if (task := _parse_crashed(body)) is not None:
+                yield task
 
 
 async def list_crashed(backend: KartonBackend) -> list[Task]:
-    """Return every Crashed task, oldest first (resources left unparsed)."""
+    """Return every Crashed task, oldest first (resources left unparsed).
+
+    Raises:
+        BackendError: Redis failed (names the operation and the server).
+    """
     tasks = [task async for task in _iter_crashed(backend)]
     tasks.sort(key=lambda task: task.last_update)
     return tasks
@@ -90,7 +93,7 @@ async def _select(
     return [t async for t in _iter_crashed(backend) if everything or t.receiver == identity]
 
 
-def _restart_one(pipe: Pipeline, task: Task, now: float) -> str | None:
+def _restart_one(rewrite: TaskRewrite, task: Task, now: float) -> str | None:
     receiver = task.receiver
     if receiver is None:  # never routed: there is no queue to put it back in
         return None
@@ -98,38 +101,33 @@ def _restart_one(pipe: Pipeline, task: Task, now: float) -> str | None:
     fork.orig_uid = task.orig_uid  # point at the unrouted task, as Karton's restart_task
     fork.status, fork.last_update, fork.attempt = TaskState.SPAWNED, now, 0
     task.status, task.last_update = TaskState.FINISHED, now
-    pipe.set(task_key(fork.uid), fork.serialize())
-    pipe.rpush(queue_key(fork.priority.value, receiver), fork.uid)
-    pipe.set(task_key(task.uid), task.serialize())
-    pipe.lrem(dead_key(receiver), 0, task.uid)
+    rewrite.bodies[fork.uid] = fork.serialize()
+    rewrite.requeue(fork.uid, fork.priority.value, receiver)
+    rewrite.bodies[task.uid] = task.serialize()
+    rewrite.forget_dead(receiver, task.uid)
     return fork.uid
 
 
-def _cancel_one(pipe: Pipeline, task: Task, now: float) -> str | None:
+def _cancel_one(rewrite: TaskRewrite, task: Task, now: float) -> str | None:
     task.status, task.last_update = TaskState.FINISHED, now
-    pipe.set(task_key(task.uid), task.serialize())
+    rewrite.bodies[task.uid] = task.serialize()
     if task.receiver is not None:
-        pipe.lrem(dead_key(task.receiver), 0, task.uid)
+        rewrite.forget_dead(task.receiver, task.uid)
     return task.uid
 
 
 async def _commit_chunk(backend: KartonBackend, uids: list[str], write: Writer) -> list[str]:
-    """Apply ``write`` to those of ``uids`` still Crashed, in one WATCH/MULTI/EXEC."""
-    keys = [task_key(uid) for uid in uids]
-    async with backend.redis.pipeline(transaction=True) as pipe:
-        for _ in range(_WATCH_ATTEMPTS):
-            try:
-                await pipe.watch(*keys)
-                bodies = await pipe.mget(keys)
-                current = [t for t in map(_parse_crashed, bodies) if t is not None]
-                pipe.multi()  # type: ignore[no-untyped-call]
-                now = time.time()
-                done = [uid for t in current if (uid := write(pipe, t, now)) is not None]
-                await pipe.execute()  # WatchError if any of them changed meanwhile
-                return done
-            except WatchError:
-                continue
-    raise RuntimeError(f"tasks kept changing while being updated: {uids[:3]}...")
+    """Apply ``write`` to those of ``uids`` still Crashed, in one optimistic transaction."""
+
+    def plan(bodies: Sequence[str | None]) -> TaskRewrite:
+        rewrite = TaskRewrite()
+        now = time.time()
+        for task in map(_parse_crashed, bodies):
+            if task is not None and (uid := write(rewrite, task, now)) is not None:
+                rewrite.result.append(uid)
+        return rewrite
+
+    return await backend.rewrite_tasks(uids, plan, attempts=_WATCH_ATTEMPTS)
 
 
 async def _apply(backend: KartonBackend, tasks: list[Task], write: Writer) -> list[str]:
@@ -157,6 +155,7 @@ async def restart_crashed(
 
     Raises:
         ValueError: not exactly one of ``uids``, ``identity`` and ``all`` was given.
+        BackendError: Redis failed, or the tasks kept changing during the transaction.
     """
     tasks = await _select(backend, uids, identity, all)
     return await _apply(backend, tasks, _restart_one)
@@ -175,6 +174,7 @@ async def cancel_crashed(
 
     Raises:
         ValueError: not exactly one of ``uids``, ``identity`` and ``all`` was given.
+        BackendError: Redis failed, or the tasks kept changing during the transaction.
     """
     tasks = await _select(backend, uids, identity, all)
     return await _apply(backend, tasks, _cancel_one)

@@ -15,6 +15,10 @@ Resources: every object version in the default bucket (and in the buckets listed
 ``[system] gc_extra_buckets``) not referenced by a surviving task is deleted, listing
 first and scanning tasks second, as Karton does.  A Redis lock
 keeps two collectors from running at once.
+
+Every Redis step is a :class:`~asynckarton.backend.KartonBackend` method; :meth:`collect`
+raises Redis failures as ``BackendError``, and :meth:`run` logs them and tries again at
+the next interval.
 """
 
 from __future__ import annotations
@@ -32,28 +36,19 @@ from .._errors import InvalidTaskError
 from .._services import _metrics
 from .._settings._options import SystemSettings
 from .._wire._task import Task, TaskState
-from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend
-from ..backend import _keys as keys
-from ..storage import Storage, collect_orphans
+from ..backend import Bind, KartonBackend
+from ..backend._guard import TRANSIENT_ERRORS
+from ..storage import Storage
+from ..storage._gc import collect_orphans
 
 __all__ = ["GCReport", "GarbageCollector"]
 
 STARTED_TIMEOUT_ERROR = (
     "This task was STARTED too long (TASK_STARTED_TIMEOUT), so status was changes to CRASHED."
 )
-LOCK_KEY = "asynckarton.gc.lock"
 #: The GC lock expires this long after its holder stops refreshing it (e.g. SIGKILL);
 #: the holder refreshes it every third of that while it collects.
 LOCK_TTL = 15.0
-# Extend / release the lock only while we still own it (token compared in the same step).
-_EXTEND_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class _UnreadableTask(Exception):
@@ -113,15 +108,17 @@ class GarbageCollector:
                 self.log.exception("GC run failed; next run in %ss", self.settings.gc_interval)
 
     async def collect(self) -> GCReport | None:
-        """Run one collection under the GC lock; None if another collector holds it."""
-        redis = self.backend.redis
-        ttl = int(LOCK_TTL * 1000)
+        """Run one collection under the GC lock; None if another collector holds it.
+
+        Raises:
+            BackendError: Redis failed (``BackendUnavailableError`` when it is down).
+        """
         token = uuid.uuid4().hex  # time.time() is not unique across hosts
-        if not await redis.set(LOCK_KEY, token, nx=True, px=ttl):
+        if not await self.backend.take_gc_lock(token, LOCK_TTL):
             return None
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(self._keep_lock, token, ttl)
+                group.start_soon(self._keep_lock, token)
                 report = await self.collect_tasks()
                 for bucket in (self.bucket, *self.extra_buckets):
                     report.deleted_objects += await self._collect_resources(bucket)
@@ -129,36 +126,33 @@ class GarbageCollector:
             return report
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(*TRANSIENT_ERRORS):
-                await redis.eval(_RELEASE_LOCK, 1, LOCK_KEY, token)
+                await self.backend.release_gc_lock(token)
 
-    async def _keep_lock(self, token: str, ttl: int) -> None:
+    async def _keep_lock(self, token: str) -> None:
         while True:
             await anyio.sleep(LOCK_TTL / 3)
             with contextlib.suppress(*TRANSIENT_ERRORS):
-                await self.backend.redis.eval(_EXTEND_LOCK, 1, LOCK_KEY, token, ttl)
+                await self.backend.extend_gc_lock(token, LOCK_TTL)
 
     async def collect_tasks(self) -> GCReport:
         """Apply the task rules to every task once."""
         report = GCReport()
         to_clear = await self._drop_offline_binds(report)
-        unrouted: set[str] = set(await self.backend.redis.lrange(keys.TASKS_QUEUE, 0, -1))  # type: ignore[arg-type]
+        unrouted = await self.backend.unrouted_uids()
         self._queued = {}
         collected: Counter[str] = Counter()
-        async for batch in self.backend.scan_task_keys():
-            bodies = await self.backend.get_task_bodies([k[len(keys.TASK_PREFIX) :] for k in batch])
+        async for batch in self.backend.scan_tasks():
             doomed: list[str] = []
-            for key, body in zip(batch, bodies, strict=True):
-                if body is None:
-                    continue
+            for uid, body in batch:
                 try:
                     task = Task.unserialize(body, parse_resources=False)
                 except InvalidTaskError as exc:
-                    self.log.error("GC: %s is unreadable and is kept: %s", key, exc)
+                    self.log.error("GC: task %s is unreadable and is kept: %s", uid, exc)
                     continue
                 if await self._verdict(task, body, unrouted, to_clear, report):
-                    doomed.append(key)
+                    doomed.append(uid)
                     collected[task.receiver or "unknown"] += 1
-            await self.backend.delete_task_keys(doomed)
+            await self.backend.delete_tasks(doomed)
             report.deleted_tasks += len(doomed)
             await anyio.lowlevel.checkpoint()
         await self.backend.increment_metrics("garbage-collected", collected)
@@ -183,8 +177,7 @@ class GarbageCollector:
                 return True
             task.status, task.error = TaskState.CRASHED, [STARTED_TIMEOUT_ERROR]
             task.last_update = time.time()
-            await self.backend.set_tasks([task])
-            await self.backend.increment_metrics("crashed", {task.receiver or "unknown": 1})
+            await self.backend.crash_task(task)
             report.crashed_tasks += 1
         elif (
             task.status is TaskState.SPAWNED
@@ -209,10 +202,7 @@ class GarbageCollector:
             return True  # requeue_orphan refuses it anyway
         queued = self._queued.get(receiver)
         if queued is None:
-            queued = set()
-            for queue in keys.consumer_queues(receiver):
-                queued.update(await self.backend.redis.lrange(queue, 0, -1))  # type: ignore[arg-type]
-            self._queued[receiver] = queued
+            queued = self._queued[receiver] = await self.backend.queued_uids(receiver)
         return task.uid in queued
 
     async def _drop_offline_binds(self, report: GCReport) -> set[str]:
@@ -233,10 +223,8 @@ class GarbageCollector:
     async def _collect_resources(self, bucket: str) -> int:
         async def referenced() -> set[str]:
             found: set[str] = set()
-            async for batch in self.backend.scan_task_keys():
-                for body in await self.backend.redis.mget(batch):
-                    if body is None:
-                        continue
+            async for batch in self.backend.scan_tasks():
+                for _, body in batch:
                     try:
                         task = Task.unserialize(body)
                     except InvalidTaskError as exc:

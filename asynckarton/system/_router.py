@@ -23,8 +23,9 @@ from anyio.abc import TaskStatus
 from .._errors import InvalidTaskError
 from .._services._logging import HOSTNAME, dumps_record
 from .._wire._query import BindIndex
-from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch, until_done
-from ..backend._keys import log_channel, task_key
+from ..backend import Bind, KartonBackend
+from ..backend._guard import TRANSIENT_ERRORS, until_done
+from ..backend._records import RoutedBatch
 from ._fork import RoutableTask, parse_routable
 
 __all__ = ["Router"]
@@ -64,7 +65,7 @@ class Router:
         self._index = BindIndex({})
         self._match_errors: set[tuple[str, str]] = set()  # reported (identity, error type)
         self._tracking_cache: dict[bytes, str] = {}
-        self._log_channel = log_channel("INFO", log.name)
+        self._log_channel = backend.log_channel("INFO", log.name)
         self._record_template = {
             "name": log.name,
             "levelname": "INFO",
@@ -177,7 +178,7 @@ class Router:
         for identity in self._index.match(headers, self._on_match_error):
             uid, body = task.fork(identity, now)
             batch.add_fork(uid, body, task.priority, identity)
-        batch.bodies[task_key(task.uid)] = task.finished(now)
+        batch.set_body(task.uid, task.finished(now))
 
     def _tracking_entry(self, headers: dict[str, Any]) -> str:
         """``json.dumps(headers)`` exactly as karton-system writes it, memoised per batch."""

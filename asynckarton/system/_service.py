@@ -19,7 +19,7 @@ from .._services._runtime import Runtime
 from .._services._service import ServiceBase
 from .._settings._config import Config
 from .._settings._options import add_system_arguments, system_config_from_args
-from ..backend import TRANSIENT_ERRORS, until_done
+from ..backend._guard import TRANSIENT_ERRORS, until_done
 from ._gc import GarbageCollector
 from ._router import Router
 
@@ -99,7 +99,7 @@ class SystemService(ServiceBase):
         await self._check_bucket()
         presence = self.backend.connector.named(self.client_name)
         try:
-            await until_done(presence.ping, log=self.log, what="connect")
+            await until_done(lambda: self.backend.ping(presence), log=self.log, what="connect")
             with anyio.CancelScope() as self._scope:
                 async with anyio.create_task_group() as group:
                     if self.settings.enable_router:
@@ -140,7 +140,7 @@ class SystemService(ServiceBase):
         while True:
             await anyio.sleep(5.0)
             try:
-                await until_done(presence.ping, log=self.log, what="connect")
+                await until_done(lambda: self.backend.ping(presence), log=self.log, what="connect")
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("Redis unavailable for the presence check: %s", exc)
 

@@ -28,6 +28,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from asynckarton import Config, Producer, Task
+from asynckarton._errors import BackendUnavailableError
 from asynckarton.backend import Bind
 from tests.servers import RedisServer, S3Server
 
@@ -35,7 +36,9 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_worker.py")
 IDENTITY = "faults.worker"
 FILTERS = [{"type": "faults"}]
+#: Redis is down: redis-py's errors (our own polls) and the producer's typed one.
 REDIS_DOWN = (
+    BackendUnavailableError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,

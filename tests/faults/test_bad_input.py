@@ -483,13 +483,30 @@ async def test_consumer_survives_a_priority_of_the_wrong_type(
 async def test_gc_survives_a_last_update_of_the_wrong_type(
     env: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A Finished task whose ``last_update`` is a string cannot be judged: kept and named.
+
+    The GC cannot read it, so it keeps it untouched (its resources are unknown too, so
+    the resource pass deletes nothing) and says so, naming the task; every other task is
+    still collected, pass after pass.
+    """
     r = env["r"]
     poison, body = raw_task(status="Finished", last_update="yesterday")
     r.set(f"karton.task:{poison}", body)
     config = env["config"]
     config.set("system", "enable_gc", "1")
     config.set("system", "gc_interval", "0.5")
-    done, _ = raw_task(status="Finished")
     async with running(config, consumer=False):
-        r.set(f"karton.task:{done}", _)
-        await poll(lambda: not r.exists(f"karton.task:{done}"), 10, "the GC to keep collecting")
+        for _ in range(2):  # two passes: the poison survives both, the GC keeps running
+            done, finished = raw_task(status="Finished")
+            key = f"karton.task:{done}"
+            r.set(key, finished)
+            await poll(lambda k=key: not r.exists(k), 10, "the GC to keep collecting")
+    assert r.get(f"karton.task:{poison}") == body, "the unreadable task must be kept untouched"
+    assert r.llen(QUEUE) == 0 and r.llen("asynckarton.invalid") == 0
+    kept = [
+        line
+        for line in errors_logged(caplog).splitlines()
+        if poison in line and "unreadable and is kept" in line
+    ]
+    assert kept, errors_logged(caplog)
+    assert "last_update" in kept[0], kept[0]

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import redis
+import redis.exceptions
 from typer.testing import CliRunner
 
-from asynckarton import Task, TaskPriority, TaskState
+from asynckarton import Config, Producer, Task, TaskPriority, TaskState
+from asynckarton._errors import BackendUnavailableError
 from asynckarton.backend import KartonBackend, ServerConnector
-from asynckarton.backend._keys import dead_key, queue_key, task_key
+from asynckarton.backend._keys import TASKS_QUEUE, dead_key, queue_key, task_key
 from asynckarton.cli._app import app
 from asynckarton.system._admin import cancel_crashed, last_error_line, list_crashed, restart_crashed
+from tests.servers import RedisServer, S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -129,7 +133,8 @@ async def test_restarted_task_is_readable_by_karton_core(backend: KartonBackend)
     crashed = routed("svc.a", TaskState.CRASHED)
     await store(backend, crashed)
     (new_uid,) = await restart_crashed(backend, all=True)
-    raw = await backend.redis.get(task_key(new_uid))
+    raw = await backend.get_task_body(new_uid)
+    assert raw is not None
     parsed = KartonTask.unserialize(raw)
     assert parsed.status.value == "Spawned"
     assert parsed.headers["receiver"] == "svc.a"
@@ -138,8 +143,6 @@ async def test_restarted_task_is_readable_by_karton_core(backend: KartonBackend)
 def test_tasks_cli_list_restart_cancel(  # sync: the CLI runs its own event loop
     redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import redis
-
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     ini = tmp_path / "karton.ini"
@@ -166,3 +169,77 @@ def test_tasks_cli_list_restart_cancel(  # sync: the CLI runs its own event loop
     assert cancelled.stdout.split() == [b.uid]
     assert json.loads(client.get(task_key(b.uid)) or "{}")["status"] == "Finished"
     client.close()
+
+
+# -- Redis down: typed errors naming the operation and the server ------------------------
+
+
+@pytest.fixture
+def stopped_redis() -> Iterator[RedisServer]:
+    """A redis-server that was started once (its port is known) and is stopped now."""
+    server = RedisServer()
+    server.start()
+    server.stop()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def test_admin_functions_raise_backend_errors_when_redis_is_down(
+    stopped_redis: RedisServer,
+) -> None:
+    backend = KartonBackend(ServerConnector(url=stopped_redis.url, socket_timeout=2))
+    try:
+        for call, operation in (
+            (lambda: list_crashed(backend), "scan the tasks"),
+            (lambda: restart_crashed(backend, uids=["{r}:u"]), "read tasks"),
+            (lambda: cancel_crashed(backend, all=True), "scan the tasks"),
+        ):
+            with pytest.raises(BackendUnavailableError) as info:
+                await call()
+            error = info.value
+            assert error.operation == operation
+            assert error.address == stopped_redis.url
+            assert str(error).startswith(f"Redis at {stopped_redis.url} failed to {operation}: ")
+            assert isinstance(error.__cause__, redis.exceptions.ConnectionError)
+    finally:
+        await backend.aclose()
+
+
+async def test_producer_raises_backend_error_when_redis_is_down(
+    stopped_redis: RedisServer, s3_srv: S3Server, s3_bucket: str
+) -> None:
+    config = Config(search_paths=[], environ={})
+    s3 = {
+        "address": s3_srv.url,
+        "access_key": s3_srv.access_key,
+        "secret_key": s3_srv.secret_key,
+        "bucket": s3_bucket,
+    }
+    config.load_from_dict({"redis": {"url": stopped_redis.url}, "s3": s3}, source="test")
+    async with Producer(config, identity="test.producer") as producer:
+        with pytest.raises(BackendUnavailableError, match="failed to send tasks") as info:
+            await producer.send_task(Task({"type": "sample"}))
+        assert info.value.address == stopped_redis.url
+        assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
+        stopped_redis.start()  # Redis is back: the same producer works again
+        await producer.send_task(Task({"type": "sample"}))
+    client = redis.Redis.from_url(stopped_redis.url, decode_responses=True)
+    assert client.llen(TASKS_QUEUE) == 1
+    client.close()
+
+
+def test_tasks_cli_names_the_server_when_redis_is_down(
+    stopped_redis: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    ini = tmp_path / "karton.ini"
+    ini.write_text(f"[redis]\nurl = {stopped_redis.url}\n", encoding="utf-8")
+    listed = CliRunner().invoke(app, ["tasks", "list", "--config-file", str(ini)])
+    assert listed.exit_code == 1
+    assert (
+        f"asynckarton: error: Redis at {stopped_redis.url} failed to scan the tasks: "
+        "ConnectionError: " in listed.stderr
+    ), listed.stderr

@@ -31,8 +31,8 @@ from asynckarton.storage import (
     S3Storage,
     Storage,
     UploadResult,
-    collect_orphans,
 )
+from asynckarton.storage._gc import collect_orphans
 from tests.servers import S3Server
 
 pytestmark = pytest.mark.anyio

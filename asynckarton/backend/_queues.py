@@ -1,0 +1,207 @@
+"""The hot paths: consumers fetching, leasing and completing; routers routing.
+
+Every method here is called from a service's own loop, which catches the transient Redis
+errors and retries (``_guard.TRANSIENT_ERRORS``), so none is wrapped as an entry point:
+no per-call translation cost on the paths the benchmarks measure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import cast
+
+import redis.asyncio as aredis
+
+from .._wire._task import Task, TaskState
+from . import _keys as keys
+from . import _scripts as scripts
+from ._core import BackendCore
+from ._records import RoutedBatch
+
+__all__ = ["QueueBackend"]
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class QueueBackend(BackendCore):
+    """Queue transitions of consumers and routers (see the module docstring)."""
+
+    # -- consumer side ------------------------------------------------------------------
+
+    async def set_tasks(self, tasks: Iterable[Task]) -> None:
+        """Write whole task documents (last writer wins, as in Karton): e.g. Started."""
+        mapping = {keys.task_key(t.uid): t.serialize_state() for t in tasks}
+        if mapping:
+            await self.redis.mset(mapping)
+
+    async def fetch(self, identity: str, count: int, lease: float) -> list[tuple[str, str]]:
+        """Pop and lease up to ``count`` tasks for ``identity`` without blocking.
+
+        Returns ``(uid, body)`` pairs; ``body`` is ``""`` when the task key is gone.
+        """
+        deadline = _ms(time.time() + lease)
+        flat: list[str] = await self._fetch(
+            keys=[*keys.consumer_queues(identity), keys.leases_key(identity)],
+            args=[count, deadline],
+        )
+        return list(zip(flat[::2], flat[1::2], strict=True))
+
+    async def wait_fetch(
+        self, client: aredis.Redis, identity: str, lease: float, timeout: float
+    ) -> list[tuple[str, str]]:
+        """Block (on ``client``'s own connection) until a task arrives, then lease it.
+
+        The blocking pop and the lease are two commands: a process killed between them
+        leaves the task Spawned in no queue, which the system's orphan sweep requeues.
+        """
+        popped = await client.blpop(keys.consumer_queues(identity), timeout=timeout)
+        if not popped:
+            return []
+        uid = cast(str, popped[1])
+        bodies: list[str] = await self._lease(
+            keys=[keys.leases_key(identity)], args=[_ms(time.time() + lease), uid]
+        )
+        return [(uid, bodies[0])]
+
+    async def drop_leases(self, identity: str, uids: Sequence[str]) -> None:
+        """Forget leases (tasks whose body vanished)."""
+        if uids:
+            await self.redis.zrem(keys.leases_key(identity), *uids)
+
+    async def renew_leases(self, identity: str, uids: Iterable[str], lease: float) -> None:
+        """Push back the lease deadline of every task still being processed (one ZADD)."""
+        deadline = _ms(time.time() + lease)
+        mapping = dict.fromkeys(uids, deadline)
+        if mapping:
+            await self.redis.zadd(keys.leases_key(identity), mapping, xx=True)
+
+    async def complete(self, identity: str, tasks: Sequence[Task], crashed: int) -> None:
+        """Write final states, release leases and count consumed/crashed: one pipeline."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.mset({keys.task_key(t.uid): t.serialize_state() for t in tasks})
+            pipe.zrem(keys.leases_key(identity), *(t.uid for t in tasks))
+            pipe.hincrby(keys.metrics_key("consumed"), identity, len(tasks))
+            if crashed:
+                pipe.hincrby(keys.metrics_key("crashed"), identity, crashed)
+            await pipe.execute()
+
+    async def hand_back(self, identity: str, tasks: Sequence[Task]) -> None:
+        """Return unfinished tasks to the head of their queue as Spawned (graceful stop)."""
+        if not tasks:
+            return
+        now = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for task in tasks:
+                task.status, task.last_update = TaskState.SPAWNED, now
+                pipe.set(keys.task_key(task.uid), task.serialize())
+                pipe.lpush(keys.queue_key(task.priority.value, identity), task.uid)
+            pipe.zrem(keys.leases_key(identity), *(t.uid for t in tasks))
+            await pipe.execute()
+
+    async def schedule_retry(self, identity: str, task: Task, due: float) -> None:
+        """Park ``task`` (already updated) until ``due``, releasing its lease."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.task_key(task.uid), task.serialize())
+            pipe.zadd(keys.DELAYED, {task.uid: _ms(due)})
+            pipe.hset(keys.DELAYED_ROUTES, task.uid, keys.queue_key(task.priority.value, identity))
+            pipe.zrem(keys.leases_key(identity), task.uid)
+            await pipe.execute()
+
+    async def dead_letter(self, identity: str, uids: Sequence[str]) -> None:
+        """Record tasks that used up their retries."""
+        if uids:
+            await self.redis.rpush(keys.dead_key(identity), *uids)
+
+    async def reclaim(self, identity: str, limit: int = 1000) -> int:
+        """Requeue tasks of ``identity`` whose lease expired (their consumer died)."""
+        moved: int = await self._reclaim(
+            keys=[
+                keys.leases_key(identity),
+                *(keys.queue_key(priority, identity) for priority in keys.PRIORITIES),
+                keys.STATS,
+            ],
+            args=[_ms(time.time()), limit],
+        )
+        return moved
+
+    async def release_delayed(self, limit: int = 1000) -> int:
+        """Move retries that are due into their queues."""
+        moved: int = await self._release(
+            keys=[keys.DELAYED, keys.DELAYED_ROUTES], args=[_ms(time.time()), limit]
+        )
+        return moved
+
+    # -- router side --------------------------------------------------------------------
+
+    async def route_pop(self, instance: str, count: int) -> list[str]:
+        """Move up to ``count`` unrouted uids into this router's journal and return them."""
+        uids: list[str] = await self._route_pop(
+            keys=[keys.TASKS_QUEUE, keys.routing_key(instance)], args=[count]
+        )
+        return uids
+
+    async def route_wait(self, client: aredis.Redis, instance: str, timeout: float) -> bool:
+        """Block until one unrouted uid was moved into the journal (BLMOVE)."""
+        moved = await client.blmove(
+            keys.TASKS_QUEUE,
+            keys.routing_key(instance),
+            timeout,  # type: ignore[arg-type]  # Redis takes fractional seconds
+            "LEFT",
+            "RIGHT",
+        )
+        return moved is not None
+
+    async def journal(self, instance: str) -> list[str]:
+        """Return the uids in this router's journal (a batch taken but not committed)."""
+        return cast(list[str], await self.redis.lrange(keys.routing_key(instance), 0, -1))
+
+    async def route_commit(self, instance: str, batch: RoutedBatch, tracking_ttl: int) -> None:
+        """Apply a routed batch atomically and clear the journal (MULTI/EXEC).
+
+        A router killed before EXEC leaves the journal intact, so the batch is routed
+        again by whoever recovers it; after EXEC nothing is left to repeat.
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if batch.bodies:
+                pipe.mset(batch.bodies)
+            for queue, uids in batch.queues.items():
+                pipe.rpush(queue, *uids)
+            for identity, count in batch.assigned.items():
+                pipe.hincrby(keys.metrics_key("assigned"), identity, count)
+            for origin, members in batch.outputs.items():
+                pipe.sadd(keys.outputs_key(origin), *members)
+                pipe.expire(keys.outputs_key(origin), tracking_ttl)
+            if batch.logs:  # one command for the batch's records (PUBLISH each, in Lua)
+                args = [part for record in batch.logs for part in record]
+                pipe.eval(scripts.PUBLISH_MANY, 0, *args)
+            if batch.invalid:
+                pipe.rpush(keys.INVALID, *batch.invalid)
+                pipe.hincrby(keys.STATS, "invalid", len(batch.invalid))
+            pipe.delete(keys.routing_key(instance))
+            await pipe.execute()
+
+    async def heartbeat_router(self, instance: str, ttl: float) -> None:
+        """Tell other routers this instance (and its journal) is alive for ``ttl`` s."""
+        await self.redis.zadd(keys.ROUTERS, {instance: _ms(time.time() + ttl)})
+
+    async def forget_router(self, instance: str) -> None:
+        """Deregister a router that stopped cleanly (its journal is empty)."""
+        await self.redis.zrem(keys.ROUTERS, instance)
+
+    async def recover_routing(self) -> int:
+        """Give batches of dead routers back to ``karton.tasks``; return how many uids."""
+        moved: int = await self._recover(
+            keys=[keys.ROUTERS, keys.TASKS_QUEUE, keys.STATS], args=[_ms(time.time())]
+        )
+        return moved
+
+    async def quarantine(self, uids: Sequence[str]) -> None:
+        """Keep uids whose body could not be parsed, for an operator to inspect."""
+        if uids:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.rpush(keys.INVALID, *uids)
+                pipe.hincrby(keys.STATS, "invalid", len(uids))
+                await pipe.execute()
