@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from botocore.exceptions import (  # type: ignore[import-untyped]
+from botocore.exceptions import (
     ClientError,
     EndpointConnectionError,
     ResponseStreamingError,
