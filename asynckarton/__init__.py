@@ -22,9 +22,12 @@ ones, never in a cycle (``tests/unit/test_layers.py`` checks both):
 """
 
 from ._errors import (
+    BackendError,
     ConfigError,
+    InvalidIdentityError,
     InvalidTaskError,
     KartonError,
+    PartialDeleteError,
     QueryError,
     ResourceNotFoundError,
     Retry,
@@ -45,14 +48,17 @@ from .system import SystemService
 Resource = LocalResource
 
 __all__ = [
+    "BackendError",
     "Config",
     "ConfigError",
     "Consumer",
+    "InvalidIdentityError",
     "InvalidTaskError",
     "Karton",
     "KartonError",
     "LocalResource",
     "Option",
+    "PartialDeleteError",
     "Producer",
     "QueryError",
     "RemoteResource",
@@ -72,3 +78,11 @@ __all__ = [
     "to_process",
     "to_thread",
 ]
+
+# Reprs, tracebacks and pickles name the public path (``asynckarton.Task``), not the
+# private module that defines the object; pickling still works because every rewritten
+# name is an attribute of this module.
+for _name in __all__:
+    if not _name.startswith("__"):
+        globals()[_name].__module__ = __name__
+del _name
