@@ -21,6 +21,8 @@ ones, never in a cycle (``tests/unit/test_layers.py`` checks both):
 ===================  ===================================================================
 """
 
+import inspect as _inspect
+
 from ._errors import (
     BackendError,
     ConfigError,
@@ -81,8 +83,13 @@ __all__ = [
 
 # Reprs, tracebacks and pickles name the public path (``asynckarton.Task``), not the
 # private module that defines the object; pickling still works because every rewritten
-# name is an attribute of this module.
+# name is an attribute of this module.  Classes with class-level annotations (Consumer,
+# SystemService, Option) keep their module: ``typing.get_type_hints`` resolves those
+# annotations in the namespace ``__module__`` names, for them and their subclasses.
 for _name in __all__:
-    if not _name.startswith("__"):
-        globals()[_name].__module__ = __name__
-del _name
+    _value = globals()[_name]
+    if not _name.startswith("__") and not (
+        isinstance(_value, type) and _inspect.get_annotations(_value)
+    ):
+        _value.__module__ = __name__
+del _name, _value
