@@ -21,22 +21,30 @@ ones, never in a cycle (``tests/unit/test_layers.py`` checks both):
 ===================  ===================================================================
 """
 
+import inspect as _inspect
+
 from ._errors import (
     BackendError,
     BackendUnavailableError,
+    BindInUseError,
     ConfigError,
+    InvalidIdentityError,
     InvalidTaskError,
     KartonError,
+    PartialDeleteError,
     QueryError,
     ResourceNotFoundError,
     Retry,
     StorageError,
     TaskTimeoutError,
+    UnknownBindError,
     UnsafeArchiveError,
 )
 from ._services._blocking import to_process, to_thread
 from ._services._consumer import Consumer
+from ._services._inspect import DeploymentState
 from ._services._karton import Karton
+from ._services._log_consumer import LogConsumer
 from ._services._producer import Producer
 from ._services._runtime import Runtime
 from ._settings._config import Config, Option
@@ -50,14 +58,19 @@ Resource = LocalResource
 __all__ = [
     "BackendError",
     "BackendUnavailableError",
+    "BindInUseError",
     "Config",
     "ConfigError",
     "Consumer",
+    "DeploymentState",
+    "InvalidIdentityError",
     "InvalidTaskError",
     "Karton",
     "KartonError",
     "LocalResource",
+    "LogConsumer",
     "Option",
+    "PartialDeleteError",
     "Producer",
     "QueryError",
     "RemoteResource",
@@ -72,9 +85,23 @@ __all__ = [
     "TaskPriority",
     "TaskState",
     "TaskTimeoutError",
+    "UnknownBindError",
     "UnsafeArchiveError",
     "__version__",
     "get_current_task",
     "to_process",
     "to_thread",
 ]
+
+# Reprs, tracebacks and pickles name the public path (``asynckarton.Task``), not the
+# private module that defines the object; pickling still works because every rewritten
+# name is an attribute of this module.  Classes with class-level annotations (Consumer,
+# SystemService, Option) keep their module: ``typing.get_type_hints`` resolves those
+# annotations in the namespace ``__module__`` names, for them and their subclasses.
+for _name in __all__:
+    _value = globals()[_name]
+    if not _name.startswith("__") and not (
+        isinstance(_value, type) and _inspect.get_annotations(_value)
+    ):
+        _value.__module__ = __name__
+del _name, _value

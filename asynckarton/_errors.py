@@ -19,7 +19,24 @@
 from __future__ import annotations
 
 
-class KartonError(Exception):
+def _rebuild(
+    cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]
+) -> BaseException:
+    """Unpickle an error without calling its constructor (whose keywords differ per class)."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class _Picklable(Exception):
+    """Errors travel between processes (``to_process``): keep their data when pickled."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+class KartonError(_Picklable):
     """Base class for errors raised by asynckarton itself."""
 
 
@@ -138,7 +155,7 @@ class QueryError(KartonError):
     """A filter uses an unsupported operator or malformed operand."""
 
 
-class Retry(Exception):
+class Retry(_Picklable):
     """Raised by a handler to ask for another attempt after ``after`` seconds."""
 
     def __init__(self, *, after: float | None = None, reason: str = "") -> None:
@@ -166,3 +183,23 @@ class PartialDeleteError(StorageError):
         self.bucket = bucket
         self.deleted = deleted
         self.failed = failed
+
+
+class UnknownBindError(KartonError, LookupError):
+    """``delete`` was asked for an identity that has no bind in Redis."""
+
+    def __init__(self, identity: str) -> None:
+        super().__init__(f"no bind registered for {identity!r}")
+        self.identity = identity
+
+
+class BindInUseError(KartonError):
+    """``delete`` refused a bind whose consumers are online (use ``force``)."""
+
+    def __init__(self, identity: str, replicas: int) -> None:
+        super().__init__(
+            f"bind {identity!r} has {replicas} replica(s) online; stop them first "
+            "or force the deletion (they will shut down: 'Binds changed')"
+        )
+        self.identity = identity
+        self.replicas = replicas

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .._errors import KartonError
+from .._errors import BindInUseError, UnknownBindError
 from ..backend import Bind, KartonBackend
 from ..backend._inspect import (
     parse_client_name,
@@ -40,26 +40,6 @@ __all__ = [
 ]
 
 SYSTEM_IDENTITY = "karton.system"
-
-
-class UnknownBindError(KartonError, LookupError):
-    """``delete`` was asked for an identity that has no bind in ``karton.binds``."""
-
-    def __init__(self, identity: str) -> None:
-        super().__init__(f"no bind registered for {identity!r}")
-        self.identity = identity
-
-
-class BindInUseError(KartonError):
-    """``delete`` refused a bind whose consumers are online (use ``force``)."""
-
-    def __init__(self, identity: str, replicas: int) -> None:
-        super().__init__(
-            f"bind {identity!r} has {replicas} replica(s) online; stop them first "
-            "or force the deletion (they will shut down: 'Binds changed')"
-        )
-        self.identity = identity
-        self.replicas = replicas
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,11 +28,14 @@ UPLOAD_CONCURRENCY = 8
 class Producer(ServiceBase):
     """Sends tasks.  ``async with Producer(config, identity=...) as p: await p.send_task(t)``.
 
+    A resource is deduplicated (stored under its sha256, uploaded only if no object with
+    that key exists yet) when it was created with ``deduplicate=True``; one created with
+    ``deduplicate=False`` never is; one that left it unset (None) follows
+    ``[asynckarton] deduplicate`` (default off).  The resource's own choice wins.
+
     Args:
         config: configuration (default: Karton's layered loading).
         identity: the producer's identity, written to each task's ``origin`` header.
-        deduplicate: upload a resource only if no object with its sha256 exists yet
-            (default: ``[asynckarton] deduplicate``).
     """
 
     with_service_info = False
@@ -48,6 +51,9 @@ class Producer(ServiceBase):
         Raises:
             InvalidTaskError: a task's payload is not JSON-serialisable; nothing of the
                 batch was written to Redis or uploaded.
+            StorageError: a resource upload failed (the first failure, as itself; the
+                other uploads are cancelled); nothing of the batch was queued and its
+                declared task keys are deleted.
         """
         batch = list(tasks)
         if not batch:
@@ -91,23 +97,34 @@ class Producer(ServiceBase):
         self, batch: Sequence[Task], local: Sequence[tuple[Task, LocalResource]]
     ) -> None:
         bucket = self.runtime.bucket
-        dedup = bool(self.config.getboolean("asynckarton", "deduplicate", False))
+        default = bool(self.config.getboolean("asynckarton", "deduplicate", False))
+        uploads: list[tuple[LocalResource, bool]] = []
         for _, resource in local:
             if resource.bucket is None:
                 resource.bucket = bucket
+            # The resource's own choice wins; None leaves it to the configured default.
+            dedup = default if resource.deduplicate is None else resource.deduplicate
             if dedup:  # the uid becomes the sha256: declare the final object key
                 await resource.prepare(deduplicate=True)
+            uploads.append((resource, dedup))
         await self.backend.declare_tasks(batch)  # Declared, before any upload (GC safety)
         try:
             limiter = anyio.CapacityLimiter(UPLOAD_CONCURRENCY)
+            failures: list[Exception] = []
 
-            async def upload(resource: LocalResource) -> None:
-                async with limiter:
-                    await resource.upload(self.storage, deduplicate=dedup)
+            async def upload(resource: LocalResource, dedup: bool) -> None:
+                try:
+                    async with limiter:
+                        await resource.upload(self.storage, deduplicate=dedup)
+                except Exception as exc:  # noqa: BLE001 - re-raised after the group
+                    failures.append(exc)  # the first failure stops the other uploads
+                    group.cancel_scope.cancel()
 
             async with anyio.create_task_group() as group:
-                for _, resource in local:
-                    group.start_soon(upload, resource)
+                for resource, dedup in uploads:
+                    group.start_soon(upload, resource, dedup)
+            if failures:  # raised as itself, not wrapped in an exception group
+                raise failures[0]
         except BaseException:
             # Nothing half-written: the declared keys go, unreferenced objects are
             # orphans the resource GC removes.

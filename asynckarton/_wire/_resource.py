@@ -144,7 +144,8 @@ class LocalResource(ResourceBase):
             computes (a wrong digest never reaches the wire).
         flags: Karton flags.
         deduplicate: upload under the content's SHA-256 and skip the upload when an object
-            with that key already exists (see the module docstring).
+            with that key already exists (see the module docstring). None (the default)
+            leaves it to the producer's ``[asynckarton] deduplicate``; off elsewhere.
 
     Raises:
         ValueError: not exactly one of ``content``, ``path`` and ``fd`` was given.
@@ -162,7 +163,7 @@ class LocalResource(ResourceBase):
         uid: str | None = None,
         sha256: str | None = None,
         flags: list[str] | None = None,
-        deduplicate: bool = False,
+        deduplicate: bool | None = None,
     ) -> None:
         given = [
             label
@@ -202,7 +203,7 @@ class LocalResource(ResourceBase):
         bucket: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         uid: str | None = None,
-        deduplicate: bool = False,
+        deduplicate: bool | None = None,
     ) -> Self:
         """Zip a directory (in a worker thread) into a ``"Directory"`` resource.
 

@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -82,7 +82,8 @@ class Chaos:
         return self.system
 
     def _refresh_ready(self) -> None:
-        for member in self.env.r().smembers("faults:ready"):
+        members = cast("set[str]", self.env.r().smembers("faults:ready"))  # decoded
+        for member in members:
             self.ready.add(int(member.partition(":")[2]))
 
     async def supervise(self) -> None:
@@ -92,7 +93,7 @@ class Chaos:
         AOF) is restarted and reported; one that dies after it was running is a failure.
         """
         while True:
-            with contextlib.suppress(REDIS_DOWN):
+            with contextlib.suppress(*REDIS_DOWN):
                 self._refresh_ready()
             procs = [*self.consumers, *([self.system] if self.system else [])]
             for proc in procs:
@@ -115,7 +116,7 @@ class Chaos:
     async def kill_a_consumer(self) -> None:
         with anyio.fail_after(60):  # kill a consumer that is running, not one still booting
             while True:
-                with contextlib.suppress(REDIS_DOWN):
+                with contextlib.suppress(*REDIS_DOWN):
                     self._refresh_ready()
                 live = [p for p in self.consumers if p.alive() and p.pid in self.ready]
                 if live:
@@ -183,7 +184,12 @@ def diagnose(env: FaultEnv, missing: set[str]) -> dict[str, Any]:
             *client.scan_iter("asynckarton.routing:*"),
         ]
     }
-    leases = dict(client.zrange(f"asynckarton.leases:{IDENTITY}", 0, -1, withscores=True))
+    leases = dict(
+        cast(
+            "list[tuple[str, float]]",
+            client.zrange(f"asynckarton.leases:{IDENTITY}", 0, -1, withscores=True),
+        )
+    )
     report: dict[str, Any] = {"state": state, "missing": {}}
     for root in sorted(missing)[:20]:
         found = []
@@ -215,11 +221,11 @@ async def test_two_thousand_tasks_survive_kills_and_a_redis_restart(
     rng = random.Random(SEED)
     chaos = Chaos(faults, rng)
     client = faults.r()
-    chaos.spawn_system()
+    system = chaos.spawn_system()
     for _ in range(CONSUMERS):
         chaos.spawn_consumer()
     boot = time.monotonic()
-    await faults.wait_ready(chaos.system, *chaos.consumers, timeout=60)
+    await faults.wait_ready(system, *chaos.consumers, timeout=60)
     boot = time.monotonic() - boot
 
     roots: list[str] = []

@@ -89,12 +89,12 @@ class Deployment:
         async for key in self.redis.scan_iter(match="karton.task:*", count=1000):
             body = await self.redis.get(key)
             if body is not None:
-                found[key.removeprefix("karton.task:")] = json.loads(body)
+                found[str(key).removeprefix("karton.task:")] = json.loads(body)
         return found
 
     async def metric(self, name: str) -> dict[str, int]:
         raw = await self.redis.hgetall(f"karton.metrics.{name}")
-        return {k: int(v) for k, v in raw.items()}
+        return {str(k): int(v) for k, v in raw.items()}
 
 
 @pytest.fixture
@@ -180,7 +180,9 @@ def recorder(
         (RecordingConsumer,),
         {"identity": identity, "filters": filters, "__doc__": "Records tasks.", **attrs},
     )
-    return cls(config)
+    consumer = cls(config)
+    assert isinstance(consumer, RecordingConsumer)
+    return consumer
 
 
 # -- producer → system → consumers, with resources ----------------------------------------
@@ -712,7 +714,7 @@ async def test_log_records_are_published_in_kartons_shape(dep: Deployment) -> No
                 tasks = await wait_all_final(dep, 4)
     finally:
         logger.setLevel(level)
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
 
     [(_, info)] = [(c, r) for c, r in received if r["message"] == "processing 7"]
     [routed] = [
@@ -935,18 +937,16 @@ async def test_gc_removes_offline_non_persistent_binds_with_their_queues(
             await system.backend.register_bind(offline)
             await system.backend.register_bind(kept)
             async with running(online):
-                assert (
-                    json.loads(await dep.redis.hget("karton.binds", "it.np.online"))["persistent"]
-                    is False
-                )
+                bind = await dep.redis.hget("karton.binds", "it.np.online")
+                assert bind is not None and json.loads(bind)["persistent"] is False
                 report = await gc.collect()
 
             # Once its consumer is gone (its named connection closed), the bind goes too.
-            async def offline() -> bool:
+            async def disconnected() -> bool:
                 names = [c["name"] for c in await dep.redis.client_list()]
                 return not any(n.startswith("it.np.online") for n in names)
 
-            await wait_until(offline, "it.np.online to disconnect")
+            await wait_until(disconnected, "it.np.online to disconnect")
             second = await gc.collect()
 
     assert report is not None and report.removed_binds == ["it.np.offline"]

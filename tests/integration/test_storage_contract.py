@@ -7,6 +7,7 @@ GETs, multipart uploads, versioning and DeleteObjects all go over the wire.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import os
 import uuid
@@ -17,7 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
-from botocore.exceptions import (  # type: ignore[import-untyped]
+from botocore.exceptions import (
     ClientError,
     EndpointConnectionError,
     ResponseStreamingError,
@@ -25,14 +26,8 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 
 from asynckarton._errors import ResourceNotFoundError, StorageError
 from asynckarton._wire._resource import LocalResource, RemoteResource
-from asynckarton.storage import (
-    LocalStorage,
-    ObjectVersion,
-    S3Storage,
-    Storage,
-    UploadResult,
-)
-from asynckarton.storage._gc import collect_orphans
+from asynckarton.storage import LocalStorage, ObjectVersion, S3Storage, Storage, UploadResult
+from asynckarton.storage._gc import collect_orphans  # internal: not re-exported by storage
 from tests.servers import S3Server
 
 pytestmark = pytest.mark.anyio
@@ -606,9 +601,69 @@ def test_s3_client_config_is_minio_safe() -> None:
     assert getattr(config, "request_checksum_calculation", "when_required") == "when_required"
 
 
-def test_both_storages_satisfy_the_protocol(tmp_path: Path) -> None:
+#: Every method the Storage protocol declares (the context-manager pair included).
+PROTOCOL_METHODS = sorted(
+    name
+    for name, value in vars(Storage).items()
+    if inspect.isfunction(value) and (not name.startswith("_") or name.startswith("__a"))
+)
+
+
+def assert_same_parameters(
+    wanted: Callable[..., Any], method: Callable[..., Any], where: str
+) -> None:
+    """``method`` (bound) accepts every call the protocol's ``wanted`` (unbound) accepts."""
+    want = list(inspect.signature(wanted).parameters.values())[1:]  # drop self
+    got = inspect.signature(method).parameters
+    for param in want:
+        mine = got.get(param.name)
+        assert mine is not None, f"{where} has no parameter {param.name!r}"
+        assert mine.kind == param.kind, f"{where}({param.name}): {mine.kind} != {param.kind}"
+        assert mine.default == param.default, f"{where}({param.name}) default {mine.default!r}"
+    positional = [p.name for p in want if p.kind == p.POSITIONAL_OR_KEYWORD]
+    mine_positional = [n for n, p in got.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert mine_positional[: len(positional)] == positional, f"{where}: positional order"
+    extra = [
+        name
+        for name, p in got.items()
+        if name not in {w.name for w in want}
+        and p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    assert extra == [], f"{where} requires parameters the protocol does not pass: {extra}"
+
+
+async def test_both_storages_satisfy_the_protocol(tmp_path: Path) -> None:
+    """Each protocol method exists with the same parameters and the same calling style.
+
+    mypy checks the annotations (the list below is typed ``list[Storage]``); this checks
+    what a structural type check does not: parameter names, kinds and defaults, and
+    whether a method is awaited or hands back an async iterator without being awaited.
+    """
     storages: list[Storage] = [LocalStorage(tmp_path), S3Storage(None)]  # no I/O: just built
-    assert len(storages) == 2
+    expected = {"__aenter__", "__aexit__", "aclose", "get_bytes", "iter_chunks"}
+    assert expected <= set(PROTOCOL_METHODS)
+    for storage in storages:
+        for name in PROTOCOL_METHODS:
+            wanted = getattr(Storage, name)
+            where = f"{type(storage).__name__}.{name}"
+            method = getattr(storage, name, None)
+            assert callable(method), f"{where} is missing"
+            assert_same_parameters(wanted, method, where)
+            if inspect.iscoroutinefunction(wanted):
+                assert inspect.iscoroutinefunction(method), f"{where} must be 'async def'"
+                continue
+            # Declared with plain 'def' returning an AsyncIterator: calling it must hand
+            # back the iterator at once (no await, no I/O before the first __anext__).
+            assert not inspect.iscoroutinefunction(method), f"{where} must not need await"
+            required = [
+                p for p in inspect.signature(method).parameters.values() if p.default is p.empty
+            ]
+            iterator = method(*["bucket", "key"][: len(required)])
+            assert isinstance(iterator, AsyncIterator), f"{where} returned {iterator!r}"
+            close = getattr(iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def test_s3_rejects_tiny_parts() -> None:
