@@ -16,7 +16,7 @@ from anyio.abc import TaskStatus
 from .._errors import ConfigError
 from .._services._service import ServiceBase
 from .._settings._config import Config
-from .._settings._options import add_system_arguments, system_config_from_args
+from .._settings._flags import add_system_arguments, system_config_from_args
 from ..backend import TRANSIENT_ERRORS, until_done
 from ._gc import GarbageCollector
 from ._router import Router

@@ -19,8 +19,8 @@ from asynckarton._settings._config import (
     S3Settings,
     SystemSettings,
 )
-from asynckarton._settings._options import (
-    Option,
+from asynckarton._settings._declare import Option
+from asynckarton._settings._flags import (
     add_consumer_arguments,
     add_options_to_parser,
     add_system_arguments,
