@@ -142,8 +142,8 @@ class Config:
         for section in parser.sections():
             for option in parser.options(section):
                 found = lines.get((section, option))
+                inherited = found is None
                 if found is None:
-                    self._inherited.add((section, option))
                     found = lines.get((parser.default_section, option), ("?", RANK_FILES))
                 try:
                     value = parser.get(section, option)
@@ -155,6 +155,8 @@ class Config:
                         source=found[0],
                     ) from None
                 self._put(section, option, value, found[0], found[1])
+                if inherited:
+                    self._inherited.add((section, option))
 
     def _load_env(self) -> None:
         for name, value in self._environ.items():

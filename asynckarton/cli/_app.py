@@ -249,12 +249,13 @@ def show_config(
         policy = (
             getattr(service, "policy", None) if target else resolve_policy(config, object, name)
         )
+        warnings = check_config(config, options)  # unknown built-in options fail first
         present = [(section, option) for section, option, _, _ in config.entries()]
         rows = describe(config, identity=name, identity_source=where, policy=policy,
                         options=options, present=present)  # fmt: skip
         for row in rows:
             typer.echo(str(row))
-        for warning in check_config(config, options):
+        for warning in warnings:
             typer.echo(f"# warning: {warning}")
         config.karton_settings(name)
         config.logging_settings()
