@@ -5,7 +5,8 @@ option in them is declared in ``_builtin.py``, so ``[karton] concurency_limit`` 
 ``KARTON_KARTON_CONCURENCY_LIMIT`` fails at start with a "did you mean". Other sections
 belong to services, which declare their options with :class:`Option`; since Karton-style
 services may also read undeclared options with ``config.get``, an option or section that no
-running service declares is only a warning. Keys leaked from ``[DEFAULT]`` are not checked.
+running service declares is only a warning (for values from files, the environment and
+``--set``: what code puts there, code reads). Keys leaked from ``[DEFAULT]`` are not checked.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol
 from .._errors import ConfigError
 from ._builtin import BUILTIN, suggest
 from ._declare import PER_IDENTITY_SECTION, Option
-from ._values import Entry
+from ._values import RANK_ARGUMENTS, Entry
 
 __all__ = ["check_config"]
 
@@ -63,6 +64,8 @@ def check_config(config: _Entries, declared: Iterable[Option] = ()) -> list[str]
                     "with one service, or --identity",
                     section=section, option=name, source=entry.source,
                 )  # fmt: skip
+        elif entry.rank >= RANK_ARGUMENTS and not entry.source.startswith("argument --set"):
+            continue  # put there by code (config_from_args, set): the code reads it
         elif section in services:
             if name not in services[section]:
                 hint = suggest(name, services[section])
