@@ -120,6 +120,8 @@ def _config_for(
             continue
         config.set(section, name, value, source=f"argument {option.cli_flag}")
     apply_sets(config, common.sets)
+    if not target and config.entry("karton", "identity") is not None:  # it names the targets
+        config.set("karton", "identity", cls.identity, source="run --with-system")
     if common.embedded:
         config.set("asynckarton", "embedded", True, source="argument --embedded")
     return config, unknown

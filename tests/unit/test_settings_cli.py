@@ -225,6 +225,8 @@ def test_karton_identity_with_two_services_is_refused(
         build_services([Alpha, Beta], [], CommonOptions(embedded=True))
     (one,) = build_services([Alpha], [], CommonOptions(embedded=True))
     assert one.identity == "one"
+    system, one = build_services([Alpha], [], CommonOptions(embedded=True), with_system=True)
+    assert (system.identity, one.identity) == ("karton.system", "one")  # the target's name
 
 
 def test_build_services_warns_only_about_sections_nobody_declares(
