@@ -44,6 +44,10 @@ POLICY_OPTIONS = (
 _LIBRARY = "asynckarton."  # class attributes defined here are defaults, not "code" values
 
 
+def _default(name: str) -> Any:
+    return BUILTIN["karton"][name].default
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConsumerPolicy:
     """The policy one consumer runs with (``task_timeout`` None: no limit).
@@ -51,16 +55,16 @@ class ConsumerPolicy:
     ``sources`` maps each field to where its value came from (not part of equality or JSON).
     """
 
-    persistent: bool = True
-    concurrency_limit: int = 1
-    prefetch: int = 0
-    task_timeout: float | None = None
-    max_retries: int = 0
-    retry_for: tuple[type[BaseException], ...] = (Exception,)
-    retry_backoff: float = 1.0
-    retry_backoff_max: float = 300.0
-    lease_timeout: float = 60.0
-    shutdown_grace: float = 30.0
+    persistent: bool = _default("persistent")
+    concurrency_limit: int = _default("concurrency_limit")
+    prefetch: int = 0  # derived from concurrency_limit when unset
+    task_timeout: float | None = _default("task_timeout") or None
+    max_retries: int = _default("max_retries")
+    retry_for: tuple[type[BaseException], ...] = (Exception,)  # declared as "unset"
+    retry_backoff: float = _default("retry_backoff")
+    retry_backoff_max: float = _default("retry_backoff_max")
+    lease_timeout: float = _default("lease_timeout")
+    shutdown_grace: float = _default("shutdown_grace")
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
