@@ -130,14 +130,18 @@ def load_exception(dotted: str, option: str, source: str) -> type[BaseException]
 
 
 def _class_value(cls: type, name: str) -> tuple[Any, str] | None:
-    """The class attribute ``name`` when code outside asynckarton sets it (not None)."""
-    for klass in cls.__mro__:
-        if name in vars(klass):
-            value = vars(klass)[name]
-            if value is None or klass.__module__.startswith(_LIBRARY):
-                return None
-            return value, f"class {klass.__module__}.{klass.__qualname__}.{name}"
-    return None
+    """The class attribute ``name`` when a subclass sets it (not None).
+
+    The value of the asynckarton class that introduces the attribute (``Consumer``) is the
+    default, not code; every class below it that sets the attribute is code.
+    """
+    owners = [klass for klass in cls.__mro__ if name in vars(klass)]
+    if not owners:
+        return None
+    klass, value = owners[0], vars(owners[0])[name]
+    if value is None or (len(owners) == 1 and klass.__module__.startswith(_LIBRARY)):
+        return None
+    return value, f"class {klass.__module__}.{klass.__qualname__}.{name}"
 
 
 def resolve_policy(

@@ -258,3 +258,19 @@ def test_policy_from_json_rejects_garbage() -> None:
         ConsumerPolicy.from_json("{")
     with pytest.raises(ConfigError, match="cannot import"):
         ConsumerPolicy.from_json('{"retry_for": ["nope.Nope"]}')
+
+
+def test_class_values_of_shipped_subclasses_count_as_code() -> None:
+    """Only the class that introduces an attribute (Consumer) holds the default."""
+    from asynckarton.demo import Reporter
+
+    policy = resolve_policy(Config(search_paths=[], environ={}), Reporter, Reporter.identity)
+    assert policy.concurrency_limit == 8
+    assert policy.sources["concurrency_limit"] == (
+        "class asynckarton.demo.Reporter.concurrency_limit"
+    )
+    assert policy.sources["max_retries"] == "default"  # Consumer's None: not code
+    assert (
+        resolve_policy(Config(search_paths=[], environ={}), Consumer, "c").sources["persistent"]
+        == "default"
+    )  # Consumer's own True is the default, not a class value
