@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib
 import inspect
 import logging
 import random
@@ -29,9 +28,10 @@ from typing import Any, ClassVar
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from .._errors import ConfigError, InvalidTaskError, Retry, TaskTimeoutError
+from .._errors import InvalidTaskError, Retry, TaskTimeoutError
 from .._settings._config import Config
-from .._settings._options import add_consumer_arguments, consumer_config_from_args
+from .._settings._flags import add_consumer_arguments, consumer_config_from_args
+from .._settings._policy import ConsumerPolicy, resolve_policy
 from .._wire._query import compile_filters
 from .._wire._task import Task, TaskState, current_task
 from ..backend import Bind
@@ -55,21 +55,15 @@ QUICK_HANDLER = 0.001  # seconds: tasks handled faster than this are drained by 
 STRANDED_AFTER = 0.002  # seconds before tasks left behind by a quick batch get runners
 
 
-def _load_exception(dotted: str) -> type[BaseException]:
-    module, _, name = dotted.strip().rpartition(".")
-    try:
-        value = getattr(importlib.import_module(module or "builtins"), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot import exception {dotted!r}: {exc}") from None
-    if not (isinstance(value, type) and issubclass(value, BaseException)):
-        raise ConfigError(f"{dotted!r} is not an exception class")
-    return value
-
-
 class Consumer(ServiceBase):
     """Base class of a service that processes tasks matching ``filters``.
 
-    Class attributes (each overridable by ``[karton]`` config and CLI options):
+    Class attributes are the lowest layer of the one precedence rule: ``[karton]`` options
+    (also per identity, ``[karton:<identity>]``), variables and flags override them. The
+    exception is Karton's: a ``task_timeout`` set here beats every layer (karton-core 5.9.1
+    does the same). ``self.policy`` is the resolved :class:`ConsumerPolicy`.
+
+    Class attributes:
         identity, filters, persistent, version: as in Karton.
         concurrency_limit: handlers running at once (default 1, as Karton's asyncio).
         prefetch: tasks taken ahead of free handlers (default concurrency_limit, 0 for a
@@ -124,33 +118,18 @@ class Consumer(ServiceBase):
         self._record_maker: RecordMaker | None = None
 
     def _read_policy(self, config: Config) -> None:
-        settings = config.karton_settings()
-        cls = type(self)
-        persistent = settings.persistent if settings.persistent is not None else cls.persistent
-        self.persistent = bool(persistent) and not self.debug  # type: ignore[misc]
-        self.concurrency_limit = settings.concurrency_limit or cls.concurrency_limit or 1  # type: ignore[misc]
-        timeout = settings.task_timeout if cls.task_timeout is None else cls.task_timeout
-        self.task_timeout = timeout or None  # type: ignore[misc]
-        retries = settings.max_retries if settings.max_retries is not None else cls.max_retries
-        self.max_retries = retries or 0  # type: ignore[misc]
-        if settings.retry_for:
-            self.retry_for = tuple(_load_exception(name) for name in settings.retry_for)  # type: ignore[misc]
-        if settings.retry_backoff is not None:
-            self.retry_backoff = settings.retry_backoff  # type: ignore[misc]
-        if settings.retry_backoff_max is not None:
-            self.retry_backoff_max = settings.retry_backoff_max  # type: ignore[misc]
-        self.lease_timeout = cls.lease_timeout or settings.lease_timeout  # type: ignore[misc]
-        self.shutdown_grace = settings.shutdown_grace
-        prefetch = config.getint("karton", "prefetch")
-        if prefetch is None:
-            limit = self.concurrency_limit
-            prefetch = cls.prefetch if cls.prefetch is not None else (limit if limit > 1 else 0)
-        if prefetch < 0:
-            raise ConfigError(
-                "prefetch must be >= 0", section="karton", option="prefetch", value=prefetch,
-                source=config.source("karton", "prefetch"),
-            )  # fmt: skip
-        self.prefetch = prefetch  # type: ignore[misc]
+        policy = resolve_policy(config, type(self), self.config_identity, debug=self.debug)
+        self.policy: ConsumerPolicy = policy
+        self.persistent = policy.persistent  # type: ignore[misc]
+        self.concurrency_limit = policy.concurrency_limit  # type: ignore[misc]
+        self.task_timeout = policy.task_timeout  # type: ignore[misc]
+        self.max_retries = policy.max_retries  # type: ignore[misc]
+        self.retry_for = policy.retry_for  # type: ignore[misc]
+        self.retry_backoff = policy.retry_backoff  # type: ignore[misc]
+        self.retry_backoff_max = policy.retry_backoff_max  # type: ignore[misc]
+        self.lease_timeout = policy.lease_timeout  # type: ignore[misc]
+        self.shutdown_grace = policy.shutdown_grace
+        self.prefetch = policy.prefetch  # type: ignore[misc]
 
     @classmethod
     def args_parser(cls) -> argparse.ArgumentParser:

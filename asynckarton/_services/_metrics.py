@@ -35,7 +35,6 @@ answers with the metrics), so scraping never needs a thread.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import logging
 import re
@@ -66,13 +65,11 @@ from ._inspect import DeploymentState, TaskCounts, count_tasks
 __all__ = [
     "CONSUMER_REGISTRY",
     "SystemMetrics",
-    "add_metrics_port_flag",
     "gc_pass",
     "handled",
     "last_loop_lag",
     "leases_renewed",
     "loop_lag",
-    "metrics_port_from_args",
     "outcome",
     "serve_consumer",
     "serve_http",
@@ -430,19 +427,6 @@ async def serve_system(
         await group.start(serve_http, metrics.render, port, host)
         log.info("Metrics on http://%s:%d/metrics", host, port)
         task_status.started(metrics)
-
-
-def add_metrics_port_flag(parser: argparse.ArgumentParser) -> None:
-    """``--metrics-port`` for ``asynckarton system`` (``[system] metrics_port``)."""
-    parser.add_argument(
-        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
-    )
-
-
-def metrics_port_from_args(config: Config, args: argparse.Namespace) -> None:
-    """Copy ``--metrics-port`` into ``[system] metrics_port``."""
-    if getattr(args, "metrics_port", None) is not None:
-        config.set("system", "metrics_port", args.metrics_port, source="--metrics-port")
 
 
 # -- the HTTP responder ---------------------------------------------------------------------

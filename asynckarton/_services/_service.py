@@ -15,14 +15,16 @@ import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 from urllib.parse import urlencode
 
 import anyio
 
 from .._errors import InvalidIdentityError
+from .._settings._builtin import BUILTIN
+from .._settings._check import check_config
 from .._settings._config import Config, Option
-from .._settings._options import (
+from .._settings._flags import (
     add_options_to_parser,
     base_args_parser,
     base_config_from_args,
@@ -36,6 +38,8 @@ from ._run import serve_forever, startup_errors
 from ._runtime import Runtime
 
 __all__ = ["ServiceBase"]
+
+_config_log = logging.getLogger("asynckarton.config")
 
 
 def validate_identity(identity: str) -> str:
@@ -56,6 +60,10 @@ class ServiceBase:
             overrides both, as in Karton.
         runtime: the :class:`~asynckarton.Runtime` to use (shared with whoever else is
             given it); default: open a runtime of its own from ``config`` on ``__aenter__``.
+
+    Raises:
+        ConfigError: An unknown option in a built-in section, or an invalid value of one
+            of the service's declared :attr:`options` (checked here, not per task).
     """
 
     identity: ClassVar[str] = ""
@@ -75,11 +83,17 @@ class ServiceBase:
         runtime: Runtime | None = None,
     ) -> None:
         self.config = config if config is not None else Config()
+        check_config(self.config, type(self).options)  # errors only; entry points warn
         resolved = self.config.get("karton", "identity") or identity or type(self).identity
-        self.debug = bool(self.config.getboolean("karton", "debug", False))
+        #: The identity its ``[karton:<identity>]`` settings are looked up under (without
+        #: debug mode's random suffix).
+        self.config_identity = str(resolved or "")
+        self.debug = bool(BUILTIN["karton"]["debug"].read(self.config, self.config_identity))
         if self.debug and resolved:
             resolved = f"{resolved}-{uuid.uuid4().hex[:8]}-dev"
         self.identity = validate_identity(str(resolved or ""))  # type: ignore[misc]
+        for option in type(self).options:  # a bad value fails at start, not per task
+            option.read(self.config, self.config_identity)
         self.instance_id = uuid.uuid4().hex
         self.log = logging.getLogger(self.identity)
         if self.log.level == logging.NOTSET:  # [logging] level, unless the app chose one
@@ -124,13 +138,18 @@ class ServiceBase:
     def main(cls, argv: Sequence[str] | None = None) -> None:
         """Entry point: parse arguments, run until SIGINT/SIGTERM, drain, exit."""
         args = cls.args_parser().parse_args(argv)
-        with startup_errors(getattr(args, "log_level", None)):  # bad config: one line, exit 1
+        with startup_errors(getattr(args, "logging_level", None)):  # bad config: one line, exit 1
             service = cls.karton_from_args(args)
-        serve_forever([service], log_level=getattr(args, "log_level", None))
+            for warning in check_config(service.config, cls.options):
+                _config_log.warning("%s", warning)
+        serve_forever([service], log_level=getattr(args, "logging_level", None))
 
-    def option(self, option: Option) -> object:
-        """Return the value of a declared option (ini, env or CLI; else its default)."""
-        return option.read(self.config)
+    def option(self, option: Option) -> Any:
+        """Return the value of a declared option (ini, env or CLI; else its default).
+
+        A ``[karton]`` option is read as this service's identity sees it.
+        """
+        return option.read(self.config, self.config_identity)
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -1,13 +1,23 @@
 """Karton-compatible configuration that remembers where every value came from.
 
-Layers, later wins (the same order as karton-core 5.9):
+The one precedence rule, lowest first; a later layer beats every earlier one:
 
+0. the declared default, then the service's class attribute (code),
 1. ``/etc/karton/karton.ini``, ``~/.config/karton/karton.ini``, ``./karton.ini``
    (missing ones are skipped; ``search_paths=`` replaces this list),
 2. the file named by ``$KARTON_CONFIG_FILE`` (must exist),
-3. the explicit ``path`` argument, i.e. ``--config-file`` (must exist),
+3. the explicit ``path`` argument, i.e. ``--config-file`` / ``--config-path`` (must exist),
 4. ``KARTON_<SECTION>_<OPTION>`` environment variables,
-5. whatever is set afterwards: ``load_from_dict`` (command-line arguments), ``set``.
+5. command-line flags, ``--set``, ``load_from_dict`` and ``set``.
+
+The one exception is Karton's own: a class ``task_timeout`` that is not None beats every
+layer (karton-core 5.9.1 reads ``[karton] task_timeout`` only when the class leaves it None).
+
+``[karton]`` options can be set for one identity in every layer: ``[karton:<identity>]``
+in an ini file, ``KARTON_KARTON__<IDENTITY>__<OPTION>`` in the environment
+(:func:`~asynckarton._settings._declare.mangle_identity`), ``--set <identity>:karton.<option>=v``
+on the command line. Within one layer the identity's value beats the generic one; across
+layers the later layer wins, whichever of the two it is (:meth:`Config.entry`).
 
 All files go through one :class:`configparser.ConfigParser`, exactly like Karton, so
 ``[DEFAULT]`` keys leak into every section (``DEFAULT`` itself is not listed as a section)
@@ -23,51 +33,27 @@ from __future__ import annotations
 
 import configparser
 import logging
-import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
 from .._errors import ConfigError
+from ._builtin import builtin
+from ._declare import PER_IDENTITY_SECTION, Option, demangle_identity
 from ._options import (
     KartonSettings,
     LoggingSettings,
-    Option,
     RedisSettings,
     S3Settings,
     SystemSettings,
-    add_consumer_arguments,
-    add_options_to_parser,
-    add_system_arguments,
-    base_args_parser,
-    base_config_from_args,
-    consumer_config_from_args,
-    options_from_args,
-    system_config_from_args,
+    has_redis,
 )
+from ._values import RANK_ARGUMENTS, RANK_ENV, RANK_FILES, Entry, mask, to_bool, to_float, to_int
 
-__all__ = [  # the _options names are re-exported so everything imports from here
-    "DEFAULT_SEARCH_PATHS",
-    "Config",
-    "KartonSettings",
-    "LoggingSettings",
-    "Option",
-    "RedisSettings",
-    "S3Settings",
-    "SystemSettings",
-    "add_consumer_arguments",
-    "add_options_to_parser",
-    "add_system_arguments",
-    "base_args_parser",
-    "base_config_from_args",
-    "consumer_config_from_args",
-    "options_from_args",
-    "system_config_from_args",
-]
+__all__ = ["DEFAULT_SEARCH_PATHS", "DEFAULT_SOURCE", "Config", "Option", "identity_section"]
 
 logger = logging.getLogger("asynckarton.config")
 
@@ -80,18 +66,16 @@ DEFAULT_SOURCE = "default"
 
 # Karton's own mapping: the section stops at the first underscore, the option takes the rest.
 _ENV_RE = re.compile(r"KARTON_([A-Z0-9\-\.]+)_([A-Z0-9_]+)")
-_TRUE = frozenset({"1", "yes", "true", "on"})
-_FALSE = frozenset({"0", "no", "false", "off"})
-_SECRET_RE = re.compile(r"password|secret|token|key$")
-_URL_PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^@]*@")
+# Ours, checked first: KARTON_KARTON__<mangled identity>__<OPTION>.
+_IDENTITY_ENV_PREFIX = f"KARTON_{PER_IDENTITY_SECTION.upper()}__"
+_OPTION_RE = re.compile(r"[A-Z0-9][A-Z0-9_]*")
 
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    value: Any
-    source: str
+def identity_section(identity: str) -> str:
+    """The ini section of one identity's ``[karton]`` options: ``karton:<identity>``."""
+    return f"{PER_IDENTITY_SECTION}:{identity}"
 
 
 class Config:
@@ -117,7 +101,8 @@ class Config:
         search_paths: Sequence[str] | None = None,
     ) -> None:
         self._environ: dict[str, str] = dict(os.environ if environ is None else environ)
-        self._data: dict[str, dict[str, _Entry]] = {}
+        self._data: dict[str, dict[str, Entry]] = {}
+        self._inherited: set[tuple[str, str]] = set()  # [DEFAULT] keys leaked into a section
         self._load_files(self._file_layers(path, search_paths))
         self._load_env()
         if self.has_section("minio") and not self.has_section("s3"):
@@ -142,8 +127,8 @@ class Config:
 
     def _load_files(self, layers: list[tuple[str, str | None]]) -> None:
         parser = configparser.ConfigParser()
-        lines: dict[tuple[str, str], str] = {}
-        for path, required_by in layers:
+        lines: dict[tuple[str, str], tuple[str, int]] = {}
+        for rank, (path, required_by) in enumerate(layers, start=RANK_FILES):
             text = _read_text(path, required_by)
             if text is None:
                 continue
@@ -152,12 +137,14 @@ class Config:
                 parser.read_string(text, source=where)
             except configparser.Error as exc:
                 raise ConfigError(f"cannot parse configuration file: {exc}", source=where) from None
-            lines.update(_scan_lines(text, where, parser.optionxform))
+            for key, line in _scan_lines(text, where, parser.optionxform).items():
+                lines[key] = (line, rank)
         for section in parser.sections():
             for option in parser.options(section):
-                source = lines.get((section, option)) or lines.get(
-                    (parser.default_section, option), "?"
-                )
+                found = lines.get((section, option))
+                inherited = found is None
+                if found is None:
+                    found = lines.get((parser.default_section, option), ("?", RANK_FILES))
                 try:
                     value = parser.get(section, option)
                 except configparser.InterpolationError as exc:
@@ -165,14 +152,31 @@ class Config:
                         f"cannot interpolate value: {exc.message}",
                         section=section,
                         option=option,
-                        source=source,
+                        source=found[0],
                     ) from None
-                self._put(section, option, value, source)
+                self._put(section, option, value, found[0], found[1])
+                if inherited:
+                    self._inherited.add((section, option))
 
     def _load_env(self) -> None:
         for name, value in self._environ.items():
-            if match := _ENV_RE.fullmatch(name):
-                self._put(match[1].lower(), match[2].lower(), value, f"env {name}")
+            if name.startswith(_IDENTITY_ENV_PREFIX) and "__" in name[len(_IDENTITY_ENV_PREFIX) :]:
+                mangled, _, option = name[len(_IDENTITY_ENV_PREFIX) :].rpartition("__")
+                try:
+                    identity = demangle_identity(mangled)
+                except ValueError as exc:
+                    raise ConfigError(
+                        f"not a per-identity variable: {exc}", source=f"env {name}"
+                    ) from None
+                if not identity or not _OPTION_RE.fullmatch(option):
+                    raise ConfigError(
+                        "a per-identity variable is KARTON_KARTON__<IDENTITY>__<OPTION>",
+                        source=f"env {name}",
+                    )
+                section = identity_section(identity)
+                self._put(section, option.lower(), value, f"env {name}", RANK_ENV)
+            elif match := _ENV_RE.fullmatch(name):
+                self._put(match[1].lower(), match[2].lower(), value, f"env {name}", RANK_ENV)
 
     def _map_minio_to_s3(self) -> None:
         """Karton < 5 used ``[minio]`` with a bare ``address`` and a ``secure`` flag."""
@@ -181,11 +185,37 @@ class Config:
         address = s3.get("address")
         if address is not None and not str(address.value).startswith(("http://", "https://")):
             scheme = "https://" if self.getboolean("minio", "secure", True) else "http://"
-            s3["address"] = _Entry(scheme + str(address.value), address.source)
+            s3["address"] = Entry(scheme + str(address.value), address.source, address.rank)
         self._data["s3"] = s3
 
-    def _put(self, section: str, option: str, value: Any, source: str) -> None:
-        self._data.setdefault(section, {})[option] = _Entry(value, source)
+    def _put(
+        self, section: str, option: str, value: Any, source: str, rank: int = RANK_ARGUMENTS
+    ) -> None:
+        self._data.setdefault(section, {})[option] = Entry(value, source, rank)
+        self._inherited.discard((section, option))
+
+    # -- the precedence rule --------------------------------------------------------------
+
+    def entry(self, section: str, option: str, identity: str | None = None) -> Entry | None:
+        """The value of ``[section] option`` that wins for ``identity`` (None: unset).
+
+        For a ``[karton]`` option and an identity, the identity's value (from
+        ``[karton:<identity>]``, its variable or ``--set <identity>:...``) competes with the
+        generic one: the higher layer wins, and within one layer the identity's value.
+        """
+        generic = self._data.get(section, {}).get(option)
+        if identity is None or section != PER_IDENTITY_SECTION:
+            return generic
+        specific = self._data.get(identity_section(identity), {}).get(option)
+        if specific is None or (generic is not None and generic.rank > specific.rank):
+            return generic
+        return specific
+
+    def entries(self) -> Iterator[tuple[str, str, Entry, bool]]:
+        """Every stored value: ``(section, option, entry, inherited from [DEFAULT])``."""
+        for section, options in self._data.items():
+            for option, entry in options.items():
+                yield section, option, entry, (section, option) in self._inherited
 
     # -- Karton's accessors -------------------------------------------------------------
 
@@ -260,7 +290,7 @@ class Config:
         Raises:
             ConfigError: The value is not an integer (names the option, value and source).
         """
-        return self._typed(section, option, fallback, _to_int, "integer")
+        return self._typed(section, option, fallback, to_int, "integer")
 
     @overload
     def getfloat(self, section: str, option: str, fallback: float) -> float: ...
@@ -272,7 +302,7 @@ class Config:
         Raises:
             ConfigError: The value is not a finite number.
         """
-        return self._typed(section, option, fallback, _to_float, "number")
+        return self._typed(section, option, fallback, to_float, "number")
 
     @overload
     def getboolean(self, section: str, option: str, fallback: bool) -> bool: ...
@@ -284,7 +314,7 @@ class Config:
         Raises:
             ConfigError: The value is none of those words.
         """
-        return self._typed(section, option, fallback, _to_bool, "boolean")
+        return self._typed(section, option, fallback, to_bool, "boolean")
 
     def _typed(
         self,
@@ -311,12 +341,10 @@ class Config:
     def explain(self) -> list[str]:
         """Return one ``[section] option = value  # source`` line per value, secrets masked."""
         lines = []
-        for section, options in self._data.items():
-            for option, entry in options.items():
-                value = "***" if _SECRET_RE.search(option) else entry.value
-                if isinstance(value, str):
-                    value = _URL_PASSWORD_RE.sub(r"\1***@", value)
-                lines.append(f"[{section}] {option} = {value}  # {entry.source}")
+        for section, option, entry, _ in self.entries():
+            declared = builtin(section.partition(":")[0], option)
+            value = mask(option, entry.value, None if declared is None else declared.secret)
+            lines.append(f"[{section}] {option} = {value}  # {entry.source}")
         return lines
 
     # -- typed views --------------------------------------------------------------------
@@ -324,7 +352,7 @@ class Config:
     @property
     def has_redis(self) -> bool:
         """True when ``[redis] host`` or ``[redis] url`` is set."""
-        return bool(self._str("redis", "host") or self._str("redis", "url"))
+        return has_redis(self)
 
     @property
     def has_s3(self) -> bool:
@@ -382,9 +410,9 @@ class Config:
         """Return the validated ``[s3]`` section (see :meth:`S3Settings.from_config`)."""
         return S3Settings.from_config(self)
 
-    def karton_settings(self) -> KartonSettings:
-        """Return the validated ``[karton]`` section (see :meth:`KartonSettings.from_config`)."""
-        return KartonSettings.from_config(self)
+    def karton_settings(self, identity: str | None = None) -> KartonSettings:
+        """Return ``[karton]`` as ``identity`` sees it (see :meth:`KartonSettings.from_config`)."""
+        return KartonSettings.from_config(self, identity)
 
     def logging_settings(self) -> LoggingSettings:
         """Return the validated ``[logging]`` section."""
@@ -392,7 +420,7 @@ class Config:
 
     def signaling_status(self) -> bool:
         """Return ``[signaling] status``: whether to send ``karton.signaling.status`` tasks."""
-        return self.getboolean("signaling", "status", False)
+        return bool(builtin("signaling", "status").read(self))  # type: ignore[union-attr]
 
     def system_settings(self) -> SystemSettings:
         """Return the validated ``[system]`` section (see :meth:`SystemSettings.from_config`)."""
@@ -438,34 +466,3 @@ def _scan_lines(
             found[(section, optionxform(option.group("option").rstrip()))] = f"{where}:{lineno}"
             in_value = True
     return found
-
-
-def _to_int(value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        return int(value)
-    raise TypeError(value)
-
-
-def _to_float(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise TypeError(value)
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(value)
-    return number
-
-
-def _to_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(value)

@@ -6,18 +6,25 @@ Serving, signals and logging set-up live one layer below, in ``_services/_run.py
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import typer
 
 from .._errors import ConfigError
 from .._services._run import configure_logging, serve_forever, startup_errors
+from .._settings._builtin import BASE_FLAGS, BUILTIN, CONSUMER_FLAGS
+from .._settings._check import check_config
 from .._settings._config import Config
+from .._settings._declare import Option
+from .._settings._explain import describe
+from .._settings._flags import apply_sets, flag_help
+from .._settings._policy import resolve_policy
 from .._version import __version__
 from ..backend import KARTON_PROTOCOL_VERSION
 from ..system import SystemService
@@ -44,12 +51,57 @@ for _name, _command in _ops.COMMANDS.items():  # list, status, delete, check, lo
     app.command(_name)(_command)
 
 ConfigFile = Annotated[
-    str | None, typer.Option("--config-file", help="ini file read after the default ones.")
+    str | None,
+    typer.Option("--config-file", "--config-path", help="ini file read after the default ones."),
+]
+Settings = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="[IDENTITY:]SECTION.OPTION=VALUE",
+        help="Set any option (repeatable); IDENTITY: limits a \\[karton] option to one service.",
+    ),
 ]
 LogLevel = Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING...")]
 
+#: ``asynckarton run``'s flags of their own: Karton's base and consumer flags, ``--embedded``.
+RUN_FLAGS = (*BASE_FLAGS, *CONSUMER_FLAGS, BUILTIN["asynckarton"]["embedded"])
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+
+def _typer_parameter(option: Option) -> inspect.Parameter:
+    """A typer option derived from the declaration (a bool with a fixed value: a switch)."""
+    text = flag_help(option).replace("%%", "%").replace("[", "\\[")  # not rich markup
+    if option.type is bool and option.flag_value is not None:
+        kind: Any = bool
+        default: Any = False
+    elif option.type is bool:
+        kind, default = bool | None, None
+        text += " [--no-... to turn it off]"
+    else:
+        kind, default = option.type | None, None
+    names = (
+        [option.cli_flag]
+        if option.flag_value is not None or option.type is not bool
+        else [f"{option.cli_flag}/--no-{option.cli_flag[2:]}"]
+    )
+    annotation = Annotated[kind, typer.Option(*names, help=text, show_default=False)]
+    return inspect.Parameter(
+        option.dest, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+    )
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"section.name": value}`` of the run flags that were given."""
+    given: dict[str, Any] = {}
+    for option in RUN_FLAGS:
+        value = values.get(option.dest)
+        if option.type is bool and option.flag_value is not None:
+            value = option.flag_value if value else None
+        if value is not None:
+            given[option.key] = value
+    return given
+
+
 def run(
     ctx: typer.Context,
     targets: Annotated[
@@ -61,35 +113,28 @@ def run(
         ),
     ],
     config_file: ConfigFile = None,
-    identity: Annotated[str | None, typer.Option(help="Identity (one service only).")] = None,
-    log_level: LogLevel = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Karton's development mode.")] = False,
-    embedded: Annotated[
-        bool, typer.Option("--embedded", help="In-process Redis and local storage.")
-    ] = False,
-    grace: Annotated[float | None, typer.Option(help="Seconds to drain on SIGTERM.")] = None,
-    concurrency_limit: Annotated[int | None, typer.Option(help="Tasks at once.")] = None,
-    task_timeout: Annotated[float | None, typer.Option(help="Seconds per task.")] = None,
-    max_retries: Annotated[int | None, typer.Option(help="Retries after a failure.")] = None,
+    settings: Settings = None,
     with_system: Annotated[
         bool, typer.Option("--with-system", help="Also run karton-system's router and GC.")
     ] = False,
+    **flags: Any,
 ) -> None:
-    """Run one or more services in one process, one event loop and one runtime."""
+    """Run one or more services in one process, one event loop and one runtime.
+
+    Per-service policies: '--set <identity>:karton.concurrency_limit=4', an ini section
+    \\[karton:<identity>], or KARTON_KARTON__<IDENTITY>__<OPTION> (see the README).
+    """
     names, extras = split_targets([*targets, *ctx.args])
     if not names:
         raise typer.BadParameter("give at least one MODULE:CLASS", param_hint="TARGETS")
+    values = _given(flags)
     common = CommonOptions(
         config_file=config_file,
-        identity=identity,
-        log_level=log_level,
-        debug=debug,
-        shutdown_grace=grace,
-        concurrency_limit=concurrency_limit,
-        task_timeout=task_timeout,
-        max_retries=max_retries,
-        embedded=embedded,
+        values={k: v for k, v in values.items() if k != "asynckarton.embedded"},
+        sets=tuple(settings or ()),
+        embedded="asynckarton.embedded" in values,
     )
+    log_level = values.get("logging.level")
     with startup_errors(log_level):
         classes = [load_service_class(name) for name in names]
         services = build_services(classes, extras, common, with_system=with_system)
@@ -97,7 +142,18 @@ def run(
         if alone and services[0].config.embedded:
             typer.echo("asynckarton: warning: embedded mode without --with-system: nothing "
                        "in this process routes tasks", err=True)  # fmt: skip
+    grace = values.get("karton.shutdown_grace")
     serve_forever(services, log_level=log_level, grace=grace)
+
+
+_signature = inspect.signature(run, eval_str=True)
+run.__signature__ = _signature.replace(  # type: ignore[attr-defined]
+    parameters=[
+        *[p for p in _signature.parameters.values() if p.kind is not p.VAR_KEYWORD],
+        *[_typer_parameter(option) for option in RUN_FLAGS],
+    ]
+)
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(run)
 
 
 @app.command(
@@ -113,9 +169,9 @@ def system(ctx: typer.Context) -> None:
     parser = SystemService.args_parser()
     parser.prog = "asynckarton system"
     args = parser.parse_args(ctx.args)
-    with startup_errors(args.log_level):
+    with startup_errors(args.logging_level):
         service = SystemService.karton_from_args(args)
-    serve_forever([service], log_level=args.log_level)
+    serve_forever([service], log_level=args.logging_level)
 
 
 @app.command()
@@ -159,13 +215,52 @@ def version() -> None:
 
 
 @app.command("config")
-def show_config(config_file: ConfigFile = None) -> None:
-    """Print every configuration value and where it came from, then validate it."""
+def show_config(
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            help="A service class ('module:Class'): show its options and policy.",
+            metavar="[MODULE:CLASS]",
+        ),
+    ] = None,
+    config_file: ConfigFile = None,
+    identity: Annotated[
+        str | None, typer.Option(help="Show the [karton] values this identity sees.")
+    ] = None,
+    settings: Settings = None,
+) -> None:
+    """Print every setting of a service with its value and source, then validate it.
+
+    Without a target: the built-in settings of a plain consumer (named by --identity).
+    Secrets are masked; an invalid value exits with status 1.
+    """
     with startup_errors():
         config = Config(config_file)
-        for line in config.explain():
-            typer.echo(line)
-        config.karton_settings()
+        apply_sets(config, settings)
+        if target is not None:
+            cls = load_service_class(target)
+            if identity is not None:
+                config.set("karton", "identity", identity, source="argument --identity")
+            service = cls(config)
+            name: str | None = service.config_identity
+            options = list(cls.options)
+            where = (config.source("karton", "identity") if config.entry("karton", "identity")
+                     else f"class {cls.__module__}.{cls.__qualname__}")  # fmt: skip
+        else:
+            name, options = identity, []
+            where = "argument --identity" if identity else "default"
+        policy = (
+            getattr(service, "policy", None) if target else resolve_policy(config, object, name)
+        )
+        warnings = check_config(config, options)  # unknown built-in options fail first
+        present = [(section, option) for section, option, _, _ in config.entries()]
+        rows = describe(config, identity=name, identity_source=where, policy=policy,
+                        options=options, present=present)  # fmt: skip
+        for row in rows:
+            typer.echo(str(row))
+        for warning in warnings:
+            typer.echo(f"# warning: {warning}")
+        config.karton_settings(name)
         config.logging_settings()
         config.system_settings()
         if config.embedded:

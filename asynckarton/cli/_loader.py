@@ -10,43 +10,50 @@ the others; a flag nobody accepts is an error.  Nothing here touches signals or 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
+import logging
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._errors import ConfigError
 from .._services._service import ServiceBase
+from .._settings._builtin import builtin
+from .._settings._check import check_config
 from .._settings._config import Config
+from .._settings._flags import apply_sets
 from ..system import SystemService
 
 __all__ = ["CommonOptions", "build_services", "load_service_class", "split_targets"]
+
+log = logging.getLogger("asynckarton.config")
 
 
 @dataclass(frozen=True, slots=True)
 class CommonOptions:
     """Options ``asynckarton run`` applies to every service it starts.
 
-    Each field is also an argparse destination of Karton's flags (``--grace`` is stored
-    as ``shutdown_grace``); None or False means "not given: the service decides".
+    Attributes:
+        config_file: ``--config-file`` / ``--config-path``.
+        values: The declared flags that were given, as ``{"section.name": typed value}``
+            (``karton.identity`` goes to the targets only, never to an added SystemService).
+        sets: ``--set`` items, applied after ``values``.
+        embedded: ``--embedded``.
     """
 
     config_file: str | None = None
-    identity: str | None = None
-    log_level: str | None = None
-    debug: bool = False
-    shutdown_grace: float | None = None
-    concurrency_limit: int | None = None
-    task_timeout: float | None = None
-    max_retries: int | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
+    sets: tuple[str, ...] = ()
     embedded: bool = False
 
-
-_NOT_FLAGS = frozenset({"embedded"})  # ours: applied to the config, not through argparse
+    @property
+    def identity(self) -> str | None:
+        """``--identity``, when given."""
+        value = self.values.get("karton.identity")
+        return None if value is None else str(value)
 
 
 def split_targets(words: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -98,28 +105,26 @@ def load_service_class(target: str) -> type[ServiceBase]:
     return cls
 
 
-def _build_one(
-    cls: type[ServiceBase], extras: Sequence[str], common: CommonOptions
-) -> tuple[ServiceBase, list[str]]:
-    """Build one service from its parser; return it and the words it did not know."""
+def _config_for(
+    cls: type[ServiceBase], extras: Sequence[str], common: CommonOptions, *, target: bool
+) -> tuple[Config, list[str]]:
+    """Build one service's config from its parser; return it and the words it did not know."""
     parser = cls.args_parser()
     args, unknown = parser.parse_known_args(list(extras))
-    _apply_common(args, common)
-    config = Config(getattr(args, "config_file", None))
+    config = Config(getattr(args, "config_file", None) or common.config_file)
     cls.config_from_args(config, args)
-    if common.embedded:
-        config.set("asynckarton", "embedded", "1", source="argument --embedded")
-    return cls(config), unknown
-
-
-def _apply_common(args: argparse.Namespace, common: CommonOptions) -> None:
-    """Put the common options into ``args`` where the service's parser has them."""
-    for field in fields(common):
-        value = getattr(common, field.name)
-        if field.name in _NOT_FLAGS or value is None or value is False:
+    for key, value in common.values.items():
+        section, _, name = key.partition(".")
+        option = builtin(section, name)
+        if option is None or (key == "karton.identity" and not target):
             continue
-        if hasattr(args, field.name):
-            setattr(args, field.name, value)
+        config.set(section, name, value, source=f"argument {option.cli_flag}")
+    apply_sets(config, common.sets)
+    if not target and config.entry("karton", "identity") is not None:  # it names the targets
+        config.set("karton", "identity", cls.identity, source="run --with-system")
+    if common.embedded:
+        config.set("asynckarton", "embedded", True, source="argument --embedded")
+    return config, unknown
 
 
 def build_services(
@@ -131,28 +136,36 @@ def build_services(
 ) -> list[ServiceBase]:
     """Build every service (a SystemService first when ``with_system``).
 
-    ``common.identity`` goes to the targets only, never to the added SystemService.
+    Each target reads ``[karton:<its identity>]``, ``KARTON_KARTON__<IDENTITY>__*`` and
+    ``--set <identity>:karton.*`` on top of the generic ``[karton]`` values, so two
+    targets can run with different policies. Warnings about options and sections no
+    service declares are logged once, knowing every service.
 
     Raises:
-        ConfigError: ``--identity`` with several targets, an argument no service accepts,
-            or a configuration error of one of the services.
+        ConfigError: ``--identity`` or ``[karton] identity`` with several targets, an
+            argument no service accepts, or a configuration error of one of the services.
     """
     if common.identity is not None and len(classes) > 1:
         raise ConfigError("--identity needs exactly one service (each one has its own)")
-    services: list[ServiceBase] = []
+    built: list[tuple[type[ServiceBase], Config]] = []
     leftovers: list[set[str]] = []
-    if with_system:
-        system_common = CommonOptions(
-            **{f.name: getattr(common, f.name) for f in fields(common) if f.name != "identity"}
-        )
-        service, unknown = _build_one(SystemService, extras, system_common)
-        services.append(service)
-        leftovers.append(set(unknown))
-    for cls in classes:
-        service, unknown = _build_one(cls, extras, common)
-        services.append(service)
+    kinds = [(SystemService, False)] if with_system else []
+    for cls, target in [*kinds, *((cls, True) for cls in classes)]:
+        config, unknown = _config_for(cls, extras, common, target=target)
+        entry = config.entry("karton", "identity")
+        if target and len(classes) > 1 and entry is not None:
+            raise ConfigError(
+                f"[karton] identity would rename all {len(classes)} services to one name: "
+                "run them separately, or leave the identity to each class",
+                section="karton", option="identity", value=entry.value, source=entry.source,
+            )  # fmt: skip
+        built.append((cls, config))
         leftovers.append(set(unknown))
     nobody = [word for word in extras if word.startswith("-") and all(word in u for u in leftovers)]
     if nobody:
         raise ConfigError(f"unrecognized arguments (no service accepts them): {' '.join(nobody)}")
+    services = [cls(config) for cls, config in built]
+    declared = [option for cls, _ in built for option in cls.options]
+    for warning in check_config(built[-1][1], declared):
+        log.warning("%s", warning)
     return services

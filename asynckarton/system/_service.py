@@ -18,7 +18,7 @@ from .._services import _metrics
 from .._services._runtime import Runtime
 from .._services._service import ServiceBase
 from .._settings._config import Config
-from .._settings._options import add_system_arguments, system_config_from_args
+from .._settings._flags import add_system_arguments, system_config_from_args
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from ._gc import GarbageCollector
 from ._router import Router
@@ -66,7 +66,6 @@ class SystemService(ServiceBase):
         """karton-system's flags, exactly (plus asynckarton's additions)."""
         parser = super().args_parser()
         add_system_arguments(parser)
-        _metrics.add_metrics_port_flag(parser)  # metrics
         return parser
 
     @classmethod
@@ -74,7 +73,6 @@ class SystemService(ServiceBase):
         """Copy system flags into ``[system]``."""
         super().config_from_args(config, args)
         system_config_from_args(config, args)
-        _metrics.metrics_port_from_args(config, args)  # metrics
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Route and collect until :meth:`stop` or cancellation."""

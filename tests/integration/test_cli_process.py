@@ -22,6 +22,7 @@ import redis.asyncio as aredis
 from anyio.abc import Process
 
 from asynckarton import Config, LocalResource, Producer, Task
+from asynckarton._settings._policy import ConsumerPolicy
 from asynckarton.backend._keys import BINDS, leases_key, queue_key
 from tests.servers import S3Server
 
@@ -166,3 +167,73 @@ async def test_second_sigterm_hands_the_running_task_back(service: Service) -> N
 
 async def _is(service: Service, root_uid: str, status: str) -> bool:
     return await service.status_of(root_uid) == status
+
+
+PROBES = """
+import anyio
+from asynckarton import Consumer, Option, Task
+
+DIR = Option("probe", "dir", str, help="where each probe writes its policy")
+
+
+class ProbeA(Consumer):
+    identity = "probe.a"
+    filters = [{"type": "probe"}]
+    options = [DIR]
+
+    async def process(self, task: Task) -> None:
+        path = anyio.Path(self.option(DIR)) / f"{self.identity}.json"
+        await path.write_text(self.policy.to_json())
+
+
+class ProbeB(ProbeA):
+    identity = "probe.b"
+"""
+
+
+async def test_run_two_services_with_their_own_policies(
+    tmp_path: Path, redis_url: str, s3_srv: S3Server, s3_bucket: str
+) -> None:
+    """One process, two consumers, each policy from a different per-identity layer."""
+    ini = write_ini(tmp_path / "karton.ini", redis_url, s3_srv, s3_bucket)
+    with ini.open("a", encoding="utf-8") as file:
+        file.write("[karton:probe.b]\ntask_timeout = 9\nmax_retries = 5\n")
+    (tmp_path / "probes.py").write_text(PROBES, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KARTON_")}
+    env |= {"HOME": str(tmp_path), "KARTON_PROBE_DIR": str(tmp_path),
+            "KARTON_KARTON__PROBE_A__RETRY_BACKOFF": "0.5"}  # fmt: skip
+    log = tmp_path / "asynckarton.log"
+    command = [sys.executable, "-m", "asynckarton", "run", "probes.py:ProbeA", "probes.py:ProbeB",
+               "--with-system", "--config-file", str(ini), "--max-retries", "1",
+               "--set", "probe.a:karton.concurrency_limit=3", "--", "--setup-bucket"]  # fmt: skip
+    with log.open("wb") as out:
+        process = await anyio.open_process(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env
+        )
+    client = aredis.Redis.from_url(redis_url, decode_responses=True)
+    svc = Service(process, log, Config(ini, search_paths=[], environ={}), client)
+    try:
+        for identity in ("probe.a", "probe.b"):
+
+            async def bound(name: str = identity) -> bool:
+                return bool(await client.hexists(BINDS, name))
+
+            await svc.wait_for(f"{identity}'s bind", bound, STARTUP_TIMEOUT)
+        async with Producer(svc.config, identity="test.producer") as producer:
+            await producer.send_task(Task({"type": "probe"}))
+        files = [tmp_path / "probe.a.json", tmp_path / "probe.b.json"]
+        await svc.wait_for("both policies", lambda: all(f.exists() for f in files), 30)
+        a, b = (ConsumerPolicy.from_json(f.read_text()) for f in files)
+        assert (a.concurrency_limit, b.concurrency_limit) == (3, 1)  # --set for probe.a only
+        assert (a.retry_backoff, b.retry_backoff) == (0.5, 1.0)  # its variable, then default
+        assert (a.task_timeout, b.task_timeout) == (None, 9.0)  # [karton:probe.b]
+        assert (a.max_retries, b.max_retries) == (1, 1)  # the flag's layer beats the ini's
+        process.send_signal(signal.SIGTERM)
+        assert await svc.wait_exit(60) == 0, svc.output()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with anyio.move_on_after(10):
+            await process.wait()
+        await process.aclose()
+        await client.aclose()

@@ -184,7 +184,7 @@ def test_metrics_port_flag_lands_in_the_system_section() -> None:
     config = Config(search_paths=[], environ={})
     SystemService.config_from_args(config, args)
     assert config.getint("system", "metrics_port") == 9311
-    assert config.source("system", "metrics_port") == "--metrics-port"
+    assert config.source("system", "metrics_port") == "argument --metrics-port"
 
 
 def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -177,7 +177,8 @@ def test_split_targets() -> None:
 
 def test_build_services_uses_each_service_hooks(home: Path) -> None:
     smol = load_service_class(SMOL)
-    common = CommonOptions(shutdown_grace=7.0, concurrency_limit=3, embedded=True, identity="s")
+    values = {"karton.shutdown_grace": 7.0, "karton.concurrency_limit": 3, "karton.identity": "s"}
+    common = CommonOptions(values=values, embedded=True)
     services = build_services([smol], ["--how-smol", "5", "--setup-bucket"], common,
                               with_system=True)  # fmt: skip
     system, karton = services

@@ -11,16 +11,9 @@ from typing import Any
 import pytest
 
 from asynckarton._errors import ConfigError
-from asynckarton._settings._config import (
-    Config,
-    KartonSettings,
-    LoggingSettings,
-    RedisSettings,
-    S3Settings,
-    SystemSettings,
-)
-from asynckarton._settings._options import (
-    Option,
+from asynckarton._settings._config import Config
+from asynckarton._settings._declare import Option
+from asynckarton._settings._flags import (
     add_consumer_arguments,
     add_options_to_parser,
     add_system_arguments,
@@ -29,6 +22,13 @@ from asynckarton._settings._options import (
     consumer_config_from_args,
     options_from_args,
     system_config_from_args,
+)
+from asynckarton._settings._options import (
+    KartonSettings,
+    LoggingSettings,
+    RedisSettings,
+    S3Settings,
+    SystemSettings,
 )
 
 LAYERS = ("etc", "user", "local")

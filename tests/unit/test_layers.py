@@ -111,7 +111,6 @@ def test_every_module_has_a_layer() -> None:
     assert unplaced == []
 
 
-@pytest.mark.xfail(reason="_settings._options <-> _config: removed by the settings rework")
 def test_no_import_cycle() -> None:
     """No chain of imports, including ones inside functions, leads back to its start."""
     assert _cycle(_graph()) is None
