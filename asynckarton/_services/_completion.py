@@ -1,10 +1,13 @@
-"""Completion writer: a consumer's finished tasks reach Redis in batches.
+"""Completion writer: a consumer's started and finished tasks reach Redis in batches.
 
-Handlers hand their finished task to :class:`Completer` and move on; the writer task
-writes everything that accumulated in one pipeline (final bodies, lease release,
-metrics).  Until that write succeeds the task keeps its lease (renewed like any other),
-so a crash before the write means redelivery, never loss.  Redis errors keep the batch
-and retry with backoff.
+Handlers hand their task to :class:`Completer` when they start it and when it is finished,
+and move on; the writer task writes everything that accumulated: the Started bodies of
+tasks still in that state (one MSET), then the final ones in one pipeline (final bodies,
+lease release, metrics).  A task that starts and finishes between two writes is written
+once, in its final state; the one writer keeps a Started write ahead of its final one.
+Until the final write succeeds the task keeps its lease (renewed like any other), so a
+crash before the write means redelivery, never loss.  Redis errors keep the batch and
+retry with backoff.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from .._wire._task import Task
+from .._wire._task import Task, TaskState
 from ..backend import TRANSIENT_ERRORS, KartonBackend
 
 __all__ = ["Completer"]
@@ -45,7 +48,13 @@ class Completer:
         self._leased = leased
         self._log = log
         self._pending: list[_Done] = []
+        self._started: list[Task] = []
         self._wake = anyio.Event()
+
+    def started(self, task: Task) -> None:
+        """Queue ``task`` (its status already Started) for a Started write."""
+        self._started.append(task)
+        self._wake.set()
 
     def add(self, task: Task, *, crashed: bool, dead: bool = False) -> None:
         """Queue ``task`` (already in its final state) for writing."""
@@ -61,14 +70,14 @@ class Completer:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
-            if len(self._pending) < COALESCE_BELOW:
+            if len(self._pending) + len(self._started) < COALESCE_BELOW:
                 await anyio.sleep(LINGER)
             await self._write_pending()
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Write whatever is pending (used at shutdown, shielded by the caller)."""
         with anyio.move_on_after(timeout):
-            while self._pending:
+            while self._pending or self._started:
                 await self._write_pending()
         if self._pending:
             self._log.error(
@@ -78,18 +87,30 @@ class Completer:
 
     async def _write_pending(self) -> None:
         backoff = 0.2
-        while self._pending:
+        while self._pending or self._started:
             batch, self._pending = self._pending, []
+            started, self._started = self._started, []
             try:
                 with anyio.CancelScope(shield=True):
+                    await self._write_started(started)
+                    started = []
                     await self._write(batch)
             except TRANSIENT_ERRORS as exc:
                 self._pending[:0] = batch
+                self._started[:0] = started
                 self._log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    async def _write_started(self, started: list[Task]) -> None:
+        """Write the tasks still Started (the others' later state is written instead)."""
+        running = [task for task in started if task.status is TaskState.STARTED]
+        if running:
+            await self._backend.set_tasks(running)
+
     async def _write(self, batch: list[_Done]) -> None:
+        if not batch:
+            return
         tasks = [done.task for done in batch]
         crashed = sum(1 for done in batch if done.crashed)
         await self._backend.complete(self._identity, tasks, crashed)
