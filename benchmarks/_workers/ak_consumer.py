@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import cProfile
+import os
 import time
 from typing import IO, Any, ClassVar
 
@@ -10,6 +12,16 @@ import redis.asyncio as aredis
 
 from asynckarton import Config, Consumer, RemoteResource, Task
 from benchmarks._workers._common import COUNTER, consumer_args, setup_logging
+
+
+async def _profile(spec: str) -> None:
+    """``BENCH_CPROFILE=path:seconds``: cProfile this process that long, then dump."""
+    path, _, seconds = spec.rpartition(":")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    await anyio.sleep(float(seconds))
+    profiler.disable()
+    profiler.dump_stats(path)
 
 
 def main() -> None:
@@ -45,7 +57,9 @@ def main() -> None:
         if args.incr_url:
             counter = aredis.Redis.from_url(args.incr_url)
         consumer = BenchConsumer(Config(args.config))
-        async with consumer:
+        async with consumer, anyio.create_task_group() as group:
+            if os.environ.get("BENCH_CPROFILE"):
+                group.start_soon(_profile, os.environ["BENCH_CPROFILE"])
             await consumer.run()
 
     anyio.run(run)

@@ -73,8 +73,10 @@ async def test_a_big_batch_is_written_without_lingering(monkeypatch: pytest.Monk
 async def test_started_is_written_only_for_tasks_still_running_and_before_their_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A task that starts and ends between two writes gets only its final write."""
-    monkeypatch.setattr(_completion, "LINGER", 0.05)
+    """A task that ends within STARTED_AFTER gets only its final write; a longer one gets
+    its Started write first, then its final one."""
+    monkeypatch.setattr(_completion, "LINGER", 0.01)
+    monkeypatch.setattr(_completion, "STARTED_AFTER", 0.2)
     backend = Backend()
     quick, slow = Task({"type": "x"}), Task({"type": "x"})
     completer = Completer(backend, "id", {}, logging.getLogger("test"))  # type: ignore[arg-type]
@@ -87,12 +89,17 @@ async def test_started_is_written_only_for_tasks_still_running_and_before_their_
         completer.add(quick, crashed=False)
         with anyio.fail_after(5):
             while not backend.writes:
-                await anyio.sleep(0.01)
+                await anyio.sleep(0.005)
+        started_early = list(backend.started)
+        with anyio.fail_after(5):
+            while not backend.started:
+                await anyio.sleep(0.005)
         slow.status = TaskState.FINISHED
         completer.add(slow, crashed=False)
         with anyio.fail_after(5):
             while len(backend.writes) < 2:
-                await anyio.sleep(0.01)
+                await anyio.sleep(0.005)
         group.cancel_scope.cancel()
+    assert started_early == []  # not due yet when the quick one was written
     assert backend.started == [[slow.uid]]
     assert backend.writes == [[quick.uid], [slow.uid]]
