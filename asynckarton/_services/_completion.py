@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import dataclass
 
 import anyio
@@ -58,7 +59,7 @@ class Completer:
         """Queue ``task`` (its status already Started) for a Started write."""
         if not self._started:
             self._wake.set()  # the writer learns of a new deadline
-        self._started.append((anyio.current_time(), task))
+        self._started.append((time.monotonic(), task))
 
     def add(self, task: Task, *, crashed: bool, dead: bool = False) -> None:
         """Queue ``task`` (already in its final state) for writing."""
@@ -73,7 +74,7 @@ class Completer:
         """
         while True:
             if self._started:
-                due = self._started[0][0] + STARTED_AFTER - anyio.current_time()
+                due = self._started[0][0] + STARTED_AFTER - time.monotonic()
                 with anyio.move_on_after(due):
                     await self._wake.wait()
             else:
@@ -98,7 +99,7 @@ class Completer:
         """Take the Started entries that are due (all of them with ``everything``)."""
         due: list[tuple[float, Task]] = []
         started = self._started
-        deadline = anyio.current_time() - STARTED_AFTER
+        deadline = time.monotonic() - STARTED_AFTER
         while started and (everything or started[0][0] <= deadline):
             due.append(started.popleft())
         return due
