@@ -263,7 +263,8 @@ def results_table(results: Sequence[Result]) -> list[str]:
                          + " |" * 10)  # fmt: skip
             continue
         lines.append(
-            f"| {r.scenario} | {label} | {r.tasks:,} | {r.deliveries:,} | {_num(r.rate)} | "
+            f"| {r.scenario} | {label} | {r.tasks:,} | {r.deliveries:,} | "
+            f"{_num(r.rate, '.2f' if r.scenario == 'idle' else ',.0f')} | "
             f"{r.unit} | {_ratio(results, r)} | {_num(r.p50_ms, '.1f')} | "
             f"{_num(r.p99_ms, '.1f')} | {_num(r.commands_per, '.2f')} | "
             f"{_mib(r.consumer_rss_kib)} | {_mib(r.router_rss_kib)} | "

@@ -229,7 +229,7 @@ SMOKE_LATENCY_SECONDS = 1.0
 #: Runs left out of --smoke (every worker kind still runs at least once there).
 SMOKE_SKIP = {
     ("fanout", KC), ("binds", KC), ("io", KC), ("pending", KC), ("plain", KCA),
-    ("plain-quiet", KC),
+    ("plain-quiet", KC), ("plain-await-warning", KC), ("router", KC),
 }  # fmt: skip
 
 
@@ -587,7 +587,7 @@ def quartile_growth(values: list[int]) -> dict[str, float]:
 # -- idle -------------------------------------------------------------------------------
 
 IDLE_SECONDS = 60.0
-IDLE_SMOKE_SECONDS = 3.0
+IDLE_SMOKE_SECONDS = 2.0
 IDLE_SETTLE = 3.0  # s after registration before the meter starts (start-up work is over)
 
 
@@ -618,7 +618,7 @@ def run_idle(ctx: Context) -> list[Result]:
             return wanted <= set(client.raw.hkeys("karton.binds")) and routers_up >= 2
 
         wait_until(ready, timeout=60 * ctx.timeout_scale, what="idle services", procs=procs)
-        time.sleep(IDLE_SETTLE)
+        time.sleep(1.0 if ctx.smoke else IDLE_SETTLE)
         meter = {name: cpu_seconds(w.pid) for name, w in _idle_workers(routers, consumers)}
         started = time.monotonic()
         time.sleep(seconds)
