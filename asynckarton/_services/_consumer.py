@@ -41,15 +41,13 @@ from ._completion import Completer
 from ._dispatch import Dispatcher
 from ._logging import RecordMaker, needs_record
 from ._service import ServiceBase
+from ._upkeep import LagWatch, keep_leases, watch_bind
 
 __all__ = ["Consumer"]
 
 PreHook = Callable[[Task], Any]
 PostHook = Callable[[Task, BaseException | None], Any]
 
-BIND_CHECK_INTERVAL = 5.0
-LOOP_LAG_PROBE = 0.25  # seconds between event-loop lag probes
-LOOP_LAG_WARNING = 0.5  # lag (seconds) that earns a warning naming the running tasks
 BLOCKING_POP_TIMEOUT = 0.5
 
 
@@ -103,10 +101,9 @@ class Consumer(ServiceBase):
         self._leased: dict[str, Task] = {}
         self._completer: Completer | None = None
         self._background: TaskGroup | None = None
-        self._running: set[str] = set()
         self._blocking: Any = None  # the connection the fetch loop blocks on
         self._backoff = 0.5  # seconds before the next fetch after a Redis error
-        self._ran_since_probe: set[str] = set()  # handlers active since the last lag probe
+        self._lag = LagWatch(self.log)
         self._record_maker: RecordMaker | None = None
 
     def _read_policy(self, config: Config) -> None:
@@ -211,9 +208,14 @@ class Consumer(ServiceBase):
             async with anyio.create_task_group() as background:
                 self._background = background
                 background.start_soon(self._completer.run)
-                background.start_soon(self._watch_bind, presence)
-                background.start_soon(self._keep_leases)
-                background.start_soon(self._watch_loop_lag)
+                lease = float(self.lease_timeout or 60.0)
+                background.start_soon(
+                    watch_bind, presence, self.backend, self.bind, self.stop, self.log
+                )
+                background.start_soon(
+                    keep_leases, self.backend, self.identity, self._leased, lease, self.log
+                )
+                background.start_soon(self._lag.run)
                 self._blocking = blocking
                 stopped = False
                 try:
@@ -329,12 +331,11 @@ class Consumer(ServiceBase):
             attempt = f" (attempt {task.attempt + 1})" if task.attempt else ""
             self._log_info("Received new task - %s%s", task.uid, attempt)
             await self._run_hooks_pre(task)
-            self._running.add(task.uid)
-            self._ran_since_probe.add(task.uid)
+            self._lag.enter(task.uid)
             try:
                 error = await self._run_process(task)
             finally:
-                self._running.discard(task.uid)
+                self._lag.leave(task.uid)
             await self._run_hooks_post(task, error)
             await self._finish(task, error)
         except anyio.get_cancelled_exc_class():
@@ -469,54 +470,3 @@ class Consumer(ServiceBase):
                 await result
         except Exception:  # Karton logs and swallows hook errors
             self.log.exception("Hook %s failed", name or getattr(hook, "__name__", hook))
-
-    # -- background -----------------------------------------------------------------------
-
-    async def _watch_bind(self, presence: Any) -> None:
-        """Keep the named presence connection alive; stop if a newer replica took over."""
-        mine = self.bind
-        while True:
-            try:
-                raw = await presence.hget("karton.binds", self.identity)
-                current = Bind.from_json(self.identity, raw) if raw else None
-                if current is None:
-                    self.log.warning("Bind of %s disappeared; registering again", self.identity)
-                    await self.backend.register_bind(mine)
-                elif current != mine:
-                    self.log.warning("Binds changed, shutting down.")
-                    self.stop()
-                    return
-            except TRANSIENT_ERRORS as exc:
-                self.log.warning("Redis unavailable for the bind check: %s", exc)
-            await anyio.sleep(BIND_CHECK_INTERVAL)
-
-    async def _watch_loop_lag(self) -> None:
-        """Warn when a handler blocks the event loop (leases and other tasks starve)."""
-        while True:
-            self._ran_since_probe = set(self._running)
-            started = anyio.current_time()
-            await anyio.sleep(LOOP_LAG_PROBE)
-            lag = anyio.current_time() - started - LOOP_LAG_PROBE
-            if lag > LOOP_LAG_WARNING:
-                self.log.warning(
-                    "Event loop blocked for %.2fs while running task(s) %s; move blocking "
-                    "code to asynckarton.to_thread() or asynckarton.to_process()",
-                    lag,
-                    ", ".join(sorted(self._ran_since_probe)) or "(none)",
-                )
-
-    async def _keep_leases(self) -> None:
-        """Renew our leases (one ZADD), requeue expired ones, release due retries."""
-        lease = float(self.lease_timeout or 60.0)
-        period = max(0.2, min(lease / 3, 1.0))
-        while True:
-            try:
-                if self._leased:
-                    await self.backend.renew_leases(self.identity, list(self._leased), lease)
-                moved = await self.backend.reclaim(self.identity)
-                if moved:
-                    self.log.warning("Requeued %d task(s) whose consumer died", moved)
-                await self.backend.release_delayed()
-            except TRANSIENT_ERRORS as exc:
-                self.log.warning("Redis unavailable for lease renewal: %s", exc)
-            await anyio.sleep(period)
