@@ -279,6 +279,8 @@ class Consumer(ServiceBase):
         """Parse fetched bodies and track the tasks' leases; drop broken ones (logged).
 
         The tasks stay Spawned (and leased) until their handler starts: see ``_handle``.
+        Should a write here fail, nothing is tracked: the leases expire, and the tasks
+        are redelivered.
         """
         tasks: list[Task] = []
         gone: list[str] = []
@@ -295,11 +297,12 @@ class Consumer(ServiceBase):
                 broken.append(uid)
                 continue
             tasks.append(task)
-            self._leased[task.uid] = task
         if broken:
             await self.backend.quarantine(broken)
         if gone or broken:
             await self.backend.drop_leases(self.identity, gone + broken)
+        for task in tasks:
+            self._leased[task.uid] = task
         return tasks
 
     async def _release(self, tasks: list[Task]) -> None:
