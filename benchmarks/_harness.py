@@ -49,6 +49,7 @@ class Context:
     publish: bool = True
     s3_pid: int | None = None  # the S3 server process, whose CPU the resource runs report
     tracking: bool = True
+    log_level: str = ""  # [logging] level for both systems ("" = their default, INFO)
     timeout_scale: float = 1.0
     profile_dir: Path | None = None  # attach py-spy to every worker, write raw stacks here
     config_path: Path = field(init=False)
@@ -75,7 +76,8 @@ class Context:
             f"bucket = {BUCKET}\n"
             "[logging]\n"
             f"enable_publish = {int(self.publish)}\n"
-            "[system]\n"
+            + (f"level = {self.log_level}\n" if self.log_level else "")
+            + "[system]\n"
             "enable_gc = 0\n"
             f"enable_task_tracking = {int(self.tracking)}\n"
         )
@@ -90,6 +92,17 @@ class Context:
             yield
         finally:
             self.publish, self.tracking = saved
+            self.write_config()
+
+    @contextmanager
+    def logging_level(self, level: str) -> Iterator[None]:
+        """Rewrite the ini with ``[logging] level``, for one run."""
+        saved, self.log_level = self.log_level, level
+        self.write_config()
+        try:
+            yield
+        finally:
+            self.log_level = saved
             self.write_config()
 
     def client(self) -> CountingRedis:

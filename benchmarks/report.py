@@ -16,6 +16,7 @@ from benchmarks.scenarios import (
     CONCURRENCY,
     KC,
     KCA,
+    LATENCY_RATE,
     SOAK_SAMPLES,
     SOAK_WINDOW,
     SYNC_IO_PROCESSES,
@@ -81,9 +82,61 @@ def _s3_ceiling(results: Sequence[Result]) -> Target:
     )  # fmt: skip
 
 
+LATENCY_P50_MS = 5.0
+LATENCY_P99_MS = 25.0
+
+
+def _latency_targets(results: Sequence[Result]) -> list[Target]:
+    """Send -> handler start at a steady rate: absolute bounds, and below karton-core."""
+    ours, theirs = _find(results, "latency", AK), _find(results, "latency", KC)
+    out = []
+    for q, bound in (("p50", LATENCY_P50_MS), ("p99", LATENCY_P99_MS)):
+        name = f"latency {q}, send -> handler start at {LATENCY_RATE:g} tasks/s"
+        wanted = f"<= {bound:g} ms and below karton-core 5.9.1 sync"
+        key = f"start_{q}_ms"
+        if ours is None or theirs is None or key not in ours.extra:
+            out.append(Target(name, wanted, "not measured", None))
+            continue
+        mine, base = ours.extra[key], theirs.extra[key]
+        out.append(Target(
+            name, wanted, f"{mine:.1f} ms vs {base:.1f} ms", mine <= bound and mine < base
+        ))  # fmt: skip
+    return out
+
+
+def _idle_targets(results: Sequence[Result]) -> list[Target]:
+    ours, theirs = _find(results, "idle", AK), _find(results, "idle", KC)
+    out = []
+    for who, base_name in (("consumer", "its idle consumer"), ("system", "karton-system")):
+        name = f"idle CPU: {who} process"
+        wanted = f"<= karton-core 5.9.1 ({base_name})"
+        if ours is None or theirs is None:
+            out.append(Target(name, wanted, "not measured", None))
+            continue
+        if who == "consumer":
+            mine, base = ours.rate, theirs.rate
+        else:
+            mine, base = ours.extra["system_cpu_pct"], theirs.extra["system_cpu_pct"]
+        out.append(Target(
+            name, wanted, f"{mine:.2f}% vs {base:.2f}% of a core over {ours.seconds:.0f} s",
+            mine <= base,
+        ))  # fmt: skip
+    return out
+
+
 def targets(results: Sequence[Result]) -> list[Target]:
     out = [
         _ratio_target(results, "plain deliveries/s", "plain", KC, 10),
+        _ratio_target(
+            results, "plain-await deliveries/s (Karton default logging)", "plain-await", KC, 10
+        ),
+        _ratio_target(
+            results,
+            "plain-await deliveries/s ([logging] level = WARNING)",
+            "plain-await-warning",
+            KC,
+            10,
+        ),
         _ratio_target(results, "fanout deliveries/s", "fanout", KC, 10),
         _ratio_target(results, "router, 20 binds (routed tasks/s)", "router", KC, 10),
         _ratio_target(results, "io deliveries/s", "io", KCA, 3),
@@ -96,6 +149,8 @@ def targets(results: Sequence[Result]) -> list[Target]:
     ))  # fmt: skip
     out.append(_ratio_target(results, "resource deliveries/s", "resource", KC, 5))
     out.append(_s3_ceiling(results))
+    out += _latency_targets(results)
+    out += _idle_targets(results)
     for scenario, how in (("plain", "Karton defaults"), ("plain-quiet", "publish+tracking off")):
         plain = _find(results, scenario, AK)
         per = plain.commands_per if plain else None
@@ -181,7 +236,7 @@ def _mib(kib: int | None) -> str:
 
 def _ratio(results: Sequence[Result], r: Result) -> str:
     """asynckarton's rate divided by this row's (on the karton-core rows)."""
-    if r.system == AK or r.error or not r.rate:
+    if r.system == AK or r.error or not r.rate or r.scenario in ("latency", "idle"):
         return ""
     api = "ak send_task" if r.scenario == "producer" else ""
     ours = _find(results, r.scenario, AK, api)
@@ -208,7 +263,8 @@ def results_table(results: Sequence[Result]) -> list[str]:
                          + " |" * 10)  # fmt: skip
             continue
         lines.append(
-            f"| {r.scenario} | {label} | {r.tasks:,} | {r.deliveries:,} | {_num(r.rate)} | "
+            f"| {r.scenario} | {label} | {r.tasks:,} | {r.deliveries:,} | "
+            f"{_num(r.rate, '.2f' if r.scenario == 'idle' else ',.0f')} | "
             f"{r.unit} | {_ratio(results, r)} | {_num(r.p50_ms, '.1f')} | "
             f"{_num(r.p99_ms, '.1f')} | {_num(r.commands_per, '.2f')} | "
             f"{_mib(r.consumer_rss_kib)} | {_mib(r.router_rss_kib)} | "
@@ -271,6 +327,17 @@ def extras(results: Sequence[Result]) -> list[str]:
             lines.append(
                 f"- {r.scenario} / {SYSTEM_LABELS[r.system]}: CPU us per "
                 f"{'routed task' if r.scenario == 'router' else 'delivery'}: {parts}"
+            )
+        if "start_p50_ms" in r.extra:
+            lines.append(
+                f"- latency / {SYSTEM_LABELS[r.system]}: send -> handler start p50 "
+                f"{r.extra['start_p50_ms']:.1f} ms, p99 {r.extra['start_p99_ms']:.1f} ms; send "
+                f"-> Finished (`last_update`) p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms"
+            )
+        if "system_cpu_pct" in r.extra:
+            lines.append(
+                f"- idle / {SYSTEM_LABELS[r.system]}: consumer {r.rate:.2f}% of a core, "
+                f"router {r.extra['system_cpu_pct']:.2f}% over {r.seconds:.0f} s"
             )
         if "unrouted_bytes_per_task" in r.extra:
             lines.append(

@@ -46,8 +46,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated scenarios (plain,fanout,binds,io,resource,"
-        "router,producer,pending,soak)",
+        help="comma-separated scenarios (plain,plain-await,fanout,binds,io,resource,latency,"
+        "plain-await-warning,plain-quiet,router,producer,pending,idle,soak)",
     )
     parser.add_argument(
         "--output",
@@ -92,21 +92,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"-> {step.scenario:<9} {step.system:<20}", end=" ", flush=True)
             load = os.getloadavg()[0]
             try:
-                result = step.run(ctx)
+                ran = step.run(ctx)
+                step_results = ran if isinstance(ran, list) else [ran]
             except Exception as exc:  # noqa: BLE001 - any failure is reported, run goes on
-                result = Result(step.scenario, step.system, error=f"{type(exc).__name__}: {exc}")
+                error = f"{type(exc).__name__}: {exc}"
+                step_results = [Result(step.scenario, step.system, error=error)]
                 print(
                     f"ERROR after {time.monotonic() - t:.1f}s\n{traceback.format_exc()}", flush=True
                 )
             else:
-                rate = result.rate if result.unit else result.redis_bytes_per_task or 0
-                print(
-                    f"{rate:>10,.0f} {result.unit or 'Redis B/task':<15} "
-                    f"({result.seconds:.1f}s measured, {time.monotonic() - t:.1f}s wall)",
-                    flush=True,
-                )
-            result.extra["load"] = (load, os.getloadavg()[0])
-            results.append(result)
+                for result in step_results:
+                    rate = result.rate if result.unit else result.redis_bytes_per_task or 0
+                    print(
+                        f"{rate:>10,.1f} {result.unit or 'Redis B/task':<15} "
+                        f"({result.seconds:.1f}s measured, {time.monotonic() - t:.1f}s wall)",
+                        flush=True,
+                    )
+            for result in step_results:
+                result.extra["load"] = (load, os.getloadavg()[0])
+                results.append(result)
         conditions["rtt_end"] = ping_rtt_us(ctx.redis_url)
         conditions["load_end"] = os.getloadavg()
         conditions["s3_end"] = s3_rates(s3_server.url, 20 if args.smoke else 100)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from benchmarks._harness import (
@@ -91,6 +92,7 @@ class ConsumerSpec:
     filters: list[dict[str, Any]]
     sleep_ms: float = 0.0
     download: bool = False
+    incr: bool = False  # the handler awaits one INCR on its own Redis client
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class E2E:
     idle_binds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     resource_bytes: int = 0
     sync_processes: int = 1  # karton-core sync processes per identity
+    rate: float = 0.0  # producer: one task at a time at this steady rate (tasks/s)
+    start_log: bool = False  # consumers log when each handler starts (latency)
 
 
 # -- scenario definitions -------------------------------------------------------------
@@ -169,7 +173,36 @@ RESOURCE = E2E(
     resource_bytes=4096,
 )
 
-E2E_SCENARIOS = [PLAIN, FANOUT, BINDS, IO, RESOURCE]
+PLAIN_AWAIT = E2E(
+    name="plain-await",
+    title="plain-await: the handler awaits one INCR on its own Redis client",
+    headers={"type": "bench-await"},
+    consumers=[ConsumerSpec("bench.await", [{"type": "bench-await"}], incr=True)],
+    counts={AK: 15000, KC: 2000},
+)
+
+#: plain-await again with ``[logging] level = WARNING`` for both systems.
+PLAIN_AWAIT_WARNING = E2E(
+    name="plain-await-warning",
+    title="plain-await with [logging] level = WARNING",
+    headers={"type": "bench-await"},
+    consumers=[ConsumerSpec("bench.await", [{"type": "bench-await"}], incr=True)],
+    counts={AK: 15000, KC: 2000},
+)
+
+LATENCY_RATE = 200.0  # tasks/s
+LATENCY_SECONDS = 20.0
+LATENCY = E2E(
+    name="latency",
+    title="latency: a steady 200 tasks/s for 20 s, one at a time",
+    headers={"type": "bench-latency"},
+    consumers=[ConsumerSpec("bench.latency", [{"type": "bench-latency"}])],
+    counts={AK: int(LATENCY_RATE * LATENCY_SECONDS), KC: int(LATENCY_RATE * LATENCY_SECONDS)},
+    rate=LATENCY_RATE,
+    start_log=True,
+)
+
+E2E_SCENARIOS = [PLAIN, PLAIN_AWAIT, FANOUT, BINDS, IO, RESOURCE, LATENCY]
 
 #: plain again, with log publishing and task tracking off for both systems.
 PLAIN_QUIET = E2E(
@@ -186,16 +219,28 @@ def run_quiet(ctx: Context, spec: E2E, system: str) -> Result:
         return run_e2e(ctx, spec, system)
 
 
+def run_warning(ctx: Context, spec: E2E, system: str) -> Result:
+    with ctx.logging_level("WARNING"):
+        return run_e2e(ctx, spec, system)
+
+
 SMOKE_TASKS = 200
+SMOKE_LATENCY_SECONDS = 1.0
 #: Runs left out of --smoke (every worker kind still runs at least once there).
 SMOKE_SKIP = {
     ("fanout", KC), ("binds", KC), ("io", KC), ("pending", KC), ("plain", KCA),
-    ("plain-quiet", KC),
+    ("plain-quiet", KC), ("plain-await-warning", KC), ("router", KC),
 }  # fmt: skip
 
 
 def task_count(ctx: Context, counts: dict[str, int], system: str) -> int:
     return SMOKE_TASKS if ctx.smoke else counts[system]
+
+
+def e2e_task_count(ctx: Context, spec: E2E, system: str) -> int:
+    if ctx.smoke and spec.rate:
+        return int(spec.rate * SMOKE_LATENCY_SECONDS)
+    return task_count(ctx, spec.counts, system)
 
 
 # -- shared steps ---------------------------------------------------------------------
@@ -212,8 +257,17 @@ def router_online(client: CountingRedis) -> bool:
     return any(name.startswith("karton.system") for name in names)
 
 
-def producer_args(ctx: Context, system: str, n: int, headers: dict[str, Any]) -> list[str]:
+def producer_args(
+    ctx: Context, system: str, n: int, headers: dict[str, Any], rate: float = 0.0
+) -> list[str]:
     common = ["--config", str(ctx.config_path), "--n", str(n), "--headers", json.dumps(headers)]
+    if rate:  # one task at a time on a schedule: send_task for every library
+        common += ["--rate", str(rate)]
+        return (
+            ["--lib", "ak", "--api", "send_task", *common]
+            if system == AK
+            else ["--lib", "kc", *common]
+        )
     if system == AK:
         return ["--lib", "ak", "--api", "send_tasks", "--batch", "100", *common]
     return ["--lib", "kc", *common]
@@ -233,7 +287,7 @@ def timeout_for(ctx: Context, n: int, slowest_rate: float) -> float:
 
 
 def run_e2e(ctx: Context, spec: E2E, system: str) -> Result:
-    n = task_count(ctx, spec.counts, system)
+    n = e2e_task_count(ctx, spec, system)
     result = Result(spec.name, system, tasks=n)
     client = ctx.client()
     client.flush()
@@ -254,7 +308,7 @@ def run_e2e(ctx: Context, spec: E2E, system: str) -> Result:
         cpu.begin()
         client.reset_stats()
         producer = procs.python(
-            "producer", "producer", *producer_args(ctx, system, n, spec.headers),
+            "producer", "producer", *producer_args(ctx, system, n, spec.headers, spec.rate),
             *(["--resource-bytes", str(spec.resource_bytes)] if spec.resource_bytes else []),
         )  # fmt: skip
 
@@ -273,6 +327,12 @@ def run_e2e(ctx: Context, spec: E2E, system: str) -> Result:
         result.router_rss_kib = peak_rss_kib(router.pid)
         found = _collect(client, identities, expected)
     _fill_delivery_result(result, found, expected)
+    if spec.start_log:
+        starts = _read_starts(ctx, spec.name, system)
+        if len(starts) < expected:
+            raise ScenarioError(f"only {len(starts)} of {expected} handler starts were logged")
+        result.extra["start_p50_ms"] = percentile(starts, 50) * 1000
+        result.extra["start_p99_ms"] = percentile(starts, 99) * 1000
     result.extra["producer_rate"] = produced["rate"]
     # Was the producer the bottleneck?  It should finish well before the consumers.
     result.extra["producer_share"] = (produced["t_last"] - found.first_sent) / max(
@@ -291,11 +351,29 @@ def _start_consumers(procs: Processes, ctx: Context, spec: E2E, system: str) -> 
         ]  # fmt: skip
         if consumer.download:
             args.append("--download")
+        if consumer.incr:
+            args += ["--incr-url", ctx.redis_url]
+        if spec.start_log:
+            args += ["--start-log", str(_start_log(ctx, spec.name, system, consumer.identity))]
         replicas = spec.sync_processes if system == KC else 1
         for replica in range(replicas):
             name = f"consumer.{consumer.identity}.{replica}"
             workers.append(procs.python(name, CONSUMER_MODULE[system], *args))
     return workers
+
+
+def _start_log(ctx: Context, scenario: str, system: str, identity: str) -> Path:
+    return ctx.workdir / f"{scenario}.{system}.{identity}.starts"
+
+
+def _read_starts(ctx: Context, scenario: str, system: str) -> list[float]:
+    """Send-to-handler-start latencies (s) the consumers of one run logged."""
+    latencies: list[float] = []
+    for path in ctx.workdir.glob(f"{scenario}.{system}.*.starts"):
+        for line in path.read_text().splitlines():
+            sent, start = line.split()
+            latencies.append(float(start) - float(sent))
+    return latencies
 
 
 def _collect(client: CountingRedis, identities: set[str], expected: int) -> Any:
@@ -506,6 +584,67 @@ def quartile_growth(values: list[int]) -> dict[str, float]:
     return {"first": first, "last": last, "growth": last - first}
 
 
+# -- idle -------------------------------------------------------------------------------
+
+IDLE_SECONDS = 60.0
+IDLE_SMOKE_SECONDS = 2.0
+IDLE_SETTLE = 3.0  # s after registration before the meter starts (start-up work is over)
+
+
+def run_idle(ctx: Context) -> list[Result]:
+    """CPU of an idle consumer and an idle router of both systems, side by side.
+
+    All four processes run at once against one Redis with no task sent, so both systems
+    see the same machine; each system's consumer has its own identity and its own router
+    (GC off, as everywhere).  CPU is read from /proc over the same window.
+    """
+    seconds = IDLE_SMOKE_SECONDS if ctx.smoke else IDLE_SECONDS
+    client = ctx.client()
+    client.flush()
+    specs = {system: ConsumerSpec(f"bench.idle-{system}", [{"type": "bench-idle"}])
+             for system in (AK, KC)}  # fmt: skip
+    with processes(ctx, "idle") as procs:
+        routers: dict[str, Worker] = {}
+        consumers: dict[str, Worker] = {}
+        for system, spec in specs.items():
+            routers[system] = start_router(procs, ctx, system)
+            idle = E2E("idle", "", {}, [spec], {})
+            (consumers[system],) = _start_consumers(procs, ctx, idle, system)
+        wanted = {spec.identity for spec in specs.values()}
+
+        def ready() -> bool:
+            names = [c.get("name") or "" for c in client.raw.client_list()]
+            routers_up = sum(name.startswith("karton.system") for name in names)
+            return wanted <= set(client.raw.hkeys("karton.binds")) and routers_up >= 2
+
+        wait_until(ready, timeout=60 * ctx.timeout_scale, what="idle services", procs=procs)
+        time.sleep(1.0 if ctx.smoke else IDLE_SETTLE)
+        meter = {name: cpu_seconds(w.pid) for name, w in _idle_workers(routers, consumers)}
+        started = time.monotonic()
+        time.sleep(seconds)
+        procs.check()
+        elapsed = time.monotonic() - started
+        used = {
+            name: cpu_seconds(w.pid) - meter[name] for name, w in _idle_workers(routers, consumers)
+        }
+    results = []
+    for system in (AK, KC):
+        result = Result("idle", system, unit="% CPU, consumer")
+        result.seconds = elapsed
+        result.rate = 100 * used[f"{system} consumer"] / elapsed
+        result.extra["system_cpu_pct"] = 100 * used[f"{system} router"] / elapsed
+        results.append(result)
+    return results
+
+
+def _idle_workers(
+    routers: dict[str, Worker], consumers: dict[str, Worker]
+) -> list[tuple[str, Worker]]:
+    return [(f"{s} router", w) for s, w in routers.items()] + [
+        (f"{s} consumer", w) for s, w in consumers.items()
+    ]
+
+
 # -- the plan -------------------------------------------------------------------------
 
 
@@ -513,7 +652,7 @@ def quartile_growth(values: list[int]) -> dict[str, float]:
 class Step:
     scenario: str
     system: str
-    run: Callable[[Context], Result]
+    run: Callable[[Context], Result | list[Result]]
 
 
 def plan(only: set[str] | None = None, *, smoke: bool = False) -> list[Step]:
@@ -522,6 +661,9 @@ def plan(only: set[str] | None = None, *, smoke: bool = False) -> list[Step]:
     for spec in E2E_SCENARIOS:
         for system in spec.counts:
             steps.append(Step(spec.name, system, partial(run_e2e, spec=spec, system=system)))
+    for system in PLAIN_AWAIT_WARNING.counts:
+        run = partial(run_warning, spec=PLAIN_AWAIT_WARNING, system=system)
+        steps.append(Step("plain-await-warning", system, run))
     for system in PLAIN_QUIET.counts:
         steps.append(
             Step("plain-quiet", system, partial(run_quiet, spec=PLAIN_QUIET, system=system))
@@ -533,6 +675,7 @@ def plan(only: set[str] | None = None, *, smoke: bool = False) -> list[Step]:
         steps.append(Step("producer", system, run))
     for system in PENDING_COUNTS:
         steps.append(Step("pending", system, partial(run_pending, system=system)))
+    steps.append(Step("idle", f"{AK} + {KC}", run_idle))
     steps.append(Step("soak", AK, run_soak))
     if only:
         steps = [s for s in steps if s.scenario in only]

@@ -4,19 +4,21 @@ Structure (one task group per concern, all owned by ``run``)::
 
     run ─┬─ background: bind watcher (on the named presence connection), lease renewer +
          │              reclaimer, retry releaser, completion writer
-         └─ lifetime scope ── work group ── handlers (≤ concurrency_limit at once)
-                          └── fetching scope ── fetch loop
+         └─ lifetime scope ── Dispatcher: concurrency_limit workers ── handlers
+                                         └── fetch loop (prefetch tasks ahead)
 
 Fetching is cancel-safe: a batch is popped and leased in one Lua call, which runs
-shielded; a task whose consumer dies is requeued when its lease expires.  ``stop(grace)``
-cancels fetching at once and gives in-flight handlers ``grace`` seconds; handlers still
-running then are cancelled and their tasks handed back to the queue (not Crashed).
+shielded; a task whose consumer dies is requeued when its lease expires.  A fetched task
+stays Spawned (and leased) until its handler starts; then it is marked Started (written
+in batches with the final states).  ``stop(grace)`` cancels fetching at once, hands the
+tasks that were fetched but not started back to the head of their queue, and gives
+running handlers ``grace`` seconds; handlers still running then are cancelled and their
+tasks handed back too (not Crashed).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import inspect
 import logging
 import random
@@ -38,32 +40,24 @@ from ..backend import Bind
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from . import _metrics
 from ._completion import Completer
+from ._dispatch import Dispatcher
 from ._logging import RecordMaker, needs_record
 from ._runtime import Runtime
 from ._service import ServiceBase
+from ._upkeep import LagWatch, keep_leases, watch_bind
 
 __all__ = ["Consumer"]
 
 PreHook = Callable[[Task], Any]
 PostHook = Callable[[Task, BaseException | None], Any]
 
-BIND_CHECK_INTERVAL = 5.0
-LOOP_LAG_PROBE = 0.25  # seconds between event-loop lag probes
-LOOP_LAG_WARNING = 0.5  # lag (seconds) that earns a warning naming the running tasks
 BLOCKING_POP_TIMEOUT = 0.5
-QUICK_HANDLER = 0.001  # seconds: tasks handled faster than this are drained by one runner
-STRANDED_AFTER = 0.002  # seconds before tasks left behind by a quick batch get runners
 
 
 class Consumer(ServiceBase):
     """Base class of a service that processes tasks matching ``filters``.
 
-    Class attributes are the lowest layer of the one precedence rule: ``[karton]`` options
-    (also per identity, ``[karton:<identity>]``), variables and flags override them. The
-    exception is Karton's: a ``task_timeout`` set here beats every layer (karton-core 5.9.1
-    does the same). ``self.policy`` is the resolved :class:`ConsumerPolicy`.
-
-    Class attributes:
+    Class attributes (each overridable by ``[karton]`` config and CLI options):
         identity, filters, persistent, version: as in Karton.
         concurrency_limit: handlers running at once (default 1, as Karton's asyncio).
         prefetch: tasks taken ahead of free handlers (default concurrency_limit, 0 for a
@@ -101,20 +95,13 @@ class Consumer(ServiceBase):
         self._read_policy(self.config)
         self._pre_hooks: list[tuple[str | None, PreHook]] = []
         self._post_hooks: list[tuple[str | None, PostHook]] = []
-        self._scopes: tuple[anyio.CancelScope, anyio.CancelScope] | None = None
+        self._scopes: tuple[anyio.CancelScope, Dispatcher[Task]] | None = None  # while running
         self._leased: dict[str, Task] = {}
         self._completer: Completer | None = None
         self._background: TaskGroup | None = None
-        self._running: set[str] = set()
-        self._runners = self._outstanding = 0
-        self._ready: collections.deque[Task] = collections.deque()  # fetched, not yet running
-        self._parked: collections.deque[anyio.Event] = collections.deque()  # idle runners
-        self._fetching = False
-        self._handle_seconds = -1.0  # moving average of a task's wall time (< 0: none yet)
-        self._maybe_stranded = anyio.Event()
-        self._worker_freed = anyio.Event()
-        self._blocking: Any = None
-        self._ran_since_probe: set[str] = set()  # handlers active since the last lag probe
+        self._blocking: Any = None  # the connection the fetch loop blocks on
+        self._backoff = 0.5  # seconds before the next fetch after a Redis error
+        self._lag = LagWatch(self.log)
         self._record_maker: RecordMaker | None = None
 
     def _read_policy(self, config: Config) -> None:
@@ -173,8 +160,8 @@ class Consumer(ServiceBase):
         """Stop fetching now; cancel (and hand back) what still runs after ``grace`` s."""
         if self._scopes is None:
             return
-        lifetime, fetching = self._scopes
-        fetching.cancel()
+        lifetime, dispatcher = self._scopes
+        dispatcher.stop()
         grace = self.shutdown_grace if grace is None else grace
         if grace <= 0:
             lifetime.cancel()
@@ -204,10 +191,14 @@ class Consumer(ServiceBase):
             async with anyio.create_task_group() as background:
                 self._background = background
                 background.start_soon(self._completer.run)
-                background.start_soon(self._watch_bind, presence)
-                background.start_soon(self._keep_leases)
-                background.start_soon(self._watch_loop_lag)
-                background.start_soon(self._unstrand)
+                lease = float(self.lease_timeout or 60.0)
+                background.start_soon(
+                    watch_bind, presence, self.backend, self.bind, self.stop, self.log
+                )
+                background.start_soon(
+                    keep_leases, self.backend, self.identity, self._leased, lease, self.log
+                )
+                background.start_soon(self._lag.run)
                 background.start_soon(_metrics.serve_consumer, self)  # metrics
                 self._blocking = blocking
                 stopped = False
@@ -234,139 +225,46 @@ class Consumer(ServiceBase):
         self.log.info("Service %s started (concurrency %d)", self.identity, self.concurrency_limit)
 
     async def _consume(self, task_status: TaskStatus[None]) -> None:
-        """Run up to ``concurrency_limit`` handler runners fed by one fetch loop.
-
-        The fetch loop keeps up to ``prefetch`` tasks ready beyond the running ones, so
-        handlers never wait for a round trip, and fetches in batches (one Lua call each).
-        Runners live as long as the work group: one that finds nothing ready parks until
-        the fetch loop wakes it, so no task is spawned per delivery.
-        """
-        limit = self.concurrency_limit or 1
-        self._runners, self._outstanding = 0, 0
-        self._ready.clear()
-        self._parked.clear()
-        self._fetching = True
-        self._worker_freed = anyio.Event()
+        """Handle tasks with a :class:`Dispatcher` until :meth:`stop` (see its policy)."""
+        dispatcher: Dispatcher[Task] = Dispatcher(
+            self._handle, workers=self.concurrency_limit or 1, prefetch=self.prefetch or 0
+        )
         with anyio.CancelScope() as lifetime:
-            async with anyio.create_task_group() as work:
-                with anyio.CancelScope() as fetching:
-                    self._scopes = lifetime, fetching
-                    task_status.started()
-                    await self._fetch_loop(work, limit)
-                self._fetching = False  # runners finish what is ready, then exit
-                while self._parked:
-                    self._parked.popleft().set()
-        with anyio.CancelScope(shield=True):  # cut short: hand back what is still ready
-            while self._ready:
-                await self._hand_back(self._ready.popleft())
+            self._scopes = lifetime, dispatcher
+            await dispatcher.run(self._fetch, self._release, task_status=task_status)
         self.log.info("Service %s stopped", self.identity)
 
-    async def _runner(self, task: Task | None) -> None:
-        """Handle ready tasks one after another; park while there are none."""
-        while True:
-            while task is not None:
-                began = time.perf_counter()
-                try:
-                    await self._handle(task)
-                finally:
-                    self._outstanding -= 1
-                    self._worker_freed.set()
-                took = time.perf_counter() - began
-                _metrics.handled(self.identity, took)  # metrics
-                if self._handle_seconds < 0:  # the first sample seeds the average
-                    self._handle_seconds = took
-                self._handle_seconds += (took - self._handle_seconds) / 8
-                task = self._next_ready()
-            if not self._fetching:
-                return
-            parked = anyio.Event()
-            self._parked.append(parked)
-            await parked.wait()
-            task = self._next_ready()
+    async def _fetch(self, count: int) -> list[Task]:
+        """Take and lease up to ``count`` tasks, waiting a little for one if none is queued.
 
-    def _next_ready(self) -> Task | None:
-        return self._ready.popleft() if self._ready else None
-
-    def _dispatch(self, work: TaskGroup, tasks: list[Task], limit: int) -> None:
-        """Queue fetched tasks: wake parked runners, start new ones up to ``limit``.
-
-        Handlers that take a while (they suspend: I/O) get one parked runner woken per
-        task, all in the same loop iteration, so they start together.  Quick handlers
-        get one: it drains the queue before any other runner could run, so waking more
-        would only cost.  New runners are started only for the tasks the parked ones
-        cannot take.
+        The Redis calls run shielded (a batch is popped and leased in one Lua call), and
+        nothing between them and the return can be cancelled: the dispatcher buffers what
+        this returns before stop() can act, and hands back what never starts.
         """
-        self._outstanding += len(tasks)
-        self._ready.extend(tasks)
-        quick = 0.0 <= self._handle_seconds <= QUICK_HANDLER
-        woken = self._wake_parked(1 if quick else len(self._ready))
-        while len(self._ready) > woken and self._runners < limit:
-            self._runners += 1
-            work.start_soon(self._runner, self._ready.popleft())
-        if quick and self._ready and self._parked:
-            self._maybe_stranded.set()  # see _unstrand
-
-    def _wake_parked(self, wanted: int) -> int:
-        woken = min(wanted, len(self._parked))
-        for _ in range(woken):
-            self._parked.popleft().set()
-        return woken
-
-    async def _unstrand(self) -> None:
-        """Wake parked runners for tasks that a quick-looking batch left waiting.
-
-        Quick handlers get a single runner per batch; should one of them suspend for
-        long (a slow call, or one waiting for another task of the batch), the rest of
-        the batch would wait with runners parked.  ``STRANDED_AFTER`` seconds after such
-        a batch, every task still ready gets a parked runner.  A batch that was really
-        quick is drained by then and this finds nothing to do.
-        """
-        while True:
-            await self._maybe_stranded.wait()
-            self._maybe_stranded = anyio.Event()
-            await anyio.sleep(STRANDED_AFTER)
-            self._wake_parked(len(self._ready))
-
-    async def _room(self, limit: int) -> int:
-        """Wait until a fetch is worth it; return how many tasks to take."""
-        capacity = limit + (self.prefetch or 0)
-        threshold = max(1, capacity // 4)
-        while True:
-            room = capacity - self._outstanding
-            if room > 0 and (not self._ready or room >= threshold):
-                return min(room, 256)
-            await self._worker_freed.wait()
-            self._worker_freed = anyio.Event()
-
-    async def _fetch_loop(self, work: TaskGroup, limit: int) -> None:
-        backoff = 0.5
-        blocking = self._blocking
-        while True:
-            room = await self._room(limit)
-            await anyio.lowlevel.checkpoint()  # the fetch below is shielded: stop lands here
-            try:
-                with anyio.CancelScope(shield=True):
-                    tasks = await self._accept(await self._fetch(room, blocking))
-                backoff = 0.5
-            except TRANSIENT_ERRORS as exc:
-                self.log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            self._dispatch(work, tasks, limit)
-
-    async def _fetch(self, count: int, blocking: Any) -> list[tuple[str, str]]:
-        lease = float(self.lease_timeout or 60.0)
-        items = await self.backend.fetch(self.identity, count, lease)
-        if items:
-            return items
-        return await self.backend.wait_fetch(blocking, self.identity, lease, BLOCKING_POP_TIMEOUT)
+        await anyio.lowlevel.checkpoint()  # the fetch below is shielded: stop lands here
+        try:
+            with anyio.CancelScope(shield=True):
+                lease = float(self.lease_timeout or 60.0)
+                items = await self.backend.fetch(self.identity, count, lease)
+                if not items:
+                    items = await self.backend.wait_fetch(
+                        self._blocking, self.identity, lease, BLOCKING_POP_TIMEOUT
+                    )
+                tasks = await self._accept(items)
+        except TRANSIENT_ERRORS as exc:
+            self.log.warning("Redis unavailable (%s); retrying in %.1fs", exc, self._backoff)
+            await anyio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, 10.0)
+            return []
+        self._backoff = 0.5
+        return tasks
 
     async def _accept(self, items: list[tuple[str, str]]) -> list[Task]:
-        """Parse fetched bodies, drop broken ones (logged), mark the rest Started.
+        """Parse fetched bodies and track the tasks' leases; drop broken ones (logged).
 
-        Until the Started write succeeds nothing is tracked locally: if it fails, the
-        leases simply expire and the tasks are redelivered.
+        The tasks stay Spawned (and leased) until their handler starts: see ``_handle``.
+        Should a write here fail, nothing is tracked: the leases expire, and the tasks
+        are redelivered.
         """
         tasks: list[Task] = []
         gone: list[str] = []
@@ -382,15 +280,28 @@ class Consumer(ServiceBase):
                 self.log.error("Task %s has an unreadable body, quarantined: %s", uid, exc)
                 broken.append(uid)
                 continue
-            task.status, task.last_update = TaskState.STARTED, time.time()
             tasks.append(task)
-        with anyio.CancelScope(shield=True):
-            await self.backend.set_tasks(tasks)
+        if broken:
             await self.backend.quarantine(broken)
+        if gone or broken:
             await self.backend.drop_leases(self.identity, gone + broken)
         for task in tasks:
             self._leased[task.uid] = task
         return tasks
+
+    async def _release(self, tasks: list[Task]) -> None:
+        """Hand fetched tasks that never started back to the head of their queue."""
+        mine = [task for task in tasks if self._leased.pop(task.uid, None) is not None]
+        try:  # hand_back pushes to the head one by one: reversed, they keep their order
+            await self.backend.hand_back(self.identity, mine[::-1])
+        except TRANSIENT_ERRORS as exc:
+            self.log.error(
+                "Could not hand back %d prefetched task(s) (%s); their leases will expire",
+                len(mine), exc,
+            )  # fmt: skip
+            return
+        if mine:
+            self.log.info("%d prefetched task(s) handed back to the queue (stop)", len(mine))
 
     # -- one task -------------------------------------------------------------------------
 
@@ -402,15 +313,18 @@ class Consumer(ServiceBase):
                 task.status, task.last_update = TaskState.FINISHED, time.time()
                 self._completer_add(task, crashed=False)
                 return
+            task.status, task.last_update = TaskState.STARTED, time.time()
+            self._completer_started(task)
             attempt = f" (attempt {task.attempt + 1})" if task.attempt else ""
             self._log_info("Received new task - %s%s", task.uid, attempt)
             await self._run_hooks_pre(task)
-            self._running.add(task.uid)
-            self._ran_since_probe.add(task.uid)
+            self._lag.enter(task.uid)
+            began = time.perf_counter()
             try:
                 error = await self._run_process(task)
             finally:
-                self._running.discard(task.uid)
+                self._lag.leave(task.uid)
+            _metrics.handled(self.identity, time.perf_counter() - began)  # metrics
             await self._run_hooks_post(task, error)
             await self._finish(task, error)
         except anyio.get_cancelled_exc_class():
@@ -513,6 +427,10 @@ class Consumer(ServiceBase):
             record.karton_published = publisher is not None
             log.handle(record)
 
+    def _completer_started(self, task: Task) -> None:
+        assert self._completer is not None
+        self._completer.started(task)
+
     def _completer_add(self, task: Task, *, crashed: bool, dead: bool = False) -> None:
         """Queue a final state for writing (the caller has set status and last_update)."""
         assert self._completer is not None
@@ -542,55 +460,3 @@ class Consumer(ServiceBase):
                 await result
         except Exception:  # Karton logs and swallows hook errors
             self.log.exception("Hook %s failed", name or getattr(hook, "__name__", hook))
-
-    # -- background -----------------------------------------------------------------------
-
-    async def _watch_bind(self, presence: Any) -> None:
-        """Keep the named presence connection alive; stop if a newer replica took over."""
-        mine = self.bind
-        while True:
-            try:
-                current = await self.backend.get_bind(self.identity, client=presence)
-                if current is None:
-                    self.log.warning("Bind of %s disappeared; registering again", self.identity)
-                    await self.backend.register_bind(mine)
-                elif current != mine:
-                    self.log.warning("Binds changed, shutting down.")
-                    self.stop()
-                    return
-            except TRANSIENT_ERRORS as exc:
-                self.log.warning("Redis unavailable for the bind check: %s", exc)
-            await anyio.sleep(BIND_CHECK_INTERVAL)
-
-    async def _watch_loop_lag(self) -> None:
-        """Warn when a handler blocks the event loop (leases and other tasks starve)."""
-        while True:
-            self._ran_since_probe = set(self._running)
-            started = anyio.current_time()
-            await anyio.sleep(LOOP_LAG_PROBE)
-            lag = anyio.current_time() - started - LOOP_LAG_PROBE
-            _metrics.loop_lag(lag)  # metrics
-            if lag > LOOP_LAG_WARNING:
-                self.log.warning(
-                    "Event loop blocked for %.2fs while running task(s) %s; move blocking "
-                    "code to asynckarton.to_thread() or asynckarton.to_process()",
-                    lag,
-                    ", ".join(sorted(self._ran_since_probe)) or "(none)",
-                )
-
-    async def _keep_leases(self) -> None:
-        """Renew our leases (one ZADD), requeue expired ones, release due retries."""
-        lease = float(self.lease_timeout or 60.0)
-        period = max(0.2, min(lease / 3, 1.0))
-        while True:
-            try:
-                if self._leased:
-                    await self.backend.renew_leases(self.identity, list(self._leased), lease)
-                    _metrics.leases_renewed(self.identity, len(self._leased))  # metrics
-                moved = await self.backend.reclaim(self.identity)
-                if moved:
-                    self.log.warning("Requeued %d task(s) whose consumer died", moved)
-                await self.backend.release_delayed()
-            except TRANSIENT_ERRORS as exc:
-                self.log.warning("Redis unavailable for lease renewal: %s", exc)
-            await anyio.sleep(period)

@@ -20,6 +20,8 @@ class ConsumerArgs:
     concurrency: int
     sleep: float  # seconds the handler awaits / sleeps
     download: bool  # download the task's "blob" resource
+    incr_url: str  # Redis URL: the handler awaits one INCR on its own client ("" = none)
+    start_log: str  # file to append "<sent> <handler start>" lines to ("" = none)
 
 
 def consumer_args(description: str) -> ConsumerArgs:
@@ -30,6 +32,8 @@ def consumer_args(description: str) -> ConsumerArgs:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--sleep-ms", type=float, default=0.0)
     parser.add_argument("--download", action="store_true")
+    parser.add_argument("--incr-url", default="", help="INCR a counter on this Redis per task")
+    parser.add_argument("--start-log", default="", help="append send/start stamps here")
     args = parser.parse_args()
     return ConsumerArgs(
         config=args.config,
@@ -38,7 +42,13 @@ def consumer_args(description: str) -> ConsumerArgs:
         concurrency=args.concurrency,
         sleep=args.sleep_ms / 1000.0,
         download=args.download,
+        incr_url=args.incr_url,
+        start_log=args.start_log,
     )
+
+
+#: The counter the plain-await handlers increment (one round trip of their own).
+COUNTER = "bench.await.counter"
 
 
 def setup_logging() -> None:

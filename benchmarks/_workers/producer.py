@@ -5,9 +5,10 @@ Each task carries ``payload["sent"] = time.time()`` taken just before its send c
 
 Libraries: ``ak`` (asynckarton ``Producer``; ``--api send_task`` or ``send_tasks``),
 ``kc`` (karton-core sync ``Producer.send_task``), ``kca`` (karton-core asyncio
-``Producer.send_task``).  ``--concurrency`` runs that many senders at once (async
-libraries only).  ``--window W --watch ID`` keeps at most W tasks sent but not yet
-consumed by identity ID (soak runs only; it costs one HGET per batch).
+``Producer.send_task``).  ``--rate R`` sends one task at a time on a steady schedule of R
+tasks/s (``send_task`` only; the latency scenario).  ``--concurrency`` runs that many
+senders at once (async libraries only).  ``--window W --watch ID`` keeps at most W tasks
+sent but not yet consumed by identity ID (soak runs only; it costs one HGET per batch).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--headers", default='{"type": "bench"}', help="JSON headers")
     parser.add_argument("--resource-bytes", type=int, default=0)
+    parser.add_argument("--rate", type=float, default=0.0, help="tasks/s, one at a time")
     parser.add_argument("--window", type=int, default=0)
     parser.add_argument("--watch", default="")
     parser.add_argument("--redis-url", default="")
@@ -101,6 +103,10 @@ async def run_ak(args: argparse.Namespace) -> None:
                 now = time.time()
                 await producer.send_tasks([make(now) for _ in range(count)])
                 sent += count
+        elif args.rate:
+            for i in range(args.n):
+                await anyio.sleep(max(0.0, first + i / args.rate - time.time()))
+                await producer.send_task(make(time.time()))
         else:
 
             async def one() -> None:
@@ -138,7 +144,9 @@ def run_kc(args: argparse.Namespace) -> None:
     headers = json.loads(args.headers)
     producer = Producer(config=Config(args.config), identity=args.identity)
     first = time.time()
-    for _ in range(args.n):
+    for i in range(args.n):
+        if args.rate:
+            time.sleep(max(0.0, first + i / args.rate - time.time()))
         payload: dict[str, Any] = {"sent": time.time()}
         if args.resource_bytes:
             payload["blob"] = Resource("blob", blob(args.resource_bytes))

@@ -10,7 +10,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from asynckarton import Task
+from asynckarton import Task, TaskState
 from asynckarton._services import _completion
 from asynckarton._services._completion import COALESCE_BELOW, Completer
 
@@ -20,6 +20,11 @@ pytestmark = pytest.mark.anyio
 class Backend:
     def __init__(self) -> None:
         self.writes: list[list[str]] = []
+        self.started: list[list[str]] = []
+
+    async def set_tasks(self, tasks: list[Task]) -> None:
+        self.started.append([t.uid for t in tasks])
+        assert all(t.status is TaskState.STARTED for t in tasks)
 
     async def complete(self, identity: str, tasks: list[Task], crashed: int) -> None:
         self.writes.append([t.uid for t in tasks])
@@ -63,3 +68,38 @@ async def test_a_big_batch_is_written_without_lingering(monkeypatch: pytest.Monk
                 await anyio.lowlevel.checkpoint()
         group.cancel_scope.cancel()
     assert list(itertools.chain(*backend.writes)) == [t.uid for t in tasks]
+
+
+async def test_started_is_written_only_for_tasks_still_running_and_before_their_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A task that ends within STARTED_AFTER gets only its final write; a longer one gets
+    its Started write first, then its final one."""
+    monkeypatch.setattr(_completion, "LINGER", 0.01)
+    monkeypatch.setattr(_completion, "STARTED_AFTER", 0.2)
+    backend = Backend()
+    quick, slow = Task({"type": "x"}), Task({"type": "x"})
+    completer = Completer(backend, "id", {}, logging.getLogger("test"))  # type: ignore[arg-type]
+    async with anyio.create_task_group() as group:
+        group.start_soon(completer.run)
+        for task in (quick, slow):
+            task.status = TaskState.STARTED
+            completer.started(task)
+        quick.status = TaskState.FINISHED
+        completer.add(quick, crashed=False)
+        with anyio.fail_after(5):
+            while not backend.writes:
+                await anyio.sleep(0.005)
+        started_early = list(backend.started)
+        with anyio.fail_after(5):
+            while not backend.started:
+                await anyio.sleep(0.005)
+        slow.status = TaskState.FINISHED
+        completer.add(slow, crashed=False)
+        with anyio.fail_after(5):
+            while len(backend.writes) < 2:
+                await anyio.sleep(0.005)
+        group.cancel_scope.cancel()
+    assert started_early == []  # not due yet when the quick one was written
+    assert backend.started == [[slow.uid]]
+    assert backend.writes == [[quick.uid], [slow.uid]]

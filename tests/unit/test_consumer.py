@@ -235,8 +235,8 @@ async def test_concurrency_limit_bounds_running_handlers(tmp_path: Path) -> None
     assert peak == 3
 
 
-async def test_parked_runners_and_new_ones_fill_the_concurrency_limit(tmp_path: Path) -> None:
-    """After a quiet spell (runners parked), a burst still runs concurrency_limit at once."""
+async def test_a_burst_after_a_quiet_spell_fills_the_concurrency_limit(tmp_path: Path) -> None:
+    """After a quiet spell (workers idle), a burst still runs concurrency_limit at once."""
     running = 0
     peaks: list[int] = []
 
@@ -255,7 +255,7 @@ async def test_parked_runners_and_new_ones_fill_the_concurrency_limit(tmp_path: 
     async with testing.pipeline(Counter, data_dir=tmp_path) as p:
         await p.send(Task({"type": "burst"}), Task({"type": "burst"}))
         with anyio.fail_after(10):
-            await p.wait_idle()  # two runners now parked
+            await p.wait_idle()  # the workers are idle now
         first_wave = max(peaks)
         peaks.clear()
         await p.send(*(Task({"type": "burst"}) for _ in range(40)))
@@ -263,68 +263,6 @@ async def test_parked_runners_and_new_ones_fill_the_concurrency_limit(tmp_path: 
             await p.wait_idle()
     assert first_wave <= 2
     assert max(peaks) == 8
-
-
-def test_dispatch_wakes_parked_runners_and_starts_runners_for_the_rest(
-    tmp_path: Path,
-) -> None:
-    """A burst bigger than the parked runners starts new ones, up to the limit."""
-    consumer = Recorder(testing.embedded_config(tmp_path))
-    started: list[Any] = []
-
-    class Group:
-        def start_soon(self, func: Any, *args: Any) -> None:
-            started.append(args[0])
-
-    consumer._handle_seconds = 0.05  # handlers that suspend (I/O-bound)
-    parked = [anyio.Event(), anyio.Event()]
-    consumer._parked.extend(parked)
-    consumer._runners = 2
-    tasks = [Task({"type": "work"}) for _ in range(12)]
-    consumer._dispatch(Group(), tasks, 8)  # type: ignore[arg-type]
-    assert [e.is_set() for e in parked] == [True, True]  # both woken at once
-    assert not consumer._parked
-    assert started == tasks[:6]  # 2 parked + 6 new = the limit of 8
-    assert list(consumer._ready) == tasks[6:]
-    consumer._dispatch(Group(), [Task({"type": "work"})], 8)  # type: ignore[arg-type]
-    assert len(started) == 6  # at the limit: queued, no new runner
-    more = [anyio.Event(), anyio.Event(), anyio.Event()]
-    consumer._parked.extend(more)
-    consumer._ready.clear()
-    consumer._dispatch(Group(), [Task({"type": "work"})], 8)  # type: ignore[arg-type]
-    assert [e.is_set() for e in more] == [True, False, False]  # one task, one wake
-    consumer._handle_seconds = 0.00005  # quick handlers: the first woken drains the rest
-    quick = [anyio.Event(), anyio.Event(), anyio.Event()]
-    consumer._parked.clear()
-    consumer._parked.extend(quick)
-    consumer._dispatch(Group(), [Task({"type": "work"}) for _ in range(3)], 8)  # type: ignore[arg-type]
-    assert [e.is_set() for e in quick] == [True, False, False]
-
-
-async def test_tasks_left_by_a_quick_batch_get_parked_runners_soon(tmp_path: Path) -> None:
-    """One runner drains a quick batch; if its handler suspends instead, the rest of the
-    batch must not wait for it with runners parked (here: within STRANDED_AFTER)."""
-    from asynckarton._services._consumer import STRANDED_AFTER
-
-    consumer = Recorder(testing.embedded_config(tmp_path))
-    consumer._handle_seconds = 0.00005  # so far every task was quick
-    parked = [anyio.Event() for _ in range(3)]
-    consumer._parked.extend(parked)
-    consumer._runners = 3
-
-    class Group:
-        def start_soon(self, func: Any, *args: Any) -> None:
-            raise AssertionError("no new runner: all three exist")
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(consumer._unstrand)
-        consumer._dispatch(Group(), [Task({"type": "work"}) for _ in range(3)], 3)  # type: ignore[arg-type]
-        assert [e.is_set() for e in parked] == [True, False, False]
-        consumer._ready.popleft()  # the woken runner takes one, then suspends in it
-        with anyio.fail_after(STRANDED_AFTER + 2):
-            while not all(e.is_set() for e in parked[1:]):
-                await anyio.sleep(0.001)
-        group.cancel_scope.cancel()
 
 
 async def test_finished_tasks_are_written_when_run_is_cancelled(
@@ -356,16 +294,33 @@ async def test_finished_tasks_are_written_when_run_is_cancelled(
     assert task.status is TaskState.FINISHED
 
 
-async def test_stop_with_parked_runners_does_not_wait_for_the_grace(tmp_path: Path) -> None:
+async def test_stop_when_idle_ends_at_once_with_everything_finished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Idle workers do not wait out the grace; nothing is handed back, no lease is left."""
+    caplog.set_level(logging.INFO, logger="test.recorder")
+    Recorder.seen.clear()
     consumer = Recorder(testing.embedded_config(tmp_path))
     async with testing.pipeline(consumer, data_dir=tmp_path) as p:
         await p.send(*(Task({"type": "work", "n": str(i)}) for i in range(5)))
         with anyio.fail_after(10):
             await p.wait_idle()
+        stopping = anyio.current_time()
         consumer.stop(grace=60)
-        with anyio.fail_after(2):
+        with anyio.fail_after(5):
             while consumer._scopes is not None:
                 await anyio.sleep(0.01)
+        took = anyio.current_time() - stopping
+        tasks = await p.tasks(receiver="test.recorder")
+        queued = await p.producer.backend.queue_lengths("test.recorder")
+        leases = await p.producer.backend.redis.zcard(keys.leases_key("test.recorder"))
+    assert took < 2.0  # far from the 60 s grace: only a blocking pop (0.5 s) to wait for
+    assert sorted(Recorder.seen) == [str(i) for i in range(5)]
+    assert [t.status for t in tasks] == [TaskState.FINISHED] * 5
+    assert sum(queued.values()) == 0 and leases == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert "Service test.recorder stopped" in messages
+    assert not any("handed back" in m for m in messages)
 
 
 async def test_rejected_when_filters_no_longer_match(tmp_path: Path) -> None:
@@ -475,3 +430,131 @@ async def test_reclaim_requeues_expired_leases_as_spawned_keeping_the_body(tmp_p
     assert back.headers["status"] == "Started"  # a header of the same name is untouched
     assert back.payload == {"big": 2**70, "f": 0.1} and back.last_update == 1795349442.417694
     assert queued == [task.uid]
+
+
+class Gated(Consumer):
+    """Handlers record their task and wait for the test to open the gate."""
+
+    identity = "test.gated"
+    filters = [{"type": "gated"}]
+    concurrency_limit = 2
+    gate: ClassVar[anyio.Event]
+    seen: ClassVar[list[str]] = []
+
+    async def process(self, task: Task) -> None:
+        type(self).seen.append(task.uid)
+        await type(self).gate.wait()
+
+
+async def _wait_for(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not await predicate():
+            await anyio.sleep(0.01)
+
+
+async def test_prefetched_tasks_stay_spawned_and_leased_until_their_handler_starts(
+    tmp_path: Path,
+) -> None:
+    """Two handlers, two prefetched: Redis shows 2 Started and 4 Spawned, 4 leased."""
+    Gated.gate, Gated.seen = anyio.Event(), []
+    async with testing.pipeline(Gated, data_dir=tmp_path) as p:
+        redis = p.producer.backend.redis
+        sent = [Task({"type": "gated"}) for _ in range(6)]
+        await p.send(*sent)
+
+        async def statuses() -> list[str]:
+            return sorted(t.status.value for t in await p.tasks(receiver="test.gated"))
+
+        async def settled() -> bool:
+            leased = await redis.zcard(keys.leases_key("test.gated"))
+            return leased == 4 and (await statuses()).count("Started") == 2
+
+        await _wait_for(settled, "2 Started tasks and 4 leases")
+        await anyio.sleep(0.1)  # past the writer's linger: nothing else turns Started
+        seen_statuses = await statuses()
+        leased = set(await redis.zrange(keys.leases_key("test.gated"), 0, -1))
+        running = {
+            t.uid for t in await p.tasks(receiver="test.gated") if t.status.value == "Started"
+        }
+        queued = await redis.lrange(keys.queue_key("normal", "test.gated"), 0, -1)
+        Gated.gate.set()
+        with anyio.fail_after(10):
+            await p.wait_idle()
+        final = await statuses()
+    assert seen_statuses == ["Spawned"] * 4 + ["Started"] * 2
+    assert running == set(Gated.seen[:2])
+    assert len(leased - running) == 2  # the prefetched ones: reclaimed if we die
+    assert len(queued) == 2 and not (set(queued) & leased)
+    assert final == ["Finished"] * 6
+
+
+async def test_stop_hands_prefetched_tasks_back_at_once_and_drains_the_running_one(
+    tmp_path: Path,
+) -> None:
+    """stop(): what was only prefetched goes back to the head of the queue, in order, at
+    once (as Spawned, lease released); only the running handler gets the grace."""
+
+    class Single(Gated):
+        identity = "test.single"
+        filters = [{"type": "single"}]
+        concurrency_limit = 1
+        prefetch = 2
+
+    Gated.gate, Gated.seen = anyio.Event(), []
+    consumer = Single(testing.embedded_config(tmp_path))
+    async with testing.pipeline(consumer, data_dir=tmp_path) as p:
+        redis = p.producer.backend.redis
+        sent = [Task({"type": "single"}) for _ in range(3)]
+        await p.send(*sent)
+
+        async def prefetched() -> bool:
+            return len(Gated.seen) == 1 and await redis.zcard(keys.leases_key("test.single")) == 3
+
+        await _wait_for(prefetched, "one running, two prefetched")
+        consumer.stop(grace=30)
+        queue = keys.queue_key("normal", "test.single")
+
+        async def handed_back() -> bool:
+            return await redis.llen(queue) == 2
+
+        await _wait_for(handed_back, "the prefetched tasks back in the queue", timeout=2)
+        queued = await redis.lrange(queue, 0, -1)
+        leases = await redis.zrange(keys.leases_key("test.single"), 0, -1)
+        back = [t for t in await p.tasks(receiver="test.single") if t.uid in queued]
+        assert consumer._scopes is not None  # still draining the running handler
+        Gated.gate.set()
+        with anyio.fail_after(5):
+            while consumer._scopes is not None:
+                await anyio.sleep(0.01)
+        tasks = {t.uid: t for t in await p.tasks(receiver="test.single")}
+    running = Gated.seen[0]
+    assert Gated.seen == [running]  # nothing was started after stop()
+    in_send_order = _receiver_order(tasks, [t.uid for t in sent])
+    assert queued == [uid for uid in in_send_order if uid != running]
+    assert leases == [running]
+    assert [t.status for t in back] == [TaskState.SPAWNED] * 2
+    assert tasks[running].status is TaskState.FINISHED
+
+
+def _receiver_order(tasks: dict[str, Task], originals: list[str]) -> list[str]:
+    """The receiver copies' uids, in the order of the tasks they were routed from."""
+    by_original = {t.orig_uid: uid for uid, t in tasks.items()}
+    return [by_original[uid] for uid in originals]
+
+
+async def test_reclaim_requeues_a_prefetched_spawned_task_whose_lease_expired(
+    tmp_path: Path,
+) -> None:
+    """A task leased ahead (still Spawned) by a process that died goes back to its queue."""
+    async with testing.pipeline(data_dir=tmp_path) as p:
+        backend = p.producer.backend
+        task = Task({"type": "x"})
+        task.status = TaskState.SPAWNED
+        task.headers["receiver"] = "test.dead"
+        await backend.set_tasks([task])
+        await backend.redis.zadd(keys.leases_key("test.dead"), {task.uid: 1})  # long expired
+        assert await backend.reclaim("test.dead") == 1
+        queued = await backend.redis.lrange(keys.queue_key("normal", "test.dead"), 0, -1)
+        body = await backend.get_task_body(task.uid)
+    assert queued == [task.uid]
+    assert body is not None and Task.unserialize(body).status is TaskState.SPAWNED

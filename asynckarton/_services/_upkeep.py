@@ -1,0 +1,109 @@
+"""A running consumer's upkeep: its bind, its leases, and the event loop's health.
+
+Three loops the consumer runs beside its handlers, each until cancelled:
+:func:`watch_bind` keeps the bind registered (and notices a newer replica's),
+:func:`keep_leases` renews the leases of the tasks in hand and requeues expired ones,
+and :class:`LagWatch` warns when a handler blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from ..backend import Bind, KartonBackend
+from ..backend._guard import TRANSIENT_ERRORS
+from . import _metrics
+
+__all__ = ["LagWatch", "keep_leases", "watch_bind"]
+
+BIND_CHECK_INTERVAL = 5.0
+LOOP_LAG_PROBE = 0.25  # seconds between event-loop lag probes
+LOOP_LAG_WARNING = 0.5  # lag (seconds) that earns a warning naming the running tasks
+
+
+async def watch_bind(
+    presence: Any,
+    backend: KartonBackend,
+    mine: Bind,
+    replaced: Callable[[], None],
+    log: logging.Logger,
+) -> None:
+    """Keep the named presence connection alive and ``mine`` registered.
+
+    Calls ``replaced()`` and returns once another bind took its place (a newer replica).
+    """
+    while True:
+        try:
+            current = await backend.get_bind(mine.identity, client=presence)
+            if current is None:
+                log.warning("Bind of %s disappeared; registering again", mine.identity)
+                await backend.register_bind(mine)
+            elif current != mine:
+                log.warning("Binds changed, shutting down.")
+                replaced()
+                return
+        except TRANSIENT_ERRORS as exc:
+            log.warning("Redis unavailable for the bind check: %s", exc)
+        await anyio.sleep(BIND_CHECK_INTERVAL)
+
+
+async def keep_leases(
+    backend: KartonBackend,
+    identity: str,
+    leased: dict[str, Any],
+    lease: float,
+    log: logging.Logger,
+) -> None:
+    """Renew the leases of ``leased`` (one ZADD), requeue expired ones, release retries."""
+    period = max(0.2, min(lease / 3, 1.0))
+    while True:
+        try:
+            if leased:
+                await backend.renew_leases(identity, list(leased), lease)
+                _metrics.leases_renewed(identity, len(leased))  # metrics
+            moved = await backend.reclaim(identity)
+            if moved:
+                log.warning("Requeued %d task(s) whose consumer died", moved)
+            await backend.release_delayed()
+        except TRANSIENT_ERRORS as exc:
+            log.warning("Redis unavailable for lease renewal: %s", exc)
+        await anyio.sleep(period)
+
+
+class LagWatch:
+    """Warn when a handler blocks the event loop (leases and other tasks starve).
+
+    The consumer calls :meth:`enter` and :meth:`leave` around each handler; a warning
+    names every task that ran during the probe that came back late.
+    """
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+        self.running: set[str] = set()
+        self._ran_since_probe: set[str] = set()
+
+    def enter(self, uid: str) -> None:
+        self.running.add(uid)
+        self._ran_since_probe.add(uid)
+
+    def leave(self, uid: str) -> None:
+        self.running.discard(uid)
+
+    async def run(self) -> None:
+        while True:
+            self._ran_since_probe = set(self.running)
+            started = anyio.current_time()
+            await anyio.sleep(LOOP_LAG_PROBE)
+            lag = anyio.current_time() - started - LOOP_LAG_PROBE
+            _metrics.loop_lag(lag)  # metrics
+            if lag > LOOP_LAG_WARNING:
+                self._log.warning(
+                    "Event loop blocked for %.2fs while running task(s) %s; move blocking "
+                    "code to asynckarton.to_thread() or asynckarton.to_process()",
+                    lag,
+                    ", ".join(sorted(self._ran_since_probe)) or "(none)",
+                )
