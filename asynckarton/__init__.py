@@ -38,6 +38,7 @@ from ._errors import (
     StorageError,
     TaskTimeoutError,
     UnknownBindError,
+    UnknownTaskError,
     UnsafeArchiveError,
 )
 from ._services._blocking import to_process, to_thread
@@ -86,6 +87,7 @@ __all__ = [
     "TaskState",
     "TaskTimeoutError",
     "UnknownBindError",
+    "UnknownTaskError",
     "UnsafeArchiveError",
     "__version__",
     "get_current_task",

@@ -203,3 +203,13 @@ class BindInUseError(KartonError):
         )
         self.identity = identity
         self.replicas = replicas
+
+
+class UnknownTaskError(KartonError, LookupError):
+    """Tasks named by uid are not there, or not in the state the action needs."""
+
+    def __init__(self, action: str, problems: dict[str, str]) -> None:
+        listed = "; ".join(f"{uid}: {why}" for uid, why in sorted(problems.items()))
+        super().__init__(f"cannot {action} {len(problems)} task(s): {listed}")
+        self.action = action
+        self.problems = problems

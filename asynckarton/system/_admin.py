@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from .._errors import InvalidTaskError
+from .._errors import InvalidTaskError, UnknownTaskError
 from .._wire._task import Task, TaskState
 from ..backend import KartonBackend
 from ..backend._records import TaskRewrite
@@ -71,24 +71,43 @@ async def list_crashed(backend: KartonBackend) -> list[Task]:
     return tasks
 
 
+def _why_not(body: str | bytes | None) -> str:
+    """Why a task named by uid cannot be acted on: gone, or not Crashed."""
+    if body is None:
+        return "no such task"
+    try:
+        task = Task.unserialize(body, parse_resources=False)
+    except InvalidTaskError as exc:
+        return f"unreadable task body ({exc})"
+    return f"it is {task.status.value}, not Crashed"
+
+
 async def _select(
     backend: KartonBackend,
     uids: Sequence[str] | None,
     identity: str | None,
     everything: bool,
+    action: str,
 ) -> list[Task]:
-    """Return the Crashed tasks chosen by exactly one of the three selectors."""
+    """Return the Crashed tasks chosen by exactly one of the three selectors.
+
+    Raises:
+        UnknownTaskError: a uid names no task, or one that is not Crashed.
+    """
     chosen = [bool(uids), identity is not None, everything]
     if sum(chosen) != 1:
         raise ValueError("select tasks with exactly one of uids, identity or all")
     if uids:
         wanted = set(uids)
-        bodies = await backend.get_task_bodies(list(wanted))
-        tasks = [t for t in map(_parse_crashed, bodies) if t is not None]
+        bodies = dict(zip(wanted, await backend.get_task_bodies(list(wanted)), strict=True))
+        tasks = [t for t in map(_parse_crashed, bodies.values()) if t is not None]
         missing = wanted - {t.uid for t in tasks}
         if any("{" not in uid for uid in missing):  # a bare task uid: look it up
             short = {uid for uid in missing if "{" not in uid}
             tasks += [t async for t in _iter_crashed(backend) if t.task_uid in short]
+            missing -= {t.task_uid for t in tasks}
+        if missing:
+            raise UnknownTaskError(action, {uid: _why_not(bodies.get(uid)) for uid in missing})
         return tasks
     return [t async for t in _iter_crashed(backend) if everything or t.receiver == identity]
 
@@ -155,9 +174,11 @@ async def restart_crashed(
 
     Raises:
         ValueError: not exactly one of ``uids``, ``identity`` and ``all`` was given.
+        UnknownTaskError: a uid names no task, or a task that is not Crashed (nothing
+            is changed then).
         BackendError: Redis failed, or the tasks kept changing during the transaction.
     """
-    tasks = await _select(backend, uids, identity, all)
+    tasks = await _select(backend, uids, identity, all, "restart")
     return await _apply(backend, tasks, _restart_one)
 
 
@@ -174,9 +195,11 @@ async def cancel_crashed(
 
     Raises:
         ValueError: not exactly one of ``uids``, ``identity`` and ``all`` was given.
+        UnknownTaskError: a uid names no task, or a task that is not Crashed (nothing
+            is changed then).
         BackendError: Redis failed, or the tasks kept changing during the transaction.
     """
-    tasks = await _select(backend, uids, identity, all)
+    tasks = await _select(backend, uids, identity, all, "cancel")
     return await _apply(backend, tasks, _cancel_one)
 
 

@@ -13,7 +13,7 @@ import redis.exceptions
 from typer.testing import CliRunner
 
 from asynckarton import Config, Producer, Task, TaskPriority, TaskState
-from asynckarton._errors import BackendUnavailableError
+from asynckarton._errors import BackendUnavailableError, UnknownTaskError
 from asynckarton.backend import KartonBackend, ServerConnector
 from asynckarton.backend._keys import TASKS_QUEUE, dead_key, queue_key, task_key
 from asynckarton.cli._app import app
@@ -96,13 +96,29 @@ async def test_restart_selects_by_identity_or_all(backend: KartonBackend) -> Non
     assert await restart_crashed(backend, all=True) == []  # nothing Crashed is left
 
 
-async def test_restart_accepts_bare_task_uids_and_skips_others(backend: KartonBackend) -> None:
+async def test_restart_accepts_bare_task_uids(backend: KartonBackend) -> None:
+    crashed = routed("svc.a", TaskState.CRASHED)
+    await store(backend, crashed)
+    (new,) = await restart_crashed(backend, uids=[crashed.task_uid])
+    assert (await body(backend, new))["status"] == "Spawned"
+    assert (await body(backend, crashed.uid))["status"] == "Finished"
+
+
+async def test_uids_that_are_missing_or_not_crashed_are_refused_and_nothing_changes(
+    backend: KartonBackend,
+) -> None:
     crashed = routed("svc.a", TaskState.CRASHED)
     finished = routed("svc.a", TaskState.FINISHED)
     await store(backend, crashed, finished)
-    new = await restart_crashed(backend, uids=[crashed.task_uid, finished.uid, "{x}:missing"])
-    assert len(new) == 1
-    assert (await body(backend, finished.uid))["status"] == "Finished"
+    for act in (restart_crashed, cancel_crashed):
+        with pytest.raises(UnknownTaskError) as info:
+            await act(backend, uids=[crashed.uid, finished.uid, "{x}:missing"])
+        assert info.value.problems == {
+            finished.uid: "it is Finished, not Crashed",
+            "{x}:missing": "no such task",
+        }
+        assert (await body(backend, crashed.uid))["status"] == "Crashed"
+    assert await backend.redis.llen(queue_key("normal", "svc.a")) == 0
 
 
 async def test_cancel_sets_finished_and_clears_dead_letters(backend: KartonBackend) -> None:
@@ -168,6 +184,12 @@ def test_tasks_cli_list_restart_cancel(  # sync: the CLI runs its own event loop
     assert cancelled.exit_code == 0, cancelled.output
     assert cancelled.stdout.split() == [b.uid]
     assert json.loads(client.get(task_key(b.uid)) or "{}")["status"] == "Finished"
+
+    unknown = runner.invoke(
+        app, ["tasks", "restart", "--uid", "nonexistent", "--config-file", str(ini)]
+    )
+    assert unknown.exit_code == 1, unknown.output
+    assert "nonexistent: no such task" in unknown.stderr
     client.close()
 
 

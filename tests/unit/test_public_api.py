@@ -41,6 +41,7 @@ ERROR_SAMPLES: dict[str, Callable[[], BaseException]] = {
     ),
     "BindInUseError": lambda: asynckarton.BindInUseError("karton.classifier", 2),
     "UnknownBindError": lambda: asynckarton.UnknownBindError("karton.gone"),
+    "UnknownTaskError": lambda: asynckarton.UnknownTaskError("restart", {"u-1": "no such task"}),
     "ConfigError": lambda: asynckarton.ConfigError(
         "not a number", section="redis", option="port", source="env KARTON_REDIS_PORT", value="x"
     ),
