@@ -54,6 +54,29 @@ PostHook = Callable[[Task, BaseException | None], Any]
 BLOCKING_POP_TIMEOUT = 0.5
 
 
+def _check_service_class(cls: type[Consumer]) -> None:
+    """Refuse, before anything runs, the two mistakes a port from karton-core makes.
+
+    Raises:
+        TypeError: ``process`` is not ``async def``, or ``filters`` is not a list of dicts.
+    """
+    name = cls.__qualname__
+    if not inspect.iscoroutinefunction(cls.process):
+        raise TypeError(
+            f"{name}.process must be 'async def process(self, task)': asynckarton awaits it "
+            "on the event loop. To port a karton-core service, make it 'async def' and "
+            "await what does I/O ('await self.send_task(...)', 'await resource.download()'); "
+            "run blocking code with 'await asynckarton.to_thread(fn, ...)'"
+        )
+    filters = cls.filters
+    if not isinstance(filters, list | tuple) or not all(isinstance(f, dict) for f in filters):
+        hint = " (wrap the dict in a list)" if isinstance(filters, dict) else ""
+        raise TypeError(
+            f"{name}.filters must be a list of dicts such as [{{'type': 'sample'}}] "
+            f"([] matches nothing), got {type(filters).__name__} {filters!r}{hint}"
+        )
+
+
 class Consumer(ServiceBase):
     """Base class of a service that processes tasks matching ``filters``.
 
@@ -89,8 +112,7 @@ class Consumer(ServiceBase):
         runtime: Runtime | None = None,
     ) -> None:
         super().__init__(config, identity, runtime=runtime)
-        if self.filters is None:
-            raise ValueError("filters must be a list of dicts (use [] to match nothing)")
+        _check_service_class(type(self))
         self._match = compile_filters(list(self.filters))
         self._read_policy(self.config)
         self._pre_hooks: list[tuple[str | None, PreHook]] = []
