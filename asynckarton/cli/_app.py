@@ -196,7 +196,7 @@ def demo(
                 raise ConfigError(f"no such file: {str(path)!r}")
     with tempfile.TemporaryDirectory(prefix="asynckarton-demo-") as tmp:
         where = data_dir or Path(tmp)
-        config = demo_module.demo_config(where)
+        config = demo_module.demo_config(where, log_level)
         typer.echo(f"asynckarton demo: {len(paths)} file(s), embedded mode, data in {where}\n")
         with startup_errors(log_level):
             result = anyio.run(demo_module.run_demo, paths, config, timeout)

@@ -29,6 +29,7 @@ import anyio
 from .._services._consumer import Consumer
 from .._services._karton import Karton
 from .._services._producer import Producer
+from .._services._runtime import share_runtimes
 from .._settings._config import Config
 from .._wire._resource import LocalResource, RemoteResource, ResourceBase
 from .._wire._task import Task
@@ -205,13 +206,17 @@ def sample_files() -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def demo_config(data_dir: Path) -> Config:
-    """An embedded, self-contained configuration (no ini files, no ``KARTON_*`` variables)."""
+def demo_config(data_dir: Path, log_level: str = "WARNING") -> Config:
+    """An embedded, self-contained configuration (no ini files, no ``KARTON_*`` variables).
+
+    ``log_level`` becomes ``[logging] level``, which the services' loggers follow.
+    """
     environ = {k: v for k, v in os.environ.items() if not k.startswith("KARTON_")}
     config = Config(environ=environ, search_paths=())
     config.set("asynckarton", "embedded", "1", source="demo")
     config.set("asynckarton", "data_dir", str(data_dir), source="demo")
     config.set("logging", "enable_publish", "0", source="demo")
+    config.set("logging", "level", log_level.upper(), source="demo")
     return config
 
 
@@ -226,6 +231,7 @@ async def run_demo(files: Sequence[Path], config: Config, timeout: float = 30.0)
     ]
     started = time.monotonic()
     async with AsyncExitStack() as stack:
+        await stack.enter_async_context(share_runtimes(services))  # one pool for all
         for service in services:
             await stack.enter_async_context(service)
         producer = await stack.enter_async_context(Producer(config, identity="karton.demo.cli"))

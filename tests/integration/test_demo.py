@@ -60,3 +60,17 @@ def test_demo_missing_file_is_an_error(tmp_path: Path) -> None:
     result = run_demo(tmp_path, str(tmp_path / "missing.bin"))
     assert result.returncode == 1
     assert "no such file" in result.stderr
+
+
+@pytest.mark.parametrize(("level", "allowed"), [("ERROR", ()), ("INFO", ("INFO", "WARNING"))])
+def test_demo_log_level_reaches_the_services(
+    tmp_path: Path, level: str, allowed: tuple[str, ...]
+) -> None:
+    result = run_demo(tmp_path, "--log-level", level)
+    assert result.returncode == 0, result.stderr
+    levels = {
+        line.split("][")[1].split("]")[0] for line in result.stderr.splitlines() if "][" in line
+    }
+    assert levels <= set(allowed), result.stderr
+    if level == "INFO":  # the services' own lines do appear at INFO
+        assert "INFO" in levels
