@@ -35,6 +35,7 @@ def embedded_config(data_dir: str | Path, **sections: dict[str, object]) -> Conf
     """Return a config for the embedded mode in ``data_dir`` (no ini files, no env)."""
     config = Config(search_paths=[], environ={})
     config.set("asynckarton", "embedded", "1")
+    config.set("asynckarton", "share_embedded", "0")  # one process: nothing to share
     config.set("asynckarton", "data_dir", str(data_dir))
     config.load_from_dict(sections, source="testing")
     return config

@@ -178,6 +178,11 @@ class Consumer(ServiceBase):
             service_version=self.version,
         )
 
+    @property
+    def handlers_running(self) -> int:
+        """Handlers running now (0 while the consumer is not running)."""
+        return self._scopes[1].running if self._scopes is not None else 0
+
     def stop(self, *, grace: float | None = None) -> None:
         """Stop fetching now; cancel (and hand back) what still runs after ``grace`` s."""
         if self._scopes is None:
@@ -245,6 +250,8 @@ class Consumer(ServiceBase):
         elif old != self.bind:
             self.log.info("Service %s replaced an older bind", self.identity)
         self.log.info("Service %s started (concurrency %d)", self.identity, self.concurrency_limit)
+        if self._runtime is not None:
+            self._runtime.warn_if_private(f"Service {self.identity!r}")
 
     async def _consume(self, task_status: TaskStatus[None]) -> None:
         """Handle tasks with a :class:`Dispatcher` until :meth:`stop` (see its policy)."""

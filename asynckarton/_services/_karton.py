@@ -19,6 +19,7 @@ class Karton(Consumer, Producer):
     """
 
     with_service_info = True
+    default_identity = ""  # a service must name itself (Producer's default is not one)
 
     def __init__(
         self,

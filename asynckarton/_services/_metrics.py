@@ -125,7 +125,7 @@ class _ConsumerCollector(Collector):
             "asynckarton_handlers_in_flight", "Handlers running now.", labels=["identity"]
         )
         for consumer in list(_CONSUMERS):
-            in_flight.add_metric([consumer.identity], len(getattr(consumer, "_running", ())))
+            in_flight.add_metric([consumer.identity], consumer.handlers_running)
         yield in_flight
         durations = HistogramMetricFamily(
             "asynckarton_handler_duration_seconds",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from typing import ClassVar
 
 import anyio
 
@@ -35,8 +36,11 @@ class Producer(ServiceBase):
 
     Args:
         config: configuration (default: Karton's layered loading).
-        identity: the producer's identity, written to each task's ``origin`` header.
+        identity: the producer's identity, written to each task's ``origin`` header
+            (optional, as in Karton: ``asynckarton.producer`` when none is set).
     """
+
+    default_identity: ClassVar[str] = "asynckarton.producer"
 
     with_service_info = False
 
@@ -58,6 +62,8 @@ class Producer(ServiceBase):
         batch = list(tasks)
         if not batch:
             return
+        if self._runtime is not None:
+            self._runtime.warn_if_private(f"Producer {self.identity!r}")
         parent = get_current_task()
         now = time.time()
         for task in batch:

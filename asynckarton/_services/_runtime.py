@@ -42,6 +42,7 @@ import anyio
 from .._settings._config import Config
 from ..backend import EmbeddedConnector, KartonBackend, RedisConnector, ServerConnector
 from ..storage import LocalStorage, S3Storage, Storage
+from . import _embedded
 
 if TYPE_CHECKING:
     import fakeredis
@@ -93,6 +94,8 @@ class Runtime:
         self.connector = connector
         self.bucket = bucket
         self.embedded = False
+        #: For the embedded mode: the data directory whose in-process Redis this uses.
+        self.data_dir: Path | None = None
         self._storage = storage
         self._create_bucket = create_bucket
         self._backend: KartonBackend | None = None
@@ -118,6 +121,7 @@ class Runtime:
                 create_bucket=True,
             )
             runtime.embedded = True
+            runtime.data_dir = data_dir
             return runtime
         s3 = config.s3_settings()
         return cls(
@@ -169,6 +173,11 @@ class Runtime:
         await self._leave()
 
     async def _open(self) -> None:
+        if self.data_dir is not None and isinstance(self.connector, EmbeddedConnector):
+            # Another process's system service may serve this data_dir's Redis: use it.
+            url = await anyio.to_thread.run_sync(_embedded.find_served, self.data_dir)
+            if url is not None:
+                self.connector = ServerConnector(url=url)
         await self._storage.__aenter__()
         try:
             if self._create_bucket:
@@ -192,6 +201,38 @@ class Runtime:
                 finally:
                     if backend is not None:
                         await backend.aclose()
+
+    # -- the embedded mode across processes (see _embedded) ------------------------------
+
+    @property
+    def private(self) -> bool:
+        """True for an embedded runtime whose in-process Redis no other process can reach.
+
+        That is: it neither connected to another process's served Redis nor is served by
+        this process.
+        """
+        return (
+            self.data_dir is not None
+            and isinstance(self.connector, EmbeddedConnector)
+            and not _embedded.served_here(self.data_dir)
+            and not _embedded.has_local_system(self.data_dir)
+        )
+
+    def warn_if_private(self, who: str) -> None:
+        """Warn (once per process) when :attr:`private`: nothing else can reach its tasks."""
+        if self.private and self.data_dir is not None:
+            _embedded.warn_private(self.data_dir, who)
+
+    async def serve_embedded(self) -> int | None:
+        """Serve this runtime's in-process Redis to other processes; return the port.
+
+        Only for an embedded runtime that owns its in-process server (None otherwise).
+        """
+        if self.data_dir is None or not isinstance(self.connector, EmbeddedConnector):
+            return None
+        server, data_dir = self.connector.server, self.data_dir
+        port: int = await anyio.to_thread.run_sync(_embedded.serve, data_dir, server)
+        return port
 
     # -- what services use --------------------------------------------------------------
 

@@ -67,6 +67,9 @@ class ServiceBase:
     """
 
     identity: ClassVar[str] = ""
+    #: Identity used when neither the class, the argument nor ``[karton] identity`` sets
+    #: one ("" = required: a service without one is refused).
+    default_identity: ClassVar[str] = ""
     version: ClassVar[str | None] = None
     #: Karton's flag: put service info (versions, instance) into the client name.
     with_service_info: ClassVar[bool] = True
@@ -84,7 +87,13 @@ class ServiceBase:
     ) -> None:
         self.config = config if config is not None else Config()
         check_config(self.config, type(self).options)  # errors only; entry points warn
-        resolved = self.config.get("karton", "identity") or identity or type(self).identity
+        cls = type(self)
+        resolved = (
+            self.config.get("karton", "identity")
+            or identity
+            or cls.identity
+            or cls.default_identity
+        )
         #: The identity its ``[karton:<identity>]`` settings are looked up under (without
         #: debug mode's random suffix).
         self.config_identity = str(resolved or "")

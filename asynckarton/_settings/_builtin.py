@@ -130,6 +130,8 @@ ASYNCKARTON = (
            flag_value=True),
     Option("asynckarton", "data_dir", str, None, "where embedded mode keeps its data "
            "(default: $XDG_DATA_HOME/asynckarton)", flag=""),
+    Option("asynckarton", "share_embedded", bool, True, "a system service on the embedded "
+           "default serves its in-process Redis to other processes on loopback", flag=""),
     Option("asynckarton", "deduplicate", bool, False, "store resources under their sha256 and "
            "upload each content once (a resource's own deduplicate= wins)", flag=""),
 )

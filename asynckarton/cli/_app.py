@@ -137,11 +137,9 @@ def run(
     log_level = values.get("logging.level")
     with startup_errors(log_level):
         classes = [load_service_class(name) for name in names]
+        # On the embedded default without --with-system, a service connects to the Redis
+        # an 'asynckarton system' process serves, or warns that it has none (_embedded).
         services = build_services(classes, extras, common, with_system=with_system)
-        alone = not any(isinstance(service, SystemService) for service in services)
-        if alone and services[0].config.embedded:
-            typer.echo("asynckarton: warning: embedded mode without --with-system: nothing "
-                       "in this process routes tasks", err=True)  # fmt: skip
     grace = values.get("karton.shutdown_grace")
     serve_forever(services, log_level=log_level, grace=grace)
 

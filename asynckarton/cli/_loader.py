@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,8 +78,20 @@ def _import_file(path: Path) -> Any:
     return module
 
 
+def _working_directory_importable() -> None:
+    """Let ``module:Class`` name a module in the working directory, as ``python -m`` does.
+
+    A console script's ``sys.path`` starts with its own directory, not the working one
+    (uvicorn, celery and arq add it the same way).
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def load_service_class(target: str) -> type[ServiceBase]:
-    """Import ``package.module:Class`` or ``path/to/file.py:Class``.
+    """Import ``package.module:Class`` (the working directory is importable) or
+    ``path/to/file.py:Class``.
 
     Raises:
         ConfigError: the target is malformed, cannot be imported, or is not a runnable
@@ -94,6 +107,7 @@ def load_service_class(target: str) -> type[ServiceBase]:
                 raise ConfigError(f"target {target!r}: no such file {module_name!r}")
             module = _import_file(path.resolve())
         else:
+            _working_directory_importable()
             module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import {module_name!r}: {exc}") from None

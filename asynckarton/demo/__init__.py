@@ -217,6 +217,7 @@ def demo_config(data_dir: Path, log_level: str = "WARNING") -> Config:
     config.set("asynckarton", "data_dir", str(data_dir), source="demo")
     config.set("logging", "enable_publish", "0", source="demo")
     config.set("logging", "level", log_level.upper(), source="demo")
+    config.set("asynckarton", "share_embedded", "0", source="demo")  # one process
     return config
 
 

@@ -14,7 +14,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .._errors import ConfigError
-from .._services import _metrics
+from .._services import _embedded, _metrics
 from .._services._runtime import Runtime
 from .._services._service import ServiceBase
 from .._settings._config import Config
@@ -93,11 +93,28 @@ class SystemService(ServiceBase):
         if self._scope is not None:
             self._scope.cancel()
 
+    async def _share_embedded(self) -> None:
+        """On the embedded default, serve the in-process Redis to other processes."""
+        runtime = self._runtime
+        if runtime is None or runtime.data_dir is None:
+            return
+        _embedded.register_local_system(runtime.data_dir)
+        if not self.config.getboolean("asynckarton", "share_embedded", True):
+            return
+        port = await runtime.serve_embedded()
+        if port is not None:
+            self.log.info(
+                "Embedded Redis served on 127.0.0.1:%d for other processes using %s",
+                port,
+                runtime.data_dir,
+            )
+
     async def _run(self, task_status: TaskStatus[None]) -> None:
         await self._check_bucket()
         presence = self.backend.connector.named(self.client_name)
         try:
             await until_done(lambda: self.backend.ping(presence), log=self.log, what="connect")
+            await self._share_embedded()
             with anyio.CancelScope() as self._scope:
                 async with anyio.create_task_group() as group:
                     if self.settings.enable_router:
