@@ -303,6 +303,7 @@ def servers(*, keep: bool = False) -> Iterator[tuple[RedisServer, SeaweedServer,
     try:
         redis.start()
         s3.start()
+        s3.create_bucket(BUCKET)
         yield redis, s3, workdir
     finally:
         s3.stop()
