@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 from xml.etree import ElementTree
 
 import aiohttp
+import anyio
 from botocore.exceptions import BotoCoreError
 from yarl import URL
 
@@ -47,6 +48,7 @@ __all__ = ["Delegate", "DirectS3"]
 
 _PROBE_KEY = "k"  # the key presigned to learn a bucket's URL prefix
 _REDIRECTS = frozenset({301, 302, 307, 308})
+_HASH_ON_LOOP = 256 * 1024  # bodies above this are hashed in a worker thread
 
 
 class Delegate(Exception):
@@ -99,8 +101,11 @@ class DirectS3:
 
     async def put(self, bucket: str, key: str, data: bytes) -> None:
         """PutObject ``data`` under ``key``."""
-        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-        await self._send("PUT", "PutObject", bucket, key, {"Content-MD5": md5}, data)
+        if len(data) > _HASH_ON_LOOP:
+            md5, sha256 = await anyio.to_thread.run_sync(_digests, data)
+        else:
+            md5, sha256 = _digests(data)
+        await self._send("PUT", "PutObject", bucket, key, {"Content-MD5": md5}, data, sha256)
 
     async def get(
         self, bucket: str, key: str, first: int, last: int | None, *, max_size: int
@@ -115,13 +120,15 @@ class DirectS3:
         headers = {}
         if first > 0 or last is not None:
             headers["Range"] = f"bytes={first}-{'' if last is None else last}"
-        body = await self._send("GET", "GetObject", bucket, key, headers, b"", max_size=max_size)
+        body = await self._send(
+            "GET", "GetObject", bucket, key, headers, b"", EMPTY_SHA256, max_size=max_size
+        )
         return b"" if body is None else body
 
     async def head(self, bucket: str, key: str) -> bool:
         """HeadObject: True when the object exists, False on a 404."""
         try:
-            await self._send("HEAD", "HeadObject", bucket, key, {}, b"")
+            await self._send("HEAD", "HeadObject", bucket, key, {}, b"", EMPTY_SHA256)
         except ClientError as exc:
             if exc.response["ResponseMetadata"]["HTTPStatusCode"] == 404:
                 return False
@@ -138,6 +145,7 @@ class DirectS3:
         key: str,
         headers: dict[str, str],
         data: bytes,
+        payload_sha256: str,
         *,
         max_size: int | None = None,
     ) -> bytes | None:
@@ -150,7 +158,7 @@ class DirectS3:
             target.host,
             path,
             headers,
-            hashlib.sha256(data).hexdigest() if data else EMPTY_SHA256,
+            payload_sha256,
             amz_date(),
         )
         async with self._http.request(
@@ -240,3 +248,9 @@ def _client_error(
         },
         operation,
     )
+
+
+def _digests(data: bytes) -> tuple[str, str]:
+    """Content-MD5 (base64) and the SigV4 payload hash (hex SHA-256) of a PUT body."""
+    md5 = hashlib.md5(data, usedforsecurity=False).digest()
+    return base64.b64encode(md5).decode(), hashlib.sha256(data).hexdigest()
