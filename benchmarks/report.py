@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from benchmarks._servers import weed_binary
 from benchmarks.scenarios import (
     AK,
     CONCURRENCY,
@@ -186,6 +187,10 @@ def versions() -> dict[str, str]:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
+    weed = weed_binary()
+    if weed is not None:  # the binary may come from PATH rather than the package
+        run = subprocess.run([weed, "version"], capture_output=True, text=True, check=False)
+        out["SeaweedFS (weed)"] = f"{run.stdout.strip()} ({weed})"
     return out
 
 
