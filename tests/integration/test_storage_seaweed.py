@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -233,3 +234,23 @@ async def test_direct_stopped_server(
         await via_proxy.get_bytes(s3_bucket, "k")
     assert "key 'k'" in str(info.value)
     assert isinstance(info.value.__cause__, (aiohttp.ClientError, OSError))
+
+
+async def test_direct_redirect_hands_the_bucket_to_aiobotocore(
+    via_proxy: S3Storage, proxy: FaultProxy, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket in another region answers 301: botocore's redirect handling takes over."""
+    await via_proxy.put_bytes(s3_bucket, "k", b"data")
+    real = via_proxy._client.get_object
+    calls: list[str] = []
+
+    async def counted(**kwargs: Any) -> Any:
+        calls.append(kwargs["Key"])
+        return await real(**kwargs)
+
+    monkeypatch.setattr(via_proxy._client, "get_object", counted)
+    proxy.faults.append(("GET", 301, "PermanentRedirect"))
+    assert await via_proxy.get_bytes(s3_bucket, "k") == b"data"
+    assert await via_proxy.get_bytes(s3_bucket, "k") == b"data"  # the bucket stays handed over
+    assert calls == ["k", "k"]
+    assert proxy.seen[:3] == [("PUT", 200), ("GET", 301), ("GET", 200)]
