@@ -1,6 +1,6 @@
 """Run the benchmark suite: ``python -m benchmarks.run [--smoke] [--strict]``.
 
-Starts its own redis-server and moto S3 server on free loopback ports, runs every
+Starts its own redis-server and SeaweedFS S3 server on free loopback ports, runs every
 scenario for asynckarton and karton-core 5.9.1 (see ``benchmarks/scenarios.py``), prints
 the tables and writes ``benchmarks/RESULTS.md`` (full mode; ``--output`` to choose).
 

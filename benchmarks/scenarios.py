@@ -323,6 +323,8 @@ def run_e2e(ctx: Context, spec: E2E, system: str) -> Result:
         result.commands = client.commandstats()
         result.extra["cpu_seconds"] = cpu.end()
         produced = producer_result(producer, timeout=30)
+        if "cpu_seconds" in produced:  # resource runs: the producer's uploads are client CPU
+            result.extra["cpu_seconds"]["producer"] = produced["cpu_seconds"]
         result.consumer_rss_kib = max(peak_rss_kib(w.pid) for w in consumers)
         result.router_rss_kib = peak_rss_kib(router.pid)
         found = _collect(client, identities, expected)

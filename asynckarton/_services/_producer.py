@@ -22,8 +22,12 @@ from ._service import ServiceBase
 
 __all__ = ["Producer"]
 
-#: Resource uploads a producer runs at once.
+#: Resource uploads a producer runs at once: streamed ones (files, large contents)...
 UPLOAD_CONCURRENCY = 8
+#: ...and small in-memory contents (one PUT each, bytes already in memory), whose rate is
+#: bound by the S3 server's latency: 8 at once held resources at ~250/s against SeaweedFS.
+SMALL_UPLOAD_CONCURRENCY = 32
+SMALL_UPLOAD = 1 << 20
 
 
 class Producer(ServiceBase):
@@ -116,11 +120,13 @@ class Producer(ServiceBase):
         await self.backend.declare_tasks(batch)  # Declared, before any upload (GC safety)
         try:
             limiter = anyio.CapacityLimiter(UPLOAD_CONCURRENCY)
+            small = anyio.CapacityLimiter(SMALL_UPLOAD_CONCURRENCY)
             failures: list[Exception] = []
 
             async def upload(resource: LocalResource, dedup: bool) -> None:
+                in_memory = resource.size is not None and resource.size <= SMALL_UPLOAD
                 try:
-                    async with limiter:
+                    async with small if in_memory else limiter:
                         await resource.upload(self.storage, deduplicate=dedup)
                 except Exception as exc:  # noqa: BLE001 - re-raised after the group
                     failures.append(exc)  # the first failure stops the other uploads

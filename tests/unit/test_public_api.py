@@ -129,6 +129,7 @@ def raised_classes() -> dict[str, set[str]]:
                 inspect.isclass(value)
                 and issubclass(value, BaseException)
                 and value.__module__.partition(".")[0] == "asynckarton"
+                and not value.__name__.startswith("_")  # private: caught where it is raised
             ):
                 found.setdefault(value.__name__, set()).add(module_name)
     return found
