@@ -19,6 +19,7 @@ tasks handed back too (not Crashed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import logging
 import random
@@ -51,7 +52,9 @@ __all__ = ["Consumer"]
 PreHook = Callable[[Task], Any]
 PostHook = Callable[[Task, BaseException | None], Any]
 
-BLOCKING_POP_TIMEOUT = 0.5
+#: Seconds a fetch blocks for when the queues are empty (an idle consumer wakes this
+#: seldom; stop() ends the wait at once with CLIENT UNBLOCK).
+BLOCKING_POP_TIMEOUT = 5.0
 
 
 def _check_service_class(cls: type[Consumer]) -> None:
@@ -122,6 +125,7 @@ class Consumer(ServiceBase):
         self._completer: Completer | None = None
         self._background: TaskGroup | None = None
         self._blocking: Any = None  # the connection the fetch loop blocks on
+        self._blocking_id: int | None = None  # its server-side id, for stop()'s unblock
         self._backoff = 0.5  # seconds before the next fetch after a Redis error
         self._lag = LagWatch(self.log)
         self._record_maker: RecordMaker | None = None
@@ -189,6 +193,8 @@ class Consumer(ServiceBase):
             return
         lifetime, dispatcher = self._scopes
         dispatcher.stop()
+        if self._background is not None and self._blocking_id is not None:
+            self._background.start_soon(self._unblock, self._blocking_id)
         grace = self.shutdown_grace if grace is None else grace
         if grace <= 0:
             lifetime.cancel()
@@ -276,17 +282,25 @@ class Consumer(ServiceBase):
                 lease = float(self.lease_timeout or 60.0)
                 items = await self.backend.fetch(self.identity, count, lease)
                 if not items:
+                    if self._blocking_id is None:
+                        self._blocking_id = await self.backend.connection_id(self._blocking)
                     items = await self.backend.wait_fetch(
                         self._blocking, self.identity, lease, BLOCKING_POP_TIMEOUT
                     )
                 tasks = await self._accept(items)
         except TRANSIENT_ERRORS as exc:
+            self._blocking_id = None  # it reconnects with a new id
             self.log.warning("Redis unavailable (%s); retrying in %.1fs", exc, self._backoff)
             await anyio.sleep(self._backoff)
             self._backoff = min(self._backoff * 2, 10.0)
             return []
         self._backoff = 0.5
         return tasks
+
+    async def _unblock(self, connection_id: int) -> None:
+        """End the fetch loop's blocking pop now (stop() was called)."""
+        with contextlib.suppress(*TRANSIENT_ERRORS):  # else the pop's own timeout ends it
+            await self.backend.unblock(connection_id)
 
     async def _accept(self, items: list[tuple[str, str]]) -> list[Task]:
         """Parse fetched bodies and track the tasks' leases; drop broken ones (logged).

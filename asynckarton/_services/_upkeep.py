@@ -78,32 +78,47 @@ class LagWatch:
     """Warn when a handler blocks the event loop (leases and other tasks starve).
 
     The consumer calls :meth:`enter` and :meth:`leave` around each handler; a warning
-    names every task that ran during the probe that came back late.
+    names every task that ran during the probe that came back late.  While no handler
+    runs, the probe sleeps until one starts: an idle consumer does not wake for it.
     """
 
     def __init__(self, log: logging.Logger) -> None:
         self._log = log
         self.running: set[str] = set()
         self._ran_since_probe: set[str] = set()
+        self._busy: anyio.Event | None = None  # set by enter() while the probe waits
+        self._entered_at = 0.0  # when enter() woke the probe
 
     def enter(self, uid: str) -> None:
         self.running.add(uid)
         self._ran_since_probe.add(uid)
+        if self._busy is not None:
+            self._entered_at = anyio.current_time()
+            self._busy.set()
 
     def leave(self, uid: str) -> None:
         self.running.discard(uid)
 
     async def run(self) -> None:
         while True:
+            if not self.running:  # idle: sleep until a handler starts
+                self._ran_since_probe = set()
+                self._busy = anyio.Event()
+                await self._busy.wait()
+                self._busy = None
+                # A handler that blocks at once delays this wake-up: that is lag too.
+                self._report(anyio.current_time() - self._entered_at)
             self._ran_since_probe = set(self.running)
             started = anyio.current_time()
             await anyio.sleep(LOOP_LAG_PROBE)
-            lag = anyio.current_time() - started - LOOP_LAG_PROBE
-            _metrics.loop_lag(lag)  # metrics
-            if lag > LOOP_LAG_WARNING:
-                self._log.warning(
-                    "Event loop blocked for %.2fs while running task(s) %s; move blocking "
-                    "code to asynckarton.to_thread() or asynckarton.to_process()",
-                    lag,
-                    ", ".join(sorted(self._ran_since_probe)) or "(none)",
-                )
+            self._report(anyio.current_time() - started - LOOP_LAG_PROBE)
+
+    def _report(self, lag: float) -> None:
+        _metrics.loop_lag(lag)  # metrics
+        if lag > LOOP_LAG_WARNING:
+            self._log.warning(
+                "Event loop blocked for %.2fs while running task(s) %s; move blocking "
+                "code to asynckarton.to_thread() or asynckarton.to_process()",
+                lag,
+                ", ".join(sorted(self._ran_since_probe)) or "(none)",
+            )

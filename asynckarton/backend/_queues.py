@@ -66,6 +66,14 @@ class QueueBackend(BackendCore):
         )
         return [(uid, bodies[0])]
 
+    async def connection_id(self, client: aredis.Redis) -> int:
+        """The server's id of ``client``'s own connection (for :meth:`unblock`)."""
+        return int(await client.client_id())
+
+    async def unblock(self, connection_id: int) -> bool:
+        """End a blocking pop on connection ``connection_id`` now, as if it timed out."""
+        return bool(await self.redis.client_unblock(connection_id))
+
     async def drop_leases(self, identity: str, uids: Sequence[str]) -> None:
         """Forget leases (tasks whose body vanished)."""
         if uids:
