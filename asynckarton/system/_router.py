@@ -22,10 +22,10 @@ from anyio.abc import TaskStatus
 
 from .._errors import InvalidTaskError
 from .._services._logging import HOSTNAME, dumps_record
+from .._wire._document import RoutableTask
 from .._wire._query import BindIndex
 from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch, until_done
 from ..backend._keys import log_channel, task_key
-from ._fork import RoutableTask, parse_routable
 
 __all__ = ["Router"]
 
@@ -158,7 +158,7 @@ class Router:
                 self.log.warning("Task %s has no body (deleted before routing); skipped", uid)
                 continue
             try:
-                task = parse_routable(body)
+                task = RoutableTask.parse(body)
             except InvalidTaskError as exc:
                 self.log.error("Task %s is unreadable, quarantined: %s", uid, exc)
                 batch.invalid.append(uid)
