@@ -19,7 +19,7 @@ from ..storage import Storage
 from . import _document
 from ._document import PRIORITIES, STATES, TaskPriority, TaskState, check_fields, dumps
 from ._query import matches_filters
-from ._resource import RESOURCE_KEY, ResourceBase, resource_from_wire
+from ._resource import RESOURCE_KEY, RemoteResource, ResourceBase, resource_from_wire
 
 __all__ = ["Task", "TaskPriority", "TaskState", "current_task", "get_current_task"]
 
@@ -196,12 +196,32 @@ class Task:
             return self.payload_persistent[name]
         return self.payload.get(name, default)
 
-    def get_resource(self, name: str) -> ResourceBase:
-        """Return the resource stored under ``name``; TypeError if it is not one."""
+    def get_resource(self, name: str) -> RemoteResource:
+        """Return the stored resource this task received under ``name``.
+
+        Karton's name, typed for handlers: a task a consumer receives holds
+        :class:`RemoteResource` objects, so ``await task.get_resource("sample").download()``
+        type-checks as it is.  A :class:`LocalResource` added in this process (a task
+        being built, not received) is not returned: its bytes may not be stored yet, and
+        it has no ``download``.  Read such a payload with :meth:`get_payload`.
+
+        Raises:
+            TypeError: ``name`` is absent, not a resource, or a local resource (the
+                message says which).
+        """
         value = self.get_payload(name)
-        if not isinstance(value, ResourceBase):
-            raise TypeError(f"payload {name!r} is not a resource")
-        return value
+        if isinstance(value, RemoteResource):
+            return value
+        if isinstance(value, ResourceBase):
+            raise TypeError(
+                f"payload {name!r} of task {self.uid} is a {type(value).__name__} added in "
+                "this process, not a stored resource; read it with get_payload()"
+            )
+        if value is None and not self.has_payload(name):
+            raise TypeError(f"task {self.uid} has no payload {name!r}")
+        raise TypeError(
+            f"payload {name!r} of task {self.uid} is a {type(value).__name__}, not a resource"
+        )
 
     def remove_payload(self, name: str) -> None:
         """Remove a non-persistent payload value (KeyError if absent)."""
