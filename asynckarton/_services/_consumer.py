@@ -36,7 +36,6 @@ from .._wire._query import compile_filters
 from .._wire._task import Task, TaskState, current_task
 from ..backend import TRANSIENT_ERRORS, Bind, until_done
 from ._completion import Completer
-from ._logging import RecordMaker, needs_record
 from ._service import ServiceBase
 
 __all__ = ["Consumer"]
@@ -112,7 +111,6 @@ class Consumer(ServiceBase):
         self._worker_freed = anyio.Event()
         self._blocking: Any = None
         self._ran_since_probe: set[str] = set()  # handlers active since the last lag probe
-        self._record_maker: RecordMaker | None = None
 
     def _read_policy(self, config: Config) -> None:
         settings = config.karton_settings()
@@ -503,24 +501,11 @@ class Consumer(ServiceBase):
             self.log.warning("Redis unavailable to release a retry: %s", exc)
 
     def _log_info(self, msg: str, *args: object) -> None:
-        """Log a per-task line cheaply: these run twice for every task.
-
-        The Karton record is published directly; a LogRecord is made only if another
-        handler (the application's) wants INFO records of this logger.
-        """
-        log = self.log
-        if not log.isEnabledFor(logging.INFO):
-            return
-        publisher = self._publisher
-        if publisher is not None:
-            publisher.publish_line(log, logging.INFO, msg % args, "_consumer:_handle")
-        if needs_record(log, logging.INFO, publisher):
-            maker = self._record_maker
-            if maker is None or maker.logger is not log:
-                maker = self._record_maker = RecordMaker(log, __file__, "_handle")
-            record = maker.make(logging.INFO, msg, args)
-            record.karton_published = publisher is not None
-            log.handle(record)
+        """Log a per-task line (twice for every task) as the caller's line."""
+        if self._publisher is None:
+            self.log.info(msg, *args, stacklevel=2)
+        else:  # cheaper, same result (see KartonLogHandler.log)
+            self._publisher.log(self.log, logging.INFO, msg, args, stacklevel=2)
 
     def _completer_add(self, task: Task, *, crashed: bool, dead: bool = False) -> None:
         """Queue a final state for writing (the caller has set status and last_update)."""

@@ -21,7 +21,7 @@ import orjson
 from anyio.abc import TaskStatus
 
 from .._errors import InvalidTaskError
-from .._services._logging import HOSTNAME, dumps_record
+from .._services._logging import SiteLines
 from .._wire._document import RoutableTask
 from .._wire._query import BindIndex
 from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch, until_done
@@ -65,18 +65,7 @@ class Router:
         self._match_errors: set[tuple[str, str]] = set()  # reported (identity, error type)
         self._tracking_cache: dict[bytes, str] = {}
         self._log_channel = log_channel("INFO", log.name)
-        self._record_template = {
-            "name": log.name,
-            "levelname": "INFO",
-            "levelno": logging.INFO,
-            "filename": "_router.py",
-            "module": "_router",
-            "lineno": 0,
-            "funcName": "route",
-            "type": "log",
-            "task_id": "(no task)",
-            "hostname": HOSTNAME,
-        }
+        self._lines = SiteLines()
         self.routed = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -206,12 +195,7 @@ class Router:
     def _log_record(self, task: RoutableTask, now: float) -> tuple[str, str]:
         """karton-system's "Processing task" record (no current task, like Karton's)."""
         message = f"[{task.root_uid}] Processing task {task.task_uid}"
-        line = {
-            **self._record_template,
-            "message": message,
-            "created": now,
-        }
-        return self._log_channel, dumps_record(line)
+        return self._log_channel, self._lines.line(self.log, logging.INFO, message, now)
 
     async def _refresh_binds(self) -> None:
         raw = await self.backend.get_binds_raw()
