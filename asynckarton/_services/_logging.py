@@ -11,9 +11,11 @@ One builder makes every published line, :func:`karton_line`: the fields of a
 Records come from the standard library (``Logger.makeRecord``, ``Formatter``, handler
 dispatch), so every line has its real ``filename``, ``lineno`` and ``funcName``.
 
-Shortcuts kept, each because a measurement showed it (CPU per task of a consumer's two
-per-task lines, ``/tmp``-style micro-benchmark quoted in the commit; the plain benchmark
-showed about +45 us of consumer CPU per delivery, +40 %, with no shortcut at all):
+Shortcuts kept, each because a measurement showed it.  ``python -m benchmarks.run
+--only plain``, consumer CPU per delivery on the shared 2-core machine (load 8-11):
+with no shortcut at all (``Logger.info``, a full build per line) 143-150 us against
+95-125 us before; with the two below 135 us.  Per task (a consumer's two per-task lines,
+``timeit`` with ``time.process_time``):
 
 * :class:`SiteLines`: the fields of the first record of a call site are the template
   of its later plain records' lines (only ``created`` and ``message`` change), instead
