@@ -58,7 +58,6 @@ from ._predicates import (
     Pred,
     _all_of,
     _always,
-    _coerced_eq,
     _compile_regex,
     _dotted_exists,
     _eq_pred,
@@ -67,6 +66,7 @@ from ._predicates import (
     _is_seq,
     _is_wildcard,
     _literal,
+    _matches_str,
     _negate,
     _never,
     _path_pred,
@@ -357,13 +357,9 @@ def _literal_rule(pairs: list[tuple[str, str]]) -> Pred:
         get = headers.get
         for key, cond in pairs:
             value = get(key, _MISSING)
-            if type(value) is str:
-                if value != cond:
-                    return False
-            elif _is_seq(value):
-                if cond not in value:
-                    return False
-            elif not _coerced_eq(cond, value):
+            if type(value) is str and value == cond:  # the common match, without a call
+                continue
+            if not _matches_str(cond, value):
                 return False
         return True
 
@@ -418,6 +414,7 @@ def _assemble(rules: list[tuple[Pred, list[Pred]]]) -> Pred:
         return matched
 
     return vetoed_rules
+
 
 # ------------------------------------------------------------------ public API
 

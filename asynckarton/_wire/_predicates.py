@@ -85,18 +85,24 @@ def _eq_pred(cond: Any) -> Pred:
     return functools.partial(_plain_eq, cond)
 
 
+def _matches_str(cond: str, entry: Any) -> bool:
+    """Karton's rule for a plain string condition, the one copy of it.
+
+    A ``str`` value must be equal, a list value must contain ``cond`` (no coercion),
+    any other value is compared as ``str(value)``.  The bind index's view of the same
+    rule (which strings can satisfy it) is ``_bind_index._index_values``.
+    """
+    if type(entry) is str:
+        return entry == cond
+    if _is_seq(entry):
+        return cond in entry
+    return _coerced_eq(cond, entry)
+
+
 def _literal(cond: Any) -> Pred:
     """A non-mapping condition: membership in list values, else coerced equality."""
     if type(cond) is str:
-
-        def match_str(entry: Any) -> bool:
-            if type(entry) is str:
-                return entry == cond
-            if _is_seq(entry):
-                return cond in entry
-            return _coerced_eq(cond, entry)
-
-        return match_str
+        return functools.partial(_matches_str, cond)
 
     def match_other(entry: Any) -> bool:
         if _is_seq(entry):
@@ -212,15 +218,14 @@ def _top_key(key: str, inner: Pred) -> Pred:
 
 
 def _top_literal(key: str, cond: str) -> Pred:
-    """The hot case: ``{key: "literal"}`` on the headers mapping."""
+    """The hot case: ``{key: "literal"}`` on the headers mapping.
+
+    An equal ``str`` is tested inline first: the common match, without a call.
+    """
 
     def top_literal(headers: Any) -> bool:
         value = headers.get(key, _MISSING)
-        if type(value) is str:
-            return value == cond
-        if _is_seq(value):
-            return cond in value
-        return _coerced_eq(cond, value)
+        return (type(value) is str and value == cond) or _matches_str(cond, value)
 
     return top_literal
 
@@ -293,4 +298,3 @@ def _exists_gate(op: Any, want: Any, rest: Pred | None) -> Pred:
 
 def _is_wildcard(value: str) -> bool:
     return any(char in value for char in _WILDCARD_CHARS)
-
