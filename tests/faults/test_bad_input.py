@@ -69,9 +69,7 @@ class Recorder(Consumer):
             if task.has_payload("archive"):
                 assert self.extract_root is not None
                 target = self.extract_root / "target" / task.task_uid
-                await task.get_resource("archive").extract_to_directory(
-                    target, max_size=MiB
-                )
+                await task.get_resource("archive").extract_to_directory(target, max_size=MiB)
         except Exception as exc:
             type(self).errors.append(exc)
             raise
