@@ -278,7 +278,15 @@ class RoutableTask:
         headers_persistent: the persistent headers (legacy copy if needed).
     """
 
-    __slots__ = ("doc", "headers", "headers_persistent", "priority", "root_uid", "uid")
+    __slots__ = (
+        "_fork_base",
+        "doc",
+        "headers",
+        "headers_persistent",
+        "priority",
+        "root_uid",
+        "uid",
+    )
 
     def __init__(self, doc: dict[str, Any]) -> None:
         """Wrap a document that :func:`check_fields` accepted."""
@@ -289,6 +297,7 @@ class RoutableTask:
         self.headers_persistent: dict[str, Any] = persistent
         self.headers: dict[str, Any] = {**doc["headers"], **persistent}
         self.priority: str = doc.get("priority") or TaskPriority.NORMAL.value
+        self._fork_base: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, body: str | bytes) -> RoutableTask:
@@ -301,24 +310,33 @@ class RoutableTask:
         return task_uid(self.uid)
 
     def fork(self, receiver: str, now: float) -> tuple[str, str]:
-        """Return ``(uid, JSON)`` of the Spawned copy for ``receiver``."""
-        doc = self.doc
+        """Return ``(uid, JSON)`` of the Spawned copy for ``receiver``.
+
+        The copies of one task differ only in uid and receiver: :func:`build` makes the
+        first, the others are shallow copies of it with those two fields replaced.
+        """
         uid, _ = new_uid(self.root_uid)
-        fork = build(
-            uid=uid,
-            root_uid=self.root_uid,
-            parent_uid=doc.get("parent_uid"),
-            orig_uid=self.uid,
-            status=TaskState.SPAWNED.value,
-            priority=self.priority,
-            last_update=now,
-            payload=doc["payload"],
-            payload_persistent=doc["payload_persistent"],
-            headers={**self.headers, "receiver": receiver},
-            headers_persistent=self.headers_persistent,
-            error=None,
-            attempt=attempt_of(doc),
-        )
+        base = self._fork_base
+        if base is None or base["last_update"] != now:
+            doc = self.doc
+            base = self._fork_base = build(
+                uid=uid,
+                root_uid=self.root_uid,
+                parent_uid=doc.get("parent_uid"),
+                orig_uid=self.uid,
+                status=TaskState.SPAWNED.value,
+                priority=self.priority,
+                last_update=now,
+                payload=doc["payload"],
+                payload_persistent=doc["payload_persistent"],
+                headers=self.headers,
+                headers_persistent=self.headers_persistent,
+                error=None,
+                attempt=attempt_of(doc),
+            )
+        fork = base.copy()
+        fork["uid"] = uid
+        fork["headers"] = {**self.headers, "receiver": receiver}
         return uid, dumps(fork)
 
     def finished(self, now: float) -> str:

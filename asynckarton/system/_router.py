@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -21,7 +22,7 @@ import orjson
 from anyio.abc import TaskStatus
 
 from .._errors import InvalidTaskError
-from .._services._logging import SiteLines
+from .._services._logging import site_line_maker
 from .._wire._document import RoutableTask
 from .._wire._query import BindIndex
 from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch, until_done
@@ -65,7 +66,7 @@ class Router:
         self._match_errors: set[tuple[str, str]] = set()  # reported (identity, error type)
         self._tracking_cache: dict[bytes, str] = {}
         self._log_channel = log_channel("INFO", log.name)
-        self._lines = SiteLines()
+        self._line: Callable[[str, float], str] | None = None  # see _log_record
         self.routed = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -195,7 +196,10 @@ class Router:
     def _log_record(self, task: RoutableTask, now: float) -> tuple[str, str]:
         """karton-system's "Processing task" record (no current task, like Karton's)."""
         message = f"[{task.root_uid}] Processing task {task.task_uid}"
-        return self._log_channel, self._lines.line(self.log, logging.INFO, message, now)
+        line = self._line
+        if line is None:  # this line is the record's call site (its lineno)
+            line = self._line = site_line_maker(self.log, logging.INFO)
+        return self._log_channel, line(message, now)
 
     async def _refresh_binds(self) -> None:
         raw = await self.backend.get_binds_raw()

@@ -91,3 +91,18 @@ def test_fork_carries_the_retry_count_like_task() -> None:
     assert Task.unserialize(fork_json).attempt == 2
     _, plain_json = RoutableTask.parse(Task({"type": "x"}).serialize()).fork("r", NOW)
     assert "asynckarton" not in json.loads(plain_json)
+
+
+@pytest.mark.parametrize("body", bodies())
+def test_every_copy_of_a_task_is_its_own_fork(body: str) -> None:
+    routable = RoutableTask.parse(body)
+    first_uid, first = routable.fork("karton.first", NOW)
+    second_uid, second = routable.fork("karton.second", NOW)
+    a, b = json.loads(first), json.loads(second)
+    assert first_uid != second_uid and (a["uid"], b["uid"]) == (first_uid, second_uid)
+    assert (a["headers"]["receiver"], b["headers"]["receiver"]) == ("karton.first", "karton.second")
+    for doc in (a, b):
+        del doc["uid"], doc["headers"]["receiver"]
+    assert a == b
+    later = json.loads(routable.fork("karton.third", NOW + 1)[1])
+    assert later["last_update"] == NOW + 1

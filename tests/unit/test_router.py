@@ -217,7 +217,7 @@ async def test_each_routed_task_publishes_karton_systems_log_line(
     assert line["task_id"] == "(no task)" and "task" not in line and line["type"] == "log"
     assert line["filename"] == "_router.py" and line["funcName"] == "_log_record"
     source = await anyio.Path(Router.__module__.replace(".", "/") + ".py").read_text()
-    assert "self._lines.line(" in source.splitlines()[line["lineno"] - 1]
+    assert "site_line_maker(" in source.splitlines()[line["lineno"] - 1]
 
 
 async def test_publishing_and_tracking_can_be_switched_off(backend: KartonBackend) -> None:
