@@ -42,7 +42,6 @@ from ..backend._guard import TRANSIENT_ERRORS, until_done
 from . import _metrics
 from ._completion import Completer
 from ._dispatch import Dispatcher
-from ._logging import RecordMaker, needs_record
 from ._runtime import Runtime
 from ._service import ServiceBase
 from ._upkeep import LagWatch, keep_leases, watch_bind
@@ -128,7 +127,6 @@ class Consumer(ServiceBase):
         self._blocking_id: int | None = None  # its server-side id, for stop()'s unblock
         self._backoff = 0.5  # seconds before the next fetch after a Redis error
         self._lag = LagWatch(self.log)
-        self._record_maker: RecordMaker | None = None
 
     def _read_policy(self, config: Config) -> None:
         policy = resolve_policy(config, type(self), self.config_identity, debug=self.debug)
@@ -451,24 +449,11 @@ class Consumer(ServiceBase):
             self.log.warning("Redis unavailable to release a retry: %s", exc)
 
     def _log_info(self, msg: str, *args: object) -> None:
-        """Log a per-task line cheaply: these run twice for every task.
-
-        The Karton record is published directly; a LogRecord is made only if another
-        handler (the application's) wants INFO records of this logger.
-        """
-        log = self.log
-        if not log.isEnabledFor(logging.INFO):
-            return
-        publisher = self._publisher
-        if publisher is not None:
-            publisher.publish_line(log, logging.INFO, msg % args, "_consumer:_handle")
-        if needs_record(log, logging.INFO, publisher):
-            maker = self._record_maker
-            if maker is None or maker.logger is not log:
-                maker = self._record_maker = RecordMaker(log, __file__, "_handle")
-            record = maker.make(logging.INFO, msg, args)
-            record.karton_published = publisher is not None
-            log.handle(record)
+        """Log a per-task line (twice for every task) as the caller's line."""
+        if self._publisher is None:
+            self.log.info(msg, *args, stacklevel=2)
+        else:  # cheaper, same result (see KartonLogHandler.log)
+            self._publisher.log(self.log, logging.INFO, msg, args, stacklevel=2)
 
     def _completer_started(self, task: Task) -> None:
         assert self._completer is not None

@@ -1,36 +1,25 @@
-"""Tasks: Karton 5's unit of work and its exact JSON wire format.
+"""Tasks: Karton 5's unit of work, as handlers see it.
 
 A task is headers (what routing looks at), payload (data and resources) and bookkeeping
-(uids, status, priority).  The JSON written here is read by karton-core services and
-karton-dashboard, so the field set and meanings follow Karton 5 (docs/wire-format.md):
-
-* persistent headers are written twice, top level and as
-  ``payload_persistent["__headers_persistent"]`` (readers older than 5.2 need it);
-* resources sit anywhere in the payload as ``{"__karton_resource__": {...}}``;
-* ``error`` is a list of strings.
-
-Serialisation uses orjson with sorted keys (the same JSON document as Karton's
-``json.dumps(sort_keys=True)``, without the optional spaces) and falls back to ``json``
-for integers orjson cannot represent.  asynckarton's own bookkeeping (the retry count)
-travels in one extra top-level field, ``asynckarton``; Karton readers ignore it.
+(uids, status, priority).  Its JSON document (field names, uid format, the legacy copy
+of persistent headers, asynckarton's extra field, serialisation) belongs to
+:mod:`asynckarton._wire._document`; this module adds the object model on top and the
+resource encoding of payloads (``{"__karton_resource__": {...}}`` anywhere in them).
 """
 
 from __future__ import annotations
 
-import enum
-import json
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 
-import orjson
-
 from .._errors import InvalidTaskError
 from ..storage import Storage
+from . import _document
+from ._document import PRIORITIES, STATES, TaskPriority, TaskState, check_fields, dumps
 from ._query import matches_filters
-from ._resource import RESOURCE_KEY, ResourceBase, resource_from_wire
+from ._resource import RESOURCE_KEY, RemoteResource, ResourceBase, resource_from_wire
 
 __all__ = ["Task", "TaskPriority", "TaskState", "current_task", "get_current_task"]
 
@@ -41,35 +30,6 @@ current_task: ContextVar[Task | None] = ContextVar("asynckarton_current_task", d
 def get_current_task() -> Task | None:
     """Return the task being processed in this context, if any."""
     return current_task.get()
-
-
-class TaskState(enum.Enum):
-    """Lifecycle states, with Karton's exact wire strings."""
-
-    DECLARED = "Declared"
-    SPAWNED = "Spawned"
-    STARTED = "Started"
-    FINISHED = "Finished"
-    CRASHED = "Crashed"
-
-
-class TaskPriority(enum.Enum):
-    """Queue priority, inherited by the whole task tree."""
-
-    HIGH = "high"
-    NORMAL = "normal"
-    LOW = "low"
-
-
-_STATES = {state.value: state for state in TaskState}
-_PRIORITIES = {prio.value: prio for prio in TaskPriority}
-_EXTRA = "asynckarton"  # our own top-level field; Karton ignores unknown fields
-
-
-def _new_uid(root_uid: str | None) -> tuple[str, str]:
-    own = str(uuid.uuid4())
-    root = root_uid or own
-    return "{" + root + "}:" + own, root
 
 
 class Task:
@@ -128,7 +88,7 @@ class Task:
             if type(value) is not dict and not isinstance(value, Mapping):
                 raise ValueError(f"{what} must be a dict, not {type(value).__name__}")
         if uid is None:
-            self.uid, self.root_uid = _new_uid(root_uid)
+            self.uid, self.root_uid = _document.new_uid(root_uid)
         else:
             if root_uid is None:
                 raise ValueError("root_uid is required when uid is given")
@@ -168,7 +128,7 @@ class Task:
     @staticmethod
     def fquid_to_uid(fquid: str) -> str:
         """Strip the ``{root}:`` prefix from a fully qualified uid."""
-        return fquid.rsplit(":", 1)[-1]
+        return _document.task_uid(fquid)
 
     # -- tree operations --------------------------------------------------------------
 
@@ -236,12 +196,32 @@ class Task:
             return self.payload_persistent[name]
         return self.payload.get(name, default)
 
-    def get_resource(self, name: str) -> ResourceBase:
-        """Return the resource stored under ``name``; TypeError if it is not one."""
+    def get_resource(self, name: str) -> RemoteResource:
+        """Return the stored resource this task received under ``name``.
+
+        Karton's name, typed for handlers: a task a consumer receives holds
+        :class:`RemoteResource` objects, so ``await task.get_resource("sample").download()``
+        type-checks as it is.  A :class:`LocalResource` added in this process (a task
+        being built, not received) is not returned: its bytes may not be stored yet, and
+        it has no ``download``.  Read such a payload with :meth:`get_payload`.
+
+        Raises:
+            TypeError: ``name`` is absent, not a resource, or a local resource (the
+                message says which).
+        """
         value = self.get_payload(name)
-        if not isinstance(value, ResourceBase):
-            raise TypeError(f"payload {name!r} is not a resource")
-        return value
+        if isinstance(value, RemoteResource):
+            return value
+        if isinstance(value, ResourceBase):
+            raise TypeError(
+                f"payload {name!r} of task {self.uid} is a {type(value).__name__} added in "
+                "this process, not a stored resource; read it with get_payload()"
+            )
+        if value is None and not self.has_payload(name):
+            raise TypeError(f"task {self.uid} has no payload {name!r}")
+        raise TypeError(
+            f"payload {name!r} of task {self.uid} is a {type(value).__name__}, not a resource"
+        )
 
     def remove_payload(self, name: str) -> None:
         """Remove a non-persistent payload value (KeyError if absent)."""
@@ -284,26 +264,21 @@ class Task:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the task as the Karton 5 JSON document (resources encoded)."""
-        headers_persistent = self.headers_persistent
-        payload_persistent = _encode(self.payload_persistent) if self.payload_persistent else {}
-        payload_persistent["__headers_persistent"] = headers_persistent
-        data: dict[str, Any] = {
-            "uid": self.uid,
-            "root_uid": self.root_uid,
-            "parent_uid": self.parent_uid,
-            "orig_uid": self.orig_uid,
-            "status": self.status.value,
-            "priority": self.priority.value,
-            "last_update": self.last_update,
-            "payload": _encode(self.payload) if self.payload else {},
-            "payload_persistent": payload_persistent,
-            "headers": self.headers,
-            "headers_persistent": headers_persistent,
-            "error": self.error,
-        }
-        if self.attempt:
-            data[_EXTRA] = {"attempt": self.attempt}
-        return data
+        return _document.build(
+            uid=self.uid,
+            root_uid=self.root_uid,
+            parent_uid=self.parent_uid,
+            orig_uid=self.orig_uid,
+            status=self.status.value,
+            priority=self.priority.value,
+            last_update=self.last_update,
+            payload=_encode(self.payload) if self.payload else {},
+            payload_persistent=_encode(self.payload_persistent) if self.payload_persistent else {},
+            headers=self.headers,
+            headers_persistent=self.headers_persistent,
+            error=self.error,
+            attempt=self.attempt,
+        )
 
     def serialize(self, indent: int | None = None) -> str:
         """Return the task's JSON text (sorted keys, as Karton writes it)."""
@@ -333,12 +308,7 @@ class Task:
         Raises:
             InvalidTaskError: the text is not JSON or lacks a required field.
         """
-        try:
-            doc = loads(data)
-        except ValueError as exc:
-            raise InvalidTaskError(f"task body is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise InvalidTaskError(f"task body is a JSON {type(doc).__name__}, not an object")
+        doc = _document.parse(data)
         return Task.from_dict(doc, storage=storage, parse_resources=parse_resources)
 
     @staticmethod
@@ -347,16 +317,14 @@ class Task:
     ) -> Task:
         """Build a task from an already parsed JSON document."""
         uid = doc.get("uid")
-        _check_fields(doc)
+        check_fields(doc)
         payload_persistent = doc["payload_persistent"]
         headers = doc["headers"]
-        status = _STATES[doc["status"]]
+        status = STATES[doc["status"]]
         root_uid = doc["root_uid"]
-        priority = _PRIORITIES[doc.get("priority") or "normal"]
+        priority = PRIORITIES[doc.get("priority") or "normal"]
         payload = doc["payload"]
-        headers_persistent = doc.get("headers_persistent")
-        if headers_persistent is None:
-            headers_persistent = payload_persistent.get("__headers_persistent")
+        headers_persistent = _document.persistent_headers(doc)
         if parse_resources:
             if payload:
                 payload = _decode(payload, storage)
@@ -378,103 +346,11 @@ class Task:
             )
         except ValueError as exc:
             raise InvalidTaskError(str(exc), uid=uid) from None
-        extra = doc.get(_EXTRA)
-        if isinstance(extra, dict) and isinstance(extra.get("attempt"), int):
-            task.attempt = extra["attempt"]
+        task.attempt = _document.attempt_of(doc)
         return task
 
     def __repr__(self) -> str:
         return f"<Task {self.uid} {self.status.value} headers={self.headers!r}>"
-
-
-def _check_fields(doc: Mapping[str, Any]) -> None:
-    """Raise InvalidTaskError naming every field Karton requires that is absent or wrong."""
-    get = doc.get
-    last_update = get("last_update")
-    if (  # the common, valid case in one expression; the detailed report below
-        type(get("uid")) is str
-        and type(get("root_uid")) is str
-        and type(get("status")) is str
-        and get("status") in _STATES
-        and type(get("headers")) is dict
-        and type(get("payload")) is dict
-        and type(get("payload_persistent")) is dict
-        and (
-            get("priority") is None
-            or (type(get("priority")) is str and get("priority") in _PRIORITIES)
-        )
-        and (get("headers_persistent") is None or type(get("headers_persistent")) is dict)
-        and (last_update is None or type(last_update) is float or type(last_update) is int)
-        and (get("error") is None or type(get("error")) is list)
-    ):
-        return
-    uid = doc.get("uid")
-    problems = [
-        f"{name} {doc.get(name)!r}" if name in doc else f"no {name}"
-        for name, ok in (
-            ("uid", isinstance(uid, str)),
-            ("root_uid", isinstance(doc.get("root_uid"), str)),
-            ("status", isinstance(doc.get("status"), str) and doc.get("status") in _STATES),
-            ("headers", isinstance(doc.get("headers"), dict)),
-            ("payload", isinstance(doc.get("payload"), dict)),
-            ("payload_persistent", isinstance(doc.get("payload_persistent"), dict)),
-            (
-                "priority",
-                doc.get("priority") is None
-                or (isinstance(doc.get("priority"), str) and doc.get("priority") in _PRIORITIES),
-            ),
-            (
-                "headers_persistent",
-                doc.get("headers_persistent") is None
-                or isinstance(doc.get("headers_persistent"), dict),
-            ),
-            (
-                "last_update",
-                doc.get("last_update") is None
-                or (
-                    isinstance(doc.get("last_update"), int | float)
-                    and not isinstance(doc.get("last_update"), bool)
-                ),
-            ),
-            ("error", doc.get("error") is None or isinstance(doc.get("error"), list)),
-        )
-        if not ok
-    ]
-    if problems:
-        raise InvalidTaskError(
-            "task body has an invalid " + ", ".join(problems),
-            uid=uid if isinstance(uid, str) else None,
-        )
-
-
-# -- JSON -----------------------------------------------------------------------------
-
-
-def dumps(data: Any, indent: int | None = None) -> str:
-    """Serialise like Karton (sorted keys), fast; falls back to json for huge ints.
-
-    Raises:
-        InvalidTaskError: ``data`` holds something JSON cannot represent.
-    """
-    if indent is None:
-        try:
-            return orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
-        except TypeError as exc:
-            # json handles what orjson refuses but Karton accepts: huge ints, int keys.
-            if "Integer exceeds" not in str(exc) and "Dict key must be str" not in str(exc):
-                raise InvalidTaskError(f"task is not JSON-serialisable: {exc}") from None
-    try:
-        return json.dumps(data, sort_keys=True, indent=indent)
-    except (TypeError, ValueError) as exc:
-        raise InvalidTaskError(f"task is not JSON-serialisable: {exc}") from None
-
-
-def loads(data: str | bytes) -> Any:
-    """Parse JSON fast, falling back to json for numbers orjson rejects."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
 
 
 def _encode(value: Any) -> Any:

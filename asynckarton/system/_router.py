@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -21,12 +22,12 @@ import orjson
 from anyio.abc import TaskStatus
 
 from .._errors import InvalidTaskError
-from .._services._logging import HOSTNAME, dumps_record
+from .._services._logging import site_line_maker
+from .._wire._document import RoutableTask
 from .._wire._query import BindIndex
 from ..backend import Bind, KartonBackend
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from ..backend._records import RoutedBatch
-from ._fork import RoutableTask, parse_routable
 
 __all__ = ["Router"]
 
@@ -66,18 +67,7 @@ class Router:
         self._match_errors: set[tuple[str, str]] = set()  # reported (identity, error type)
         self._tracking_cache: dict[bytes, str] = {}
         self._log_channel = backend.log_channel("INFO", log.name)
-        self._record_template = {
-            "name": log.name,
-            "levelname": "INFO",
-            "levelno": logging.INFO,
-            "filename": "_router.py",
-            "module": "_router",
-            "lineno": 0,
-            "funcName": "route",
-            "type": "log",
-            "task_id": "(no task)",
-            "hostname": HOSTNAME,
-        }
+        self._line: Callable[[str, float], str] | None = None  # see _log_record
         self.routed = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -159,7 +149,7 @@ class Router:
                 self.log.warning("Task %s has no body (deleted before routing); skipped", uid)
                 continue
             try:
-                task = parse_routable(body)
+                task = RoutableTask.parse(body)
             except InvalidTaskError as exc:
                 self.log.error("Task %s is unreadable, quarantined: %s", uid, exc)
                 batch.invalid.append(uid)
@@ -207,12 +197,10 @@ class Router:
     def _log_record(self, task: RoutableTask, now: float) -> tuple[str, str]:
         """karton-system's "Processing task" record (no current task, like Karton's)."""
         message = f"[{task.root_uid}] Processing task {task.task_uid}"
-        line = {
-            **self._record_template,
-            "message": message,
-            "created": now,
-        }
-        return self._log_channel, dumps_record(line)
+        line = self._line
+        if line is None:  # this line is the record's call site (its lineno)
+            line = self._line = site_line_maker(self.log, logging.INFO)
+        return self._log_channel, line(message, now)
 
     async def _refresh_binds(self) -> None:
         raw = await self.backend.get_binds_raw()

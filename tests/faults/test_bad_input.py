@@ -65,13 +65,11 @@ class Recorder(Consumer):
     async def process(self, task: Task) -> None:
         try:
             if task.has_payload("sample"):
-                await task.get_resource("sample").download()  # type: ignore[attr-defined]
+                await task.get_resource("sample").download()
             if task.has_payload("archive"):
                 assert self.extract_root is not None
                 target = self.extract_root / "target" / task.task_uid
-                await task.get_resource("archive").extract_to_directory(  # type: ignore[attr-defined]
-                    target, max_size=MiB
-                )
+                await task.get_resource("archive").extract_to_directory(target, max_size=MiB)
         except Exception as exc:
             type(self).errors.append(exc)
             raise
@@ -334,7 +332,7 @@ async def test_resource_whose_object_is_gone_crashes_only_its_task(env: dict[str
         await producer.send_tasks([doomed, fine])
         await poll(lambda: r.llen(QUEUE) == 2, 20, "both tasks routed")
     s3: S3Server = env["s3"]
-    key = doomed.get_resource("sample").uid
+    key = doomed.get_payload("sample").uid
     async with S3Storage(s3.url, s3.access_key, s3.secret_key) as storage:
         await storage.delete_objects(env["bucket"], [key])
     async with running(env["config"], system=False):

@@ -253,7 +253,7 @@ async def test_resources_flow_through_producer_system_and_two_consumers(
 
     assert reader.contents == {"sample": b"MZ\x90\x00payload", "extracted": b"daolyap\x00\x90ZM"}
     [unpacked] = unpacker.records
-    sample_uid = root.get_resource("sample").uid
+    sample_uid = root.get_payload("sample").uid
     assert got.get_resource("sample").uid == sample_uid  # passed on by reference
     assert await dep.objects() == {sample_uid, got.get_resource("extracted").uid}
 

@@ -364,7 +364,7 @@ async def test_a_karton_core_producer_to_asynckarton_to_karton_core_consumer(
         assert await procs.stop(core) == 0
 
     [forwarded] = forwarder.seen
-    sample_uid = root.get_resource("sample").uid
+    sample_uid = root.get_payload("sample").uid
     assert forwarded.orig_uid == root.uid and forwarded.root_uid == root.root_uid
     assert forwarded.payload_persistent["case"] == "42"
 
@@ -495,12 +495,12 @@ async def test_b_karton_system_routes_and_collects_an_asynckarton_deployment(
     assert got.priority is TaskPriority.LOW and got.orig_uid == task.uid
     assert got.payload["n"] == 7
     assert entry["resources"]["b.bin"]["content"] == "\x00\x01binary\xff"
-    assert entry["resources"]["b.bin"]["uid"] == task.get_resource("file").uid
+    assert entry["resources"]["b.bin"]["uid"] == task.get_payload("file").uid
     assert entry["headers"]["receiver"] == "interop.b.core"
     assert entry["headers"]["origin"] == "interop.b.producer"
     assert entry["headers_persistent"] == {"case": "b"}
     assert entry["priority"] == "low" and entry["orig_uid"] == task.uid
-    assert entry["payload"] == {"file": {"resource": task.get_resource("file").uid}, "n": 7}
+    assert entry["payload"] == {"file": {"resource": task.get_payload("file").uid}, "n": 7}
     assert await dep.metric("assigned") == {"interop.b.async": 1, "interop.b.core": 1}
     assert await dep.metric("consumed") == {"interop.b.async": 1, "interop.b.core": 1}
     assert await dep.metric("crashed") == {}

@@ -1,4 +1,4 @@
-"""The router's dict-based fork writes what Task.fork_task() (and karton-core) would."""
+"""The router's document fork writes what Task.fork_task() (and karton-core) would."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from karton.core.task import Task as KTask
 from karton.core.task import TaskState as KState
 
 from asynckarton import InvalidTaskError, LocalResource, Task, TaskPriority, TaskState
-from asynckarton.system._fork import parse_routable
+from asynckarton._wire._document import RoutableTask
 
 NOW = 1795349442.417694
 
@@ -39,7 +39,7 @@ def _without_uid(doc: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("body", bodies())
 def test_fork_matches_task_fork(body: str) -> None:
-    routable = parse_routable(body)
+    routable = RoutableTask.parse(body)
     uid, fork_json = routable.fork("karton.receiver", NOW)
     ours = json.loads(fork_json)
 
@@ -58,7 +58,7 @@ def test_fork_matches_task_fork(body: str) -> None:
 
 @pytest.mark.parametrize("body", bodies())
 def test_finished_original_matches_task(body: str) -> None:
-    ours = json.loads(parse_routable(body).finished(NOW))
+    ours = json.loads(RoutableTask.parse(body).finished(NOW))
     task = Task.unserialize(body, parse_resources=False)
     task.status, task.last_update = TaskState.FINISHED, NOW
     assert ours == json.loads(task.serialize())
@@ -80,4 +80,29 @@ def test_finished_original_matches_task(body: str) -> None:
 )
 def test_unroutable_bodies_name_the_problem(body: str, problem: str) -> None:
     with pytest.raises(InvalidTaskError, match=problem):
-        parse_routable(body)
+        RoutableTask.parse(body)
+
+
+def test_fork_carries_the_retry_count_like_task() -> None:
+    task = Task({"type": "sample"})
+    task.attempt = 2
+    _, fork_json = RoutableTask.parse(task.serialize()).fork("karton.receiver", NOW)
+    assert json.loads(fork_json)["asynckarton"] == {"attempt": 2}
+    assert Task.unserialize(fork_json).attempt == 2
+    _, plain_json = RoutableTask.parse(Task({"type": "x"}).serialize()).fork("r", NOW)
+    assert "asynckarton" not in json.loads(plain_json)
+
+
+@pytest.mark.parametrize("body", bodies())
+def test_every_copy_of_a_task_is_its_own_fork(body: str) -> None:
+    routable = RoutableTask.parse(body)
+    first_uid, first = routable.fork("karton.first", NOW)
+    second_uid, second = routable.fork("karton.second", NOW)
+    a, b = json.loads(first), json.loads(second)
+    assert first_uid != second_uid and (a["uid"], b["uid"]) == (first_uid, second_uid)
+    assert (a["headers"]["receiver"], b["headers"]["receiver"]) == ("karton.first", "karton.second")
+    for doc in (a, b):
+        del doc["uid"], doc["headers"]["receiver"]
+    assert a == b
+    later = json.loads(routable.fork("karton.third", NOW + 1)[1])
+    assert later["last_update"] == NOW + 1

@@ -1,4 +1,4 @@
-"""Karton 5.5+ filter semantics, pinned case by case (see asynckarton/_query.py).
+"""Karton 5.5+ filter semantics, pinned case by case (see asynckarton/_wire/_compiler.py).
 
 Every case of the table is also replayed against karton-core 5.9.1 (when it is
 installed; under ``CI`` it must be) so that the table cannot drift from the

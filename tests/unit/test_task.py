@@ -101,7 +101,7 @@ def test_resources_round_trip_as_karton_resources() -> None:
     ],
 )
 def test_legacy_variants_are_read(doc: dict[str, object]) -> None:
-    body = {
+    body: dict[str, object] = {
         "uid": "bare-uuid",
         "root_uid": "bare-uuid",
         "parent_uid": None,
@@ -205,3 +205,25 @@ def test_attempt_travels_in_our_own_field() -> None:
     assert doc["asynckarton"] == {"attempt": 2}
     assert Task.unserialize(task.serialize()).attempt == 2
     KTask.unserialize(task.serialize())  # karton-core ignores the extra field
+
+
+def test_get_resource_returns_received_resources_typed() -> None:
+    sent = Task({"type": "x"}, payload={"file": LocalResource("f", b"x", uid="u-1")})
+    received = Task.unserialize(sent.serialize())
+    resource: RemoteResource = received.get_resource("file")  # no isinstance needed
+    assert isinstance(resource, RemoteResource) and resource.uid == "u-1"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        pytest.param("file", "LocalResource added in this process.*get_payload", id="local"),
+        pytest.param("n", "'n' .* is a int, not a resource", id="not-a-resource"),
+        pytest.param("missing", "has no payload 'missing'", id="absent"),
+    ],
+)
+def test_get_resource_names_what_it_found_instead(name: str, message: str) -> None:
+    task = Task({"type": "x"}, payload={"file": LocalResource("f", b"x"), "n": 1})
+    with pytest.raises(TypeError, match=message):
+        task.get_resource(name)
+    assert task.get_payload("file").name == "f"  # a local resource stays readable

@@ -1,0 +1,1 @@
+"""Files that only ``mypy --strict`` runs (pyproject's ``files``): typing promises."""
