@@ -368,11 +368,24 @@ class Consumer(ServiceBase):
         if not self.task_timeout:  # no deadline: no cancel scope on the hot path
             return await self._call_process(task)
         error: BaseException | None = None
-        with anyio.CancelScope(deadline=anyio.current_time() + self.task_timeout) as scope:
+        timeout = float(self.task_timeout)
+        began = anyio.current_time()
+        with anyio.CancelScope(deadline=began + timeout) as scope:
             error = await self._call_process(task)
-        if scope.cancelled_caught:
+        elapsed = anyio.current_time() - began
+        # A handler that blocks the loop (time.sleep, CPU work) gives the scope no
+        # checkpoint to cancel it at: its overrun is seen only once it returns.
+        blocked = not scope.cancelled_caught and elapsed > timeout
+        if blocked:
+            self.log.error(
+                "Task %s: the handler blocked the event loop past task_timeout (%.2fs > "
+                "%gs), so it could not be cancelled; run blocking code with "
+                "asynckarton.to_thread or to_process",
+                task.uid, elapsed, timeout,
+            )  # fmt: skip
+        if scope.cancelled_caught or blocked:
             try:
-                raise TaskTimeoutError(float(self.task_timeout))
+                raise TaskTimeoutError(timeout)
             except TaskTimeoutError as exc:
                 return exc
         return error
