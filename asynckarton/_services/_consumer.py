@@ -42,6 +42,7 @@ from . import _metrics
 from ._completion import Completer
 from ._dispatch import Dispatcher
 from ._logging import RecordMaker, needs_record
+from ._result_cache import ResultCache
 from ._runtime import Runtime
 from ._service import ServiceBase
 from ._upkeep import LagWatch, keep_leases, watch_bind
@@ -90,6 +91,8 @@ class Consumer(ServiceBase):
         task_timeout: seconds per task (fractions allowed); None = config, 0 = none.
         max_retries, retry_for, retry_backoff, retry_backoff_max: automatic retries.
         lease_timeout: seconds after which a dead consumer's task is redelivered.
+        call_result_cache, call_result_cache_ttl, disable_cache_args: serve a task equal
+            to one already handled from the result cache (``_result_cache.py``).
     """
 
     filters: ClassVar[list[dict[str, Any]]] = []
@@ -125,6 +128,20 @@ class Consumer(ServiceBase):
         self._backoff = 0.5  # seconds before the next fetch after a Redis error
         self._lag = LagWatch(self.log)
         self._record_maker: RecordMaker | None = None
+        policy = self.policy
+        self._result_cache = (
+            ResultCache(
+                lambda: self.backend,
+                lambda: self.storage,
+                self.identity,
+                excluded=policy.disable_cache_args,
+                ttl=policy.call_result_cache_ttl,
+                send=getattr(self, "send_tasks", None),  # a Karton sends, a Consumer cannot
+                log=self.log,
+            )
+            if policy.call_result_cache and "*" not in policy.disable_cache_args
+            else None
+        )
 
     def _read_policy(self, config: Config) -> None:
         policy = resolve_policy(config, type(self), self.config_identity, debug=self.debug)
@@ -364,6 +381,12 @@ class Consumer(ServiceBase):
             current_task.reset(token)
 
     async def _run_process(self, task: Task) -> BaseException | None:
+        """Run ``process`` (or serve it from the result cache); its exception or None."""
+        if self._result_cache is not None:
+            return await self._result_cache.run(task, self._run_timed)
+        return await self._run_timed(task)
+
+    async def _run_timed(self, task: Task) -> BaseException | None:
         """Run ``process``; return its exception (a timeout as TaskTimeoutError) or None."""
         if not self.task_timeout:  # no deadline: no cancel scope on the hot path
             return await self._call_process(task)
