@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -279,9 +280,9 @@ async def test_send_tasks_is_chunked_by_parallel_batch_size(
     async with testing.pipeline(Reports, config=config) as p:
         original = p.producer.backend.enqueue_unrouted
 
-        async def counting(bodies: dict[str, str], origin: str) -> None:
+        async def counting(bodies: Mapping[str, str], identity: str) -> None:
             calls.append(len(bodies))
-            await original(bodies, origin)
+            await original(bodies, identity)
 
         monkeypatch.setattr(p.producer.backend, "enqueue_unrouted", counting)
         await p.send(*(Task({"type": "report"}) for _ in range(5)))
