@@ -12,7 +12,10 @@ complete as if it had run, and the copy is Finished.  pynenc caches a return val
 Karton handler returns nothing, its result *is* the tasks it sends.
 
 Two equal copies handled at the same moment both run (the cache is filled on success,
-not reserved on start); running concurrency is the tool that serialises them.
+not reserved on start); running concurrency is the tool that serialises them.  Known
+limit, the same window as deduplicated resources have (``storage/_gc.py``): an entry that
+expires between a hit reading it and the resent outputs reaching Redis, while a GC pass
+scans, can lose its resources to that pass.
 
 **force_new_workflow** (a producer option and a ``send_tasks`` argument).  A task sent
 from inside a handler normally joins the handled task's analysis (its ``root_uid``).
