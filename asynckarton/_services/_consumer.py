@@ -42,6 +42,7 @@ from ..backend._guard import TRANSIENT_ERRORS, until_done
 from . import _metrics
 from ._completion import Completer
 from ._dispatch import Dispatcher
+from ._result_cache import ResultCache
 from ._runtime import Runtime
 from ._service import ServiceBase
 from ._upkeep import LagWatch, keep_leases, watch_bind
@@ -92,6 +93,8 @@ class Consumer(ServiceBase):
         task_timeout: seconds per task (fractions allowed); None = config, 0 = none.
         max_retries, retry_for, retry_backoff, retry_backoff_max: automatic retries.
         lease_timeout: seconds after which a dead consumer's task is redelivered.
+        call_result_cache, call_result_cache_ttl, disable_cache_args: serve a task equal
+            to one already handled from the result cache (``_result_cache.py``).
     """
 
     filters: ClassVar[list[dict[str, Any]]] = []
@@ -127,6 +130,20 @@ class Consumer(ServiceBase):
         self._blocking_id: int | None = None  # its server-side id, for stop()'s unblock
         self._backoff = 0.5  # seconds before the next fetch after a Redis error
         self._lag = LagWatch(self.log)
+        policy = self.policy
+        self._result_cache = (
+            ResultCache(
+                lambda: self.backend,
+                lambda: self.storage,
+                self.identity,
+                excluded=policy.disable_cache_args,
+                ttl=policy.call_result_cache_ttl,
+                send=getattr(self, "send_tasks", None),  # a Karton sends, a Consumer cannot
+                log=self.log,
+            )
+            if policy.call_result_cache and "*" not in policy.disable_cache_args
+            else None
+        )
 
     def _read_policy(self, config: Config) -> None:
         policy = resolve_policy(config, type(self), self.config_identity, debug=self.debug)
@@ -376,15 +393,34 @@ class Consumer(ServiceBase):
             current_task.reset(token)
 
     async def _run_process(self, task: Task) -> BaseException | None:
+        """Run ``process`` (or serve it from the result cache); its exception or None."""
+        if self._result_cache is not None:
+            return await self._result_cache.run(task, self._run_timed)
+        return await self._run_timed(task)
+
+    async def _run_timed(self, task: Task) -> BaseException | None:
         """Run ``process``; return its exception (a timeout as TaskTimeoutError) or None."""
         if not self.task_timeout:  # no deadline: no cancel scope on the hot path
             return await self._call_process(task)
         error: BaseException | None = None
-        with anyio.CancelScope(deadline=anyio.current_time() + self.task_timeout) as scope:
+        timeout = float(self.task_timeout)
+        began = anyio.current_time()
+        with anyio.CancelScope(deadline=began + timeout) as scope:
             error = await self._call_process(task)
-        if scope.cancelled_caught:
+        elapsed = anyio.current_time() - began
+        # A handler that blocks the loop (time.sleep, CPU work) gives the scope no
+        # checkpoint to cancel it at: its overrun is seen only once it returns.
+        blocked = not scope.cancelled_caught and elapsed > timeout
+        if blocked:
+            self.log.error(
+                "Task %s: the handler blocked the event loop past task_timeout (%.2fs > "
+                "%gs), so it could not be cancelled; run blocking code with "
+                "asynckarton.to_thread or to_process",
+                task.uid, elapsed, timeout,
+            )  # fmt: skip
+        if scope.cancelled_caught or blocked:
             try:
-                raise TaskTimeoutError(float(self.task_timeout))
+                raise TaskTimeoutError(timeout)
             except TaskTimeoutError as exc:
                 return exc
         return error

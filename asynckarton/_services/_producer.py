@@ -16,8 +16,10 @@ from typing import ClassVar
 import anyio
 
 from .._errors import InvalidTaskError
+from .._settings._builtin import BUILTIN
 from .._wire._resource import LocalResource
 from .._wire._task import Task, get_current_task
+from ._result_cache import new_workflow, record_outputs
 from ._service import ServiceBase
 
 __all__ = ["Producer"]
@@ -53,8 +55,17 @@ class Producer(ServiceBase):
         await self.send_tasks([task])
         return True
 
-    async def send_tasks(self, tasks: Iterable[Task]) -> None:
+    async def send_tasks(
+        self, tasks: Iterable[Task], *, force_new_workflow: bool | None = None
+    ) -> None:
         """Send a batch of tasks in one Redis round trip (plus their resource uploads).
+
+        ``[karton] parallel_batch_size`` N > 0 splits the batch into chunks of N tasks,
+        each declared, uploaded and queued on its own (0: the whole call is one chunk).
+        ``force_new_workflow`` (default ``[karton] force_new_workflow``): each task sent
+        from inside a handler starts a new analysis (its own ``root_uid``) instead of
+        joining the handled task's; ``parent_uid`` still names the handled task, and the
+        payload ``asynckarton.parent_analysis`` holds ``{"root_uid", "uid"}`` of it.
 
         Raises:
             InvalidTaskError: a task's payload is not JSON-serialisable; nothing of the
@@ -68,10 +79,22 @@ class Producer(ServiceBase):
             return
         if self._runtime is not None:
             self._runtime.warn_if_private(f"Producer {self.identity!r}")
+        size = int(self.option(BUILTIN["karton"]["parallel_batch_size"]))
+        if force_new_workflow is None:
+            force_new_workflow = bool(self.option(BUILTIN["karton"]["force_new_workflow"]))
         parent = get_current_task()
+        step = size or len(batch)
+        for start in range(0, len(batch), step):
+            await self._send_chunk(batch[start : start + step], parent, force_new_workflow)
+
+    async def _send_chunk(
+        self, batch: list[Task], parent: Task | None, force_new_workflow: bool
+    ) -> None:
         now = time.time()
         for task in batch:
             self._prepare(task, parent, now)
+            if force_new_workflow and parent is not None:
+                new_workflow(task, parent)
         bodies = self._serialize(batch)  # fail before anything is written
         local = [
             (task, res)
@@ -83,6 +106,7 @@ class Producer(ServiceBase):
             await self._declare_and_upload(batch, local)
             bodies = self._serialize(batch)  # now with sha256 and sizes
         await self.backend.enqueue_unrouted(bodies, self.identity)
+        record_outputs(parent, bodies.values())  # the result cache's capture, if on
 
     def _prepare(self, task: Task, parent: Task | None, now: float) -> None:
         if parent is not None:

@@ -77,6 +77,17 @@ KARTON = (
            minimum=0),
     Option("karton", "lease_timeout", float, 60.0, "seconds before a dead consumer's task is "
            "redelivered", flag="", minimum=0, exclusive=True),
+    Option("karton", "parallel_batch_size", int, 0, "tasks send_tasks writes per Redis round "
+           "trip (0: the whole call at once)", flag="", minimum=0),
+    Option("karton", "force_new_workflow", bool, False, "tasks this service sends start a new "
+           "analysis (root_uid) linked to the parent's", flag=""),
+    Option("karton", "call_result_cache", bool, False, "a task equal to one this identity "
+           "finished within call_result_cache_ttl is not run again: its outputs are resent",
+           flag=""),
+    Option("karton", "call_result_cache_ttl", float, 86400.0, "seconds a cached result (and "
+           "the resources its outputs reference) is kept", flag="", minimum=0, exclusive=True),
+    Option("karton", "disable_cache_args", str, None, "arguments the result cache ignores: "
+           "headers.X / payload.X, comma-separated ('*': no caching)", flag=""),
     Option("karton", "metrics_port", int, None, "serve this process's Prometheus metrics on "
            "this port", "--metrics-port", minimum=0),
     Option("karton", "metrics_host", str, "0.0.0.0", "address the metrics port listens on",
@@ -96,6 +107,8 @@ SYSTEM = (
            "instance)", "--disable-gc", flag_value=False),
     Option("system", "enable_router", bool, True, "route tasks (off: leave it to another "
            "instance)", "--disable-router", flag_value=False),
+    Option("system", "route_batch_size", int, 500, "most tasks the router takes per round",
+           flag="", minimum=1),
     Option("system", "gc_interval", float, 180.0, "seconds between garbage collections",
            "--gc-interval", minimum=0),
     Option("system", "task_dispatched_timeout", float, 86400.0, "seconds before a Dispatched "

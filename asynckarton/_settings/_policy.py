@@ -40,6 +40,9 @@ POLICY_OPTIONS = (
     "retry_backoff_max",
     "lease_timeout",
     "shutdown_grace",
+    "call_result_cache",
+    "call_result_cache_ttl",
+    "disable_cache_args",
 )
 _LIBRARY = "asynckarton."  # class attributes defined here are defaults, not "code" values
 
@@ -65,6 +68,9 @@ class ConsumerPolicy:
     retry_backoff_max: float = _default("retry_backoff_max")
     lease_timeout: float = _default("lease_timeout")
     shutdown_grace: float = _default("shutdown_grace")
+    call_result_cache: bool = _default("call_result_cache")
+    call_result_cache_ttl: float = _default("call_result_cache_ttl")
+    disable_cache_args: tuple[str, ...] = ()  # "headers.X" / "payload.X"; ("*",): no cache
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
@@ -98,6 +104,8 @@ class ConsumerPolicy:
             values["retry_for"] = tuple(
                 load_exception(n, "retry_for", "policy JSON") for n in names
             )
+        if "disable_cache_args" in values:
+            values["disable_cache_args"] = tuple(values["disable_cache_args"])
         return cls(**values)
 
 
@@ -170,6 +178,9 @@ def resolve_policy(
                     load_exception(dotted, name, source)
                     for dotted in parse_names(entry.value, name, source)
                 )
+            elif name == "disable_cache_args":  # "*" alone: nothing is cached
+                star = isinstance(entry.value, str) and entry.value.strip() == "*"
+                value = ("*",) if star else parse_names(entry.value, name, source)
             else:
                 value = option.convert(entry.value, source)
         elif karton_exception:
@@ -184,6 +195,8 @@ def resolve_policy(
         sources["prefetch"] = "derived from concurrency_limit"
     values["task_timeout"] = values["task_timeout"] or None
     values["retry_for"] = tuple(values["retry_for"])
+    values["disable_cache_args"] = tuple(values["disable_cache_args"] or ())
+    values["call_result_cache"] = bool(values["call_result_cache"])
     if debug and values["persistent"]:
         values["persistent"] = False
         sources["persistent"] += " (off in debug mode)"

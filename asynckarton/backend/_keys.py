@@ -34,6 +34,7 @@ DEAD_PREFIX: Final = "asynckarton.dead:"  # list per identity: uids that used ev
 STATS: Final = "asynckarton.stats"  # hash: redelivered / rerouted / invalid counters
 INVALID: Final = "asynckarton.invalid"  # list: uids whose body could not be parsed
 GC_LOCK: Final = "asynckarton.gc.lock"  # string: token of the collector running now
+RESULT_CACHE_PREFIX: Final = "asynckarton.cache:"  # string per identity and arguments (TTL)
 
 
 def task_key(uid: str) -> str:
@@ -84,3 +85,8 @@ def routing_key(instance: str) -> str:
 def dead_key(identity: str) -> str:
     """Dead-letter list of ``identity``: tasks crashed after their last retry."""
     return DEAD_PREFIX + identity
+
+
+def result_cache_key(identity: str, digest: str) -> str:
+    """Cached result (the outputs sent) of ``identity`` for the arguments ``digest``."""
+    return f"{RESULT_CACHE_PREFIX}{identity}:{digest}"

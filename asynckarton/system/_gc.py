@@ -12,7 +12,8 @@ Task rules (Karton's, see docs/architecture.md), applied to one SCAN pass:
   lease or retry schedule (its consumer died between popping and leasing it) → requeue.
 
 Resources: every object version in the default bucket (and in the buckets listed in
-``[system] gc_extra_buckets``) not referenced by a surviving task is deleted, listing
+``[system] gc_extra_buckets``) not referenced by a surviving task (or by the outputs a
+result-cache entry holds) is deleted, listing
 first and scanning tasks second, as Karton does.  A Redis lock
 keeps two collectors from running at once.
 
@@ -37,6 +38,7 @@ from .._services import _metrics
 from .._settings._options import SystemSettings
 from .._wire._task import Task, TaskState
 from ..backend import Bind, KartonBackend
+from ..backend._cache import cached_bodies, scan_cached_outputs
 from ..backend._guard import TRANSIENT_ERRORS
 from ..storage import Storage
 from ..storage._gc import collect_orphans
@@ -233,6 +235,15 @@ class GarbageCollector:
                         if (resource.bucket or self.bucket) == bucket:
                             found.add(resource.uid)
                 await anyio.lowlevel.checkpoint()
+            async for documents in scan_cached_outputs(self.backend):  # result cache
+                for body in cached_bodies(documents):
+                    try:
+                        task = Task.unserialize(body)
+                    except InvalidTaskError as exc:
+                        raise _UnreadableTask(str(exc)) from None
+                    for resource in task.iterate_resources():
+                        if (resource.bucket or self.bucket) == bucket:
+                            found.add(resource.uid)
             return found
 
         try:

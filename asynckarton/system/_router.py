@@ -41,7 +41,8 @@ class Router:
         backend: Redis access.
         log: the system service's logger (its records are published like Karton's).
         instance: this router's id (names its journal).
-        batch_size: most tasks taken per round.
+        batch_size: most tasks taken per round (``[system] route_batch_size``, the
+            router's half of pynenc's ``parallel_batch_size``).
         publish_logs: publish a "Processing task" record per task, as karton-system does.
         tracking_ttl: seconds to keep ``karton.outputs:*`` entries; 0 disables tracking.
     """

@@ -17,6 +17,7 @@ from .._errors import ConfigError
 from .._services import _embedded, _metrics
 from .._services._runtime import Runtime
 from .._services._service import ServiceBase
+from .._settings._builtin import BUILTIN
 from .._settings._config import Config
 from .._settings._flags import add_system_arguments, system_config_from_args
 from ..backend._guard import TRANSIENT_ERRORS, until_done
@@ -34,6 +35,7 @@ class SystemService(ServiceBase):
         identity: defaults to ``karton.system``.
         runtime: the runtime to use (default: its own, see :class:`~asynckarton.Runtime`).
         setup_bucket: create the default bucket when it is missing.
+        batch_size: most tasks routed per round (default ``[system] route_batch_size``).
     """
 
     identity: ClassVar[str] = "karton.system"
@@ -46,12 +48,13 @@ class SystemService(ServiceBase):
         *,
         runtime: Runtime | None = None,
         setup_bucket: bool = False,
-        batch_size: int = 500,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__(config, identity, runtime=runtime)
         self.settings = self.config.system_settings()
         self.setup_bucket = setup_bucket or self.settings.setup_bucket
-        self.batch_size = batch_size
+        # None: ``[system] route_batch_size`` (the router's half of parallel_batch_size)
+        self.batch_size = batch_size or int(self.option(BUILTIN["system"]["route_batch_size"]))
         self.router: Router | None = None
         self.gc: GarbageCollector | None = None
         self._scope: anyio.CancelScope | None = None
