@@ -36,6 +36,7 @@ from .._wire._query import compile_filters
 from .._wire._task import Task, TaskState, current_task
 from ..backend import TRANSIENT_ERRORS, Bind, until_done
 from ._completion import Completer
+from ._concurrency import ConcurrencyControlType, ConcurrencyGate  # concurrency control
 from ._logging import RecordMaker, needs_record
 from ._service import ServiceBase
 
@@ -89,6 +90,12 @@ class Consumer(ServiceBase):
     lease_timeout: ClassVar[float | None] = None
     #: Tasks taken ahead of free workers (default: concurrency_limit; 0 when it is 1).
     prefetch: ClassVar[int | None] = None
+    # concurrency control (pynenc's options; see asynckarton._services._concurrency)
+    running_concurrency: ClassVar[ConcurrencyControlType | str] = ConcurrencyControlType.DISABLED
+    registration_concurrency: ClassVar[ConcurrencyControlType | str] = "disabled"
+    key_arguments: ClassVar[tuple[str, ...]] = ()
+    on_diff_non_key_args_raise: ClassVar[bool] = False
+    reroute_on_concurrency_control: ClassVar[bool] = False
 
     def __init__(self, config: Config | None = None, identity: str | None = None) -> None:
         super().__init__(config, identity)
@@ -96,6 +103,7 @@ class Consumer(ServiceBase):
             raise ValueError("filters must be a list of dicts (use [] to match nothing)")
         self._match = compile_filters(list(self.filters))
         self._read_policy(self.config)
+        self._gate = ConcurrencyGate.for_consumer(self)  # concurrency control
         self._pre_hooks: list[tuple[str | None, PreHook]] = []
         self._post_hooks: list[tuple[str | None, PostHook]] = []
         self._scopes: tuple[anyio.CancelScope, anyio.CancelScope] | None = None
@@ -220,6 +228,7 @@ class Consumer(ServiceBase):
                 background.start_soon(self._keep_leases)
                 background.start_soon(self._watch_loop_lag)
                 background.start_soon(self._unstrand)
+                background.start_soon(self._gate.run)  # concurrency control
                 self._blocking = blocking
                 stopped = False
                 try:
@@ -242,6 +251,7 @@ class Consumer(ServiceBase):
             self.log.info("Service %s registered its bind", self.identity)
         elif old != self.bind:
             self.log.info("Service %s replaced an older bind", self.identity)
+        await self._gate.publish()  # concurrency control
         self.log.info("Service %s started (concurrency %d)", self.identity, self.concurrency_limit)
 
     async def _consume(self, task_status: TaskStatus[None]) -> None:
@@ -394,6 +404,7 @@ class Consumer(ServiceBase):
                 continue
             task.status, task.last_update = TaskState.STARTED, time.time()
             tasks.append(task)
+        tasks = await self._gate.admit(tasks)  # concurrency control
         with anyio.CancelScope(shield=True):
             await self.backend.set_tasks(tasks)
             await self.backend.quarantine(broken)
@@ -428,6 +439,7 @@ class Consumer(ServiceBase):
                 await self._hand_back(task)
             raise
         finally:
+            self._gate.release(task)  # concurrency control
             current_task.reset(token)
 
     async def _run_process(self, task: Task) -> BaseException | None:
@@ -528,6 +540,7 @@ class Consumer(ServiceBase):
         self._completer.add(task, crashed=crashed, dead=dead)
 
     async def _hand_back(self, task: Task) -> None:
+        self._gate.release(task)  # concurrency control
         if self._leased.pop(task.uid, None) is None:
             return  # already completed or rescheduled
         try:
@@ -599,6 +612,7 @@ class Consumer(ServiceBase):
                 if moved:
                     self.log.warning("Requeued %d task(s) whose consumer died", moved)
                 await self.backend.release_delayed()
+                await self._gate.sweep()  # concurrency control
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("Redis unavailable for lease renewal: %s", exc)
             await anyio.sleep(period)

@@ -130,8 +130,8 @@ end
 return moved
 """
 
-# Requeue a Spawned task that sits in no queue, under no lease and in no retry schedule
-# (a consumer died between popping and leasing it).  ARGV = uid, identity, priority, and
+# Requeue a Spawned task that sits in no queue, under no lease, in no retry schedule and
+# is not parked by concurrency control (a consumer died between popping and leasing it).  ARGV = uid, identity, priority, and
 # the body the GC judged: the task is requeued only if it has not changed since (so the
 # verdict still holds), without parsing JSON in Lua.  Returns 1 if requeued.
 REQUEUE_ORPHAN: Final = """
@@ -139,6 +139,7 @@ local uid = ARGV[1]
 if redis.call('GET', 'karton.task:' .. uid) ~= ARGV[4] then return 0 end
 if redis.call('ZSCORE', 'asynckarton.leases:' .. ARGV[2], uid) then return 0 end
 if redis.call('ZSCORE', 'asynckarton.delayed', uid) then return 0 end
+if redis.call('HEXISTS', 'asynckarton.parked.index:' .. ARGV[2], uid) == 1 then return 0 end  -- concurrency control
 local queue = 'karton.queue.' .. ARGV[3] .. ':' .. ARGV[2]
 if redis.call('LPOS', queue, uid) then return 0 end
 if redis.call('LPOS', ARGV[2], uid) then return 0 end

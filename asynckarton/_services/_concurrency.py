@@ -1,0 +1,545 @@
+"""Concurrency control, pynenc's names and semantics, enforced atomically in Redis.
+
+In Karton's model a consumer identity plays the part of a pynenc task, and a routed
+copy's headers and payload (persistent ones included) are its arguments.  Resources
+compare by their sha256; routing fields (uids, ``receiver``, ``origin``, status,
+timestamps) are left out.
+
+Policies (class attributes of :class:`~asynckarton.Consumer`, or ``[karton]`` options):
+
+``running_concurrency``
+    ``task``: at most one task of the identity runs at a time, across every process and
+    machine; ``arguments``: none with equal arguments at once; ``keys``: none with equal
+    ``key_arguments`` at once.  The slot is taken by one Lua call right after the fetch
+    (see :mod:`asynckarton.backend._concurrency`), so there is no check-then-act race.
+    A slot belongs to a task uid and counts only while that uid holds a live lease:
+    finishing, crashing, scheduling a retry and handing back all drop the lease in the
+    same write that records the state, and a SIGKILLed holder's lease expires, so a slot
+    frees itself within ``lease_timeout`` with no extra process.
+``registration_concurrency``
+    a copy routed to the identity while an equal one (same scope) is still pending for it
+    (routed, not yet fetched) is not queued again.  This holds for routes made by
+    asynckarton's system service only: karton-system knows nothing of policies and
+    queues every copy; such copies are still subject to running concurrency.
+``key_arguments``
+    dotted paths into the task, ``headers.kind`` or ``payload.sample`` (deeper paths
+    walk nested dicts; payload paths see persistent payload too, as ``get_payload``
+    does).  A missing path compares equal to another missing one.
+``on_diff_non_key_args_raise``
+    when the scope matches (``task`` or ``keys``) but the other arguments differ, the
+    newcomer ends Crashed with an error naming the differing fields, instead of being
+    treated as a repeat of the holder.
+``reroute_on_concurrency_control``
+    False (pynenc's default): a blocked task ends **Crashed** with a
+    ``ConcurrencyControlled`` error naming the holder and the scope, counted in
+    ``asynckarton.concurrency:<identity>`` and logged.  Crashed because it is the one
+    final Karton state that karton-dashboard keeps and lists with its error, from which
+    an operator can restart the task; Finished would be deleted by the next GC pass as if
+    the work had been done.  True: the task is parked (its uid in a per-scope list, its
+    lease dropped, its body left Spawned) and moved back to the head of its queue when
+    the holder releases the slot.  Growth is bounded: a parked task is one list entry,
+    touched once per release of its scope (each release moves at most one parked task),
+    and never re-queued in a loop, unlike pynenc's reroute which re-enqueues the blocked
+    invocation on every pass.  A periodic sweep unparks tasks whose holder lost its lease.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import orjson
+
+from .._errors import ConfigError
+from .._settings._config import Config
+from .._wire._resource import RESOURCE_KEY, ResourceBase
+from .._wire._task import Task, TaskState
+from ..backend import TRANSIENT_ERRORS, KartonBackend
+from ..backend._concurrency import Admission, SlotStore
+from ..backend._keys import queue_key
+
+__all__ = [
+    "ConcurrencyControlType",
+    "ConcurrencyControlled",
+    "ConcurrencyGate",
+    "ConcurrencyPolicy",
+    "argument_fields",
+    "differing_fields",
+    "scope_digest",
+]
+
+#: Header names that describe routing, not the work: never part of a task's arguments.
+ROUTING_HEADERS = frozenset({"receiver", "origin"})
+#: Karton < 5.2's copy of the persistent headers inside the persistent payload.
+_HEADERS_COPY = "__headers_persistent"
+RELEASE_LINGER = 0.002  # seconds a release waits for company (one script call per batch)
+
+
+class ConcurrencyControlType(enum.StrEnum):
+    """pynenc's concurrency scopes (values are the lowercase names)."""
+
+    DISABLED = "disabled"
+    TASK = "task"
+    ARGUMENTS = "arguments"
+    KEYS = "keys"
+
+    @classmethod
+    def parse(cls, value: object, *, option: str = "", source: str = "") -> ConcurrencyControlType:
+        """Accept a member or its name in any case (config files, environment, flags).
+
+        Raises:
+            ConfigError: not one of ``disabled``, ``task``, ``arguments``, ``keys``.
+        """
+        if isinstance(value, cls):
+            return value
+        text = str(value).strip().lower()
+        try:
+            return cls(text)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise ConfigError(
+                f"{option or 'concurrency control'} must be one of {allowed}, not {value!r}",
+                section="karton", option=option or None, value=value, source=source or None,
+            ) from None  # fmt: skip
+
+
+class ConcurrencyControlled(Exception):
+    """A task met a held slot: written into the task's ``error`` (Crashed), never raised."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConcurrencyPolicy:
+    """One consumer identity's resolved concurrency policy."""
+
+    running_concurrency: ConcurrencyControlType = ConcurrencyControlType.DISABLED
+    registration_concurrency: ConcurrencyControlType = ConcurrencyControlType.DISABLED
+    key_arguments: tuple[str, ...] = ()
+    on_diff_non_key_args_raise: bool = False
+    reroute_on_concurrency_control: bool = False
+
+    def __post_init__(self) -> None:
+        for path in self.key_arguments:
+            head, _, rest = path.partition(".")
+            if head not in ("headers", "payload") or not rest:
+                raise ConfigError(
+                    f"key_arguments entry {path!r} must be headers.<name> or payload.<name>",
+                    section="karton", option="key_arguments", value=path,
+                )  # fmt: skip
+        keys = ConcurrencyControlType.KEYS
+        modes = (self.running_concurrency, self.registration_concurrency)
+        if keys in modes and not self.key_arguments:
+            # pynenc silently degrades KEYS without keys to TASK; refusing is clearer.
+            raise ConfigError(
+                "concurrency control 'keys' needs key_arguments (e.g. headers.kind)",
+                section="karton", option="key_arguments",
+            )  # fmt: skip
+
+    @classmethod
+    def resolve(cls, config: Config, defaults: Mapping[str, Any]) -> ConcurrencyPolicy:
+        """``[karton]`` values over ``defaults`` (the consumer's class attributes)."""
+        values = dict(defaults)
+        for name in (
+            "running_concurrency",
+            "registration_concurrency",
+            "on_diff_non_key_args_raise",
+            "reroute_on_concurrency_control",
+            "key_arguments",
+        ):
+            if config.get("karton", name) is None:
+                continue
+            if name.endswith("_concurrency"):
+                values[name] = config.get("karton", name)
+            elif name == "key_arguments":
+                raw = config.get("karton", name)
+                values[name] = raw.replace(",", " ").split() if isinstance(raw, str) else raw
+            else:
+                values[name] = config.getboolean("karton", name)
+        running = values.get("running_concurrency", ConcurrencyControlType.DISABLED)
+        registration = values.get("registration_concurrency", ConcurrencyControlType.DISABLED)
+        return cls(
+            running_concurrency=ConcurrencyControlType.parse(
+                running, option="running_concurrency",
+                source=config.source("karton", "running_concurrency"),
+            ),
+            registration_concurrency=ConcurrencyControlType.parse(
+                registration, option="registration_concurrency",
+                source=config.source("karton", "registration_concurrency"),
+            ),
+            key_arguments=tuple(values.get("key_arguments") or ()),
+            on_diff_non_key_args_raise=bool(values.get("on_diff_non_key_args_raise")),
+            reroute_on_concurrency_control=bool(values.get("reroute_on_concurrency_control")),
+        )  # fmt: skip
+
+    @property
+    def enabled(self) -> bool:
+        """Whether either control is on."""
+        off = ConcurrencyControlType.DISABLED
+        return self.running_concurrency is not off or self.registration_concurrency is not off
+
+    def to_json(self) -> str:
+        """Stable JSON (sorted keys, enums as values), as pynenc's ``options_to_json``."""
+        return json.dumps(
+            {
+                "key_arguments": list(self.key_arguments),
+                "on_diff_non_key_args_raise": self.on_diff_non_key_args_raise,
+                "registration_concurrency": self.registration_concurrency.value,
+                "reroute_on_concurrency_control": self.reroute_on_concurrency_control,
+                "running_concurrency": self.running_concurrency.value,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: str) -> ConcurrencyPolicy:
+        """Parse :meth:`to_json` output (unknown fields are ignored: newer writers)."""
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError(f"a policy is a JSON object, not {type(doc).__name__}")
+        return cls(
+            running_concurrency=ConcurrencyControlType.parse(doc.get("running_concurrency", "disabled")),
+            registration_concurrency=ConcurrencyControlType.parse(
+                doc.get("registration_concurrency", "disabled")
+            ),
+            key_arguments=tuple(doc.get("key_arguments") or ()),
+            on_diff_non_key_args_raise=bool(doc.get("on_diff_non_key_args_raise")),
+            reroute_on_concurrency_control=bool(doc.get("reroute_on_concurrency_control")),
+        )  # fmt: skip
+
+    def differences(self, other: ConcurrencyPolicy) -> list[str]:
+        """Names of the settings whose values differ from ``other``'s."""
+        mine, theirs = json.loads(self.to_json()), json.loads(other.to_json())
+        return sorted(name for name in mine if mine[name] != theirs.get(name))
+
+
+# -- arguments and digests -----------------------------------------------------------------
+
+
+def _canonical(value: Any) -> Any:
+    """Replace resources by their sha256 (wire dicts and objects alike), recursively."""
+    if isinstance(value, ResourceBase):
+        return {RESOURCE_KEY: value.sha256 or value.uid}
+    if isinstance(value, dict):
+        inner = value.get(RESOURCE_KEY)
+        if len(value) == 1 and isinstance(inner, dict):
+            meta = inner.get("metadata")
+            sha = inner.get("sha256") or (meta.get("sha256") if isinstance(meta, dict) else None)
+            return {RESOURCE_KEY: sha or inner.get("uid")}
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers beyond 64 bits, odd types: the slow, general encoder
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _payload(payload: Mapping[str, Any], persistent: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {k: v for k, v in persistent.items() if k != _HEADERS_COPY}
+    merged.update(payload)  # get_payload looks in payload first
+    return merged
+
+
+def argument_fields(
+    headers: Mapping[str, Any], payload: Mapping[str, Any], payload_persistent: Mapping[str, Any]
+) -> dict[str, str]:
+    """Map each top-level argument (``headers.x``, ``payload.y``) to a digest of its value.
+
+    Works on a parsed :class:`Task` (resources as objects) and on a wire document
+    (resources as ``{"__karton_resource__": {...}}``) alike.
+    """
+    out = {
+        f"headers.{k}": _hash(_dumps(_canonical(v)))
+        for k, v in headers.items()
+        if k not in ROUTING_HEADERS
+    }
+    for k, v in _payload(payload, payload_persistent).items():
+        out[f"payload.{k}"] = _hash(_dumps(_canonical(v)))
+    return out
+
+
+_MISSING = object()
+
+
+def _lookup(headers: Mapping[str, Any], payload: dict[str, Any], path: str) -> Any:
+    head, _, rest = path.partition(".")
+    node: Any = headers if head == "headers" else payload
+    for part in rest.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return _canonical(node)
+
+
+def scope_digest(
+    mode: ConcurrencyControlType,
+    headers: Mapping[str, Any],
+    payload: Mapping[str, Any],
+    payload_persistent: Mapping[str, Any],
+    key_arguments: Iterable[str] = (),
+) -> str:
+    """Digest naming the scope of a task: equal digests may not run (or queue) together.
+
+    ``task``: one constant; ``arguments``: headers (minus routing ones) and payload with
+    persistent payload; ``keys``: the values at ``key_arguments`` only.  Canonical JSON
+    (sorted keys, resources by sha256) then sha256, so key order never matters.
+    """
+    if mode is ConcurrencyControlType.TASK or mode is ConcurrencyControlType.DISABLED:
+        return "task"
+    merged = _payload(payload, payload_persistent)
+    if mode is ConcurrencyControlType.KEYS:
+        picked = {}
+        for path in key_arguments:
+            value = _lookup(headers, merged, path)
+            if value is not _MISSING:  # absent paths are left out: equal to each other
+                picked[path] = value
+        return "k" + _hash(_dumps(picked))
+    doc = {
+        "headers": {k: _canonical(v) for k, v in headers.items() if k not in ROUTING_HEADERS},
+        "payload": _canonical(merged),
+    }
+    return "a" + _hash(_dumps(doc))
+
+
+def arguments_digest(fields: Mapping[str, str]) -> str:
+    """Digest of all arguments, from :func:`argument_fields`."""
+    return _hash(_dumps(dict(fields)))
+
+
+def differing_fields(
+    mine: Mapping[str, str], theirs: Mapping[str, str], key_arguments: Iterable[str] = ()
+) -> list[str]:
+    """Top-level argument names whose values differ (or exist on one side only)."""
+    keys = {path.split(".", 2)[0] + "." + path.split(".", 2)[1] for path in key_arguments}
+    names = (set(mine) | set(theirs)) - keys
+    return sorted(n for n in names if mine.get(n) != theirs.get(n))
+
+
+def task_scope(task: Task, mode: ConcurrencyControlType, key_arguments: Iterable[str]) -> str:
+    """:func:`scope_digest` of a parsed task."""
+    return scope_digest(mode, task.headers, task.payload, task.payload_persistent, key_arguments)
+
+
+def task_fields(task: Task) -> dict[str, str]:
+    """:func:`argument_fields` of a parsed task."""
+    return argument_fields(task.headers, task.payload, task.payload_persistent)
+
+
+# -- the consumer-side gate ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Held:
+    digest: str
+    pending: str  # registration digest to clear, or ""
+
+
+@dataclass(slots=True)
+class ConcurrencyGate:
+    """Admits fetched tasks through their slots and releases the slots afterwards.
+
+    Args:
+        backend: returns the service's backend (it exists only inside ``async with``).
+        identity: the consumer identity (the pynenc "task").
+        policy: the resolved policy.
+        log: the consumer's logger.
+        crash: records a task as Crashed (the consumer's completion path).
+        instance: this replica's id (its published policy is filed under it).
+    """
+
+    backend: Callable[[], KartonBackend]
+    identity: str
+    policy: ConcurrencyPolicy
+    log: logging.Logger
+    crash: Callable[[Task], None]
+    instance: str
+    _store: SlotStore | None = None
+    _held: dict[str, _Held] = field(default_factory=dict)
+    _releases: list[tuple[str, str]] = field(default_factory=list)
+    _wake: anyio.Event = field(default_factory=anyio.Event)
+
+    @classmethod
+    def for_consumer(cls, consumer: Any) -> ConcurrencyGate:
+        """The gate of a :class:`~asynckarton.Consumer`: class attributes under ``[karton]``."""
+        defaults = {
+            name: getattr(type(consumer), name)
+            for name in (
+                "running_concurrency",
+                "registration_concurrency",
+                "key_arguments",
+                "on_diff_non_key_args_raise",
+                "reroute_on_concurrency_control",
+            )
+        }
+        return cls(
+            backend=lambda: consumer.backend,
+            identity=consumer.identity,
+            policy=ConcurrencyPolicy.resolve(consumer.config, defaults),
+            log=consumer.log,
+            crash=lambda task: consumer._completer_add(task, crashed=True),
+            instance=consumer.instance_id,
+        )
+
+    @property
+    def running(self) -> bool:
+        """Whether running concurrency is on (admission costs a script call)."""
+        return self.policy.running_concurrency is not ConcurrencyControlType.DISABLED
+
+    def _slots(self) -> SlotStore:
+        store = self._store
+        if store is None or store.backend is not self.backend():
+            store = self._store = SlotStore(self.backend(), self.identity)
+        return store
+
+    async def admit(self, tasks: list[Task]) -> list[Task]:
+        """Return the tasks that may run now; record the others (Crashed or parked).
+
+        One script call for the whole batch: takes each task's slot, or reports who holds
+        it (and parks the task when rerouting).  Tasks taken here count as fetched, so the
+        registration entry that kept equal copies from being queued is cleared.
+        """
+        policy = self.policy
+        if not tasks or not policy.enabled:
+            return tasks
+        registration = policy.registration_concurrency
+        pendings = [
+            task_scope(t, registration, policy.key_arguments)
+            if registration is not ConcurrencyControlType.DISABLED
+            else ""
+            for t in tasks
+        ]
+        if not self.running:
+            await self._slots().forget_pending(
+                list(zip((t.uid for t in tasks), pendings, strict=True))
+            )
+            return tasks
+        mode = policy.running_concurrency
+        want_fields = (
+            policy.on_diff_non_key_args_raise and mode is not ConcurrencyControlType.ARGUMENTS
+        )
+        requests = []
+        fields_of: dict[str, dict[str, str]] = {}
+        for task, pending in zip(tasks, pendings, strict=True):
+            info = ""
+            if want_fields:
+                fields = fields_of[task.uid] = task_fields(task)
+                info = arguments_digest(fields) + " " + json.dumps(fields, sort_keys=True)
+            requests.append(
+                Admission(
+                    uid=task.uid,
+                    digest=task_scope(task, mode, policy.key_arguments),
+                    info=info,
+                    queue=queue_key(task.priority.value, self.identity),
+                    pending=pending,
+                )
+            )
+        results = await self._slots().acquire(
+            requests, reroute=policy.reroute_on_concurrency_control, on_diff=want_fields
+        )
+        admitted: list[Task] = []
+        for task, request, result in zip(tasks, requests, results, strict=True):
+            if result.outcome == "run":
+                self._held[task.uid] = _Held(request.digest, request.pending)
+                admitted.append(task)
+            elif result.outcome == "parked":
+                self.log.info(
+                    "Task %s parked: %s concurrency held by %s; it runs once that one ends",
+                    task.uid, mode.value, result.holder,
+                )  # fmt: skip
+            elif result.outcome == "differs":
+                theirs = json.loads(result.info.split(" ", 1)[1]) if " " in result.info else {}
+                names = differing_fields(fields_of[task.uid], theirs, policy.key_arguments)
+                self._refuse(
+                    task,
+                    f"same {mode.value} as running task {result.holder} but different "
+                    f"non-key arguments: {', '.join(names) or '(unknown)'} "
+                    "(on_diff_non_key_args_raise)",
+                )
+            else:
+                self._refuse(
+                    task,
+                    f"running_concurrency={mode.value}: task {result.holder} holds the slot "
+                    f"(scope {request.digest}); not rerouted (reroute_on_concurrency_control "
+                    "is off)",
+                )
+        return admitted
+
+    def _refuse(self, task: Task, message: str) -> None:
+        self.log.warning("Task %s not run: %s", task.uid, message)
+        task.status, task.last_update = TaskState.CRASHED, time.time()
+        task.error = [f"{ConcurrencyControlled.__name__}: {message}\n"]
+        self.crash(task)
+
+    def release(self, task: Task) -> None:
+        """Give back ``task``'s slot (no-op if it holds none); written in batches.
+
+        Safe to call twice and safe to lose: the slot already stopped counting when the
+        task's lease was dropped with its final state; this also wakes a parked task.
+        """
+        held = self._held.pop(task.uid, None)
+        if held is None:
+            return
+        self._releases.append((task.uid, held.digest))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write releases as they accumulate, until cancelled (then flush, shielded)."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                await anyio.sleep(RELEASE_LINGER)
+                await self._flush()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+                await self._flush()
+
+    async def _flush(self) -> None:
+        while self._releases:
+            batch, self._releases = self._releases, []
+            try:
+                await self._slots().release(batch)
+            except TRANSIENT_ERRORS as exc:
+                # The slots already count as free (their leases are gone); the sweep of
+                # any replica unparks waiters.  Nothing to retry.
+                self.log.warning("Redis unavailable to release %d slot(s): %s", len(batch), exc)
+                return
+
+    async def sweep(self) -> None:
+        """Unpark tasks whose slot's holder lost its lease; refresh the published policy."""
+        store = self._slots()
+        if self.running:
+            moved = await store.sweep()
+            if moved:
+                self.log.warning("Unparked %d task(s) whose slot holder died", moved)
+        await store.publish_policy(self.instance, self.policy.to_json(), refresh=True)
+
+    async def publish(self) -> None:
+        """Publish the resolved policy beside the bind; warn if replicas disagree."""
+        others = await self._slots().publish_policy(self.instance, self.policy.to_json())
+        for instance, raw in others.items():
+            try:
+                other = ConcurrencyPolicy.from_json(raw)
+            except (ValueError, ConfigError):
+                continue
+            differing = self.policy.differences(other)
+            if differing:
+                self.log.warning(
+                    "Replica %s of %s publishes a different concurrency policy: %s differ",
+                    instance, self.identity, ", ".join(differing),
+                )  # fmt: skip

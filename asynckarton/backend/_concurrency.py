@@ -1,0 +1,427 @@
+"""Concurrency slots, parked tasks, pending registrations and published policies.
+
+Keys (all under ``asynckarton.``, which Karton ignores; see the key functions below):
+
+=====================================  ====  ================================================
+``asynckarton.running:<id>``           hash  scope digest -> uid of the task holding it
+``asynckarton.running.args:<id>``      hash  scope digest -> "<args digest> <fields JSON>"
+                                             of the holder (only with on_diff_non_key...)
+``asynckarton.parked:<id>:<digest>``   list  uids waiting for that slot, oldest first
+``asynckarton.parked.index:<id>``      hash  parked uid -> "<digest> <queue key>"
+``asynckarton.parked.digests:<id>``    set   digests that have parked tasks (the sweep's
+                                             worklist)
+``asynckarton.pending:<id>``           hash  registration digest -> uid routed, not fetched
+``asynckarton.policy:<id>``            hash  replica instance -> "<ms> <policy JSON>"
+``asynckarton.concurrency:<id>``       hash  counters: blocked, parked, unparked,
+                                             differing, taken_over, duplicates
+=====================================  ====  ================================================
+
+A slot counts only while its holder's uid has a live lease in ``asynckarton.leases:<id>``
+(the same sorted set the consumer renews): every path that ends a task's run (final
+state, retry schedule, hand-back) drops the lease in the write that records it, and a
+SIGKILLed consumer's leases expire.  So a slot never outlives its holder by more than the
+lease timeout, even if the release below is never sent.  Scripts never re-encode task
+bodies (see ``_scripts.py``); they only move uids and compare strings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+from . import _keys as keys
+from ._redis import KartonBackend
+
+__all__ = [
+    "ACQUIRE",
+    "REGISTER",
+    "RELEASE",
+    "SWEEP",
+    "Admission",
+    "Outcome",
+    "SlotStore",
+    "concurrency_stats_key",
+    "parked_digests_key",
+    "parked_index_key",
+    "parked_prefix",
+    "pending_key",
+    "policy_key",
+    "running_args_key",
+    "running_key",
+]
+
+POLICY_STALE_AFTER = 30.0  # seconds without a refresh before a replica's policy is ignored
+
+
+def running_key(identity: str) -> str:
+    """Slots of ``identity``: scope digest -> holder uid."""
+    return "asynckarton.running:" + identity
+
+
+def running_args_key(identity: str) -> str:
+    """Arguments of each slot's holder (to name differing fields)."""
+    return "asynckarton.running.args:" + identity
+
+
+def parked_prefix(identity: str) -> str:
+    """Prefix of the per-digest lists of parked uids."""
+    return f"asynckarton.parked:{identity}:"
+
+
+def parked_index_key(identity: str) -> str:
+    """Parked uid -> "<digest> <queue key>"."""
+    return "asynckarton.parked.index:" + identity
+
+
+def parked_digests_key(identity: str) -> str:
+    """Digests that have parked tasks."""
+    return "asynckarton.parked.digests:" + identity
+
+
+def pending_key(identity: str) -> str:
+    """Registration digest -> uid routed to ``identity`` and not fetched yet."""
+    return "asynckarton.pending:" + identity
+
+
+def policy_key(identity: str) -> str:
+    """Published concurrency policies of ``identity``'s replicas."""
+    return "asynckarton.policy:" + identity
+
+
+def concurrency_stats_key(identity: str) -> str:
+    """Counters of concurrency-control outcomes for ``identity``."""
+    return "asynckarton.concurrency:" + identity
+
+
+# Move the first live parked uid of one digest to the head of its queue (shared by RELEASE
+# and SWEEP).  ``prefix`` = parked list prefix, ``index``/``digests``/``stats`` = keys,
+# ``taskp`` = task key prefix.  Uids whose task is gone are dropped on the way.
+_UNPARK: Final = """
+local function unpark(prefix, index, digests, stats, taskp, digest)
+  local list = prefix .. digest
+  while true do
+    local uid = redis.call('LPOP', list)
+    if not uid then break end
+    local where = redis.call('HGET', index, uid)
+    redis.call('HDEL', index, uid)
+    if where and redis.call('EXISTS', taskp .. uid) == 1 then
+      local queue = string.match(where, '^%S+ (.+)$')
+      redis.call('LPUSH', queue, uid)
+      redis.call('HINCRBY', stats, 'unparked', 1)
+      break
+    end
+  end
+  if redis.call('LLEN', list) == 0 then redis.call('SREM', digests, digest) end
+end
+"""
+
+# Take or refuse the slot of each fetched task, in one atomic step.
+# KEYS: running, running.args, leases, parked index, parked digests, stats, pending.
+# ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, then per task: uid,
+# digest, info ("<args digest> <fields>" or ""), its queue key, pending digest ("").
+# Returns per task: outcome (run / blocked / parked / differs), holder uid, holder info.
+ACQUIRE: Final = """
+local now = tonumber(ARGV[1])
+local reroute, ondiff = ARGV[2] == '1', ARGV[3] == '1'
+local prefix = ARGV[4]
+local out = {}
+for i = 5, #ARGV, 5 do
+  local uid, digest, info, queue, pend = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  if pend ~= '' and redis.call('HGET', KEYS[7], pend) == uid then
+    redis.call('HDEL', KEYS[7], pend)
+  end
+  local where = redis.call('HGET', KEYS[4], uid)
+  if where then  -- parked, then delivered by another path (GC, operator): unpark it here
+    redis.call('LREM', prefix .. string.match(where, '^(%S+)'), 0, uid)
+    redis.call('HDEL', KEYS[4], uid)
+  end
+  local holder = redis.call('HGET', KEYS[1], digest)
+  local live = false
+  if holder and holder ~= uid then
+    local deadline = redis.call('ZSCORE', KEYS[3], holder)
+    live = deadline ~= false and tonumber(deadline) >= now
+  end
+  if not live then
+    if holder and holder ~= uid then redis.call('HINCRBY', KEYS[6], 'taken_over', 1) end
+    redis.call('HSET', KEYS[1], digest, uid)
+    if info ~= '' then redis.call('HSET', KEYS[2], digest, info)
+    else redis.call('HDEL', KEYS[2], digest) end
+    out[#out + 1] = 'run'; out[#out + 1] = ''; out[#out + 1] = ''
+  else
+    local held = ''
+    if ondiff then held = redis.call('HGET', KEYS[2], digest) or '' end
+    if ondiff and held ~= '' and info ~= '' and
+        string.match(held, '^(%S+)') ~= string.match(info, '^(%S+)') then
+      redis.call('HINCRBY', KEYS[6], 'differing', 1)
+      out[#out + 1] = 'differs'
+    elseif reroute then
+      redis.call('RPUSH', prefix .. digest, uid)
+      redis.call('HSET', KEYS[4], uid, digest .. ' ' .. queue)
+      redis.call('SADD', KEYS[5], digest)
+      redis.call('ZREM', KEYS[3], uid)
+      redis.call('HINCRBY', KEYS[6], 'parked', 1)
+      out[#out + 1] = 'parked'
+    else
+      redis.call('HINCRBY', KEYS[6], 'blocked', 1)
+      out[#out + 1] = 'blocked'
+    end
+    out[#out + 1] = holder; out[#out + 1] = held
+  end
+end
+return out
+"""
+
+# Release slots: ARGV = parked prefix, task key prefix, then uid, digest pairs.  A slot is
+# deleted only if that uid still holds it; then the first parked task of the digest goes
+# back to the head of its queue.  KEYS: running, running.args, parked index, parked
+# digests, stats.  Returns how many tasks were unparked.
+RELEASE: Final = (
+    _UNPARK
+    + """
+local before = tonumber(redis.call('HGET', KEYS[5], 'unparked') or '0')
+for i = 3, #ARGV, 2 do
+  local uid, digest = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', KEYS[1], digest) == uid then
+    redis.call('HDEL', KEYS[1], digest)
+    redis.call('HDEL', KEYS[2], digest)
+    unpark(ARGV[1], KEYS[3], KEYS[4], KEYS[5], ARGV[2], digest)
+  end
+end
+return tonumber(redis.call('HGET', KEYS[5], 'unparked') or '0') - before
+"""
+)
+
+# Sweep: free slots whose holder has no live lease (SIGKILLed, or its release was lost) and
+# unpark one task for every parked digest whose slot is free.  KEYS: running, running.args,
+# leases, parked index, parked digests, stats.  ARGV: now (ms), parked prefix, task key
+# prefix, most slots inspected.  Returns how many tasks were unparked.
+SWEEP: Final = (
+    _UNPARK
+    + """
+local now = tonumber(ARGV[1])
+local function dead(holder)
+  local deadline = redis.call('ZSCORE', KEYS[3], holder)
+  return deadline == false or tonumber(deadline) < now
+end
+if redis.call('HLEN', KEYS[1]) <= tonumber(ARGV[4]) then
+  local slots = redis.call('HGETALL', KEYS[1])
+  for i = 1, #slots, 2 do
+    if dead(slots[i + 1]) then
+      redis.call('HDEL', KEYS[1], slots[i])
+      redis.call('HDEL', KEYS[2], slots[i])
+    end
+  end
+end
+local before = tonumber(redis.call('HGET', KEYS[6], 'unparked') or '0')
+for _, digest in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  local holder = redis.call('HGET', KEYS[1], digest)
+  if not holder or dead(holder) then
+    redis.call('HDEL', KEYS[1], digest)
+    unpark(ARGV[2], KEYS[4], KEYS[5], KEYS[6], ARGV[3], digest)
+  end
+end
+return tonumber(redis.call('HGET', KEYS[6], 'unparked') or '0') - before
+"""
+)
+
+# Route one copy under registration concurrency (run inside the router's MULTI/EXEC).
+# ARGV: pending key, stats key, queue key, task key prefix, then per copy: uid, digest,
+# Spawned body, duplicate body (Finished).  A copy whose digest maps to a uid that is
+# still Spawned (not fetched yet: fetching clears the entry) is written as the duplicate
+# and not queued; otherwise it is written Spawned, queued and becomes the pending one.
+# "Spawned" is read from the body's tail, where sorted JSON puts status and uid, so no
+# JSON is parsed or re-encoded here.
+REGISTER: Final = """
+local pending, stats, queue, taskp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local dups = 0
+for i = 5, #ARGV, 4 do
+  local uid, digest, body, dup = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local held = redis.call('HGET', pending, digest)
+  local live = false
+  if held and held ~= uid then
+    local other = redis.call('GET', taskp .. held)
+    live = other and string.find(other, '"status":%s*"Spawned",%s*"uid":%s*"[^"]*"%s*}%s*$') ~= nil
+  end
+  if live then
+    redis.call('SET', taskp .. uid, string.gsub(dup, '__DUPLICATE_OF__', held))
+    dups = dups + 1
+  else
+    redis.call('SET', taskp .. uid, body)
+    redis.call('RPUSH', queue, uid)
+    redis.call('HSET', pending, digest, uid)
+  end
+end
+if dups > 0 then redis.call('HINCRBY', stats, 'duplicates', dups) end
+return dups
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """One fetched task asking for its slot."""
+
+    uid: str
+    digest: str  # running scope digest
+    info: str  # "<args digest> <fields JSON>" when differing arguments must be named
+    queue: str  # key of the queue it goes back to (head) when unparked
+    pending: str  # registration digest whose pending entry this fetch clears ("" = none)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What ACQUIRE decided for one task."""
+
+    outcome: str  # "run", "blocked", "parked" or "differs"
+    holder: str  # uid holding the slot ("" when run)
+    info: str  # the holder's "<args digest> <fields JSON>" ("" when unknown)
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class SlotStore:
+    """The Redis side of one identity's concurrency control (one script call each)."""
+
+    def __init__(self, backend: KartonBackend, identity: str) -> None:
+        self.backend = backend
+        self.identity = identity
+        redis = backend.redis
+        self._acquire = redis.register_script(ACQUIRE)
+        self._release = redis.register_script(RELEASE)
+        self._sweep = redis.register_script(SWEEP)
+
+    async def acquire(
+        self, requests: Sequence[Admission], *, reroute: bool, on_diff: bool
+    ) -> list[Outcome]:
+        """Take or refuse each slot (ACQUIRE); parks refused ones when ``reroute``."""
+        identity = self.identity
+        args: list[Any] = [
+            _ms(time.time()),
+            int(reroute),
+            int(on_diff),
+            parked_prefix(identity),
+        ]
+        for r in requests:
+            args += [r.uid, r.digest, r.info, r.queue, r.pending]
+        flat = cast(
+            list[str],
+            await self._acquire(
+                keys=[
+                    running_key(identity),
+                    running_args_key(identity),
+                    keys.leases_key(identity),
+                    parked_index_key(identity),
+                    parked_digests_key(identity),
+                    concurrency_stats_key(identity),
+                    pending_key(identity),
+                ],
+                args=args,
+            ),
+        )
+        return [Outcome(*flat[i : i + 3]) for i in range(0, len(flat), 3)]
+
+    async def release(self, held: Sequence[tuple[str, str]]) -> int:
+        """Release ``(uid, digest)`` slots still held by those uids; unpark one per slot."""
+        if not held:
+            return 0
+        identity = self.identity
+        args: list[Any] = [parked_prefix(identity), keys.TASK_PREFIX]
+        for uid, digest in held:
+            args += [uid, digest]
+        moved: int = await self._release(
+            keys=[
+                running_key(identity),
+                running_args_key(identity),
+                parked_index_key(identity),
+                parked_digests_key(identity),
+                concurrency_stats_key(identity),
+            ],
+            args=args,
+        )
+        return moved
+
+    async def sweep(self, limit: int = 5000) -> int:
+        """Free slots of holders without a live lease; unpark where a slot is free."""
+        identity = self.identity
+        moved: int = await self._sweep(
+            keys=[
+                running_key(identity),
+                running_args_key(identity),
+                keys.leases_key(identity),
+                parked_index_key(identity),
+                parked_digests_key(identity),
+                concurrency_stats_key(identity),
+            ],
+            args=[_ms(time.time()), parked_prefix(identity), keys.TASK_PREFIX, limit],
+        )
+        return moved
+
+    async def forget_pending(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Clear pending registrations of fetched ``(uid, digest)`` (only if still theirs)."""
+        pairs = [(uid, digest) for uid, digest in pairs if digest]
+        if not pairs:
+            return
+        # Compare-and-delete per entry in one script call (ACQUIRE does it for slots).
+        flat = [part for pair in pairs for part in pair]
+        await self.backend.redis.eval(_FORGET_PENDING, 1, pending_key(self.identity), *flat)
+
+    async def publish_policy(
+        self, instance: str, policy: str, *, refresh: bool = False
+    ) -> dict[str, str]:
+        """File this replica's policy; return other live replicas' (unless ``refresh``)."""
+        redis = self.backend.redis
+        key = policy_key(self.identity)
+        now = time.time()
+        await redis.hset(key, instance, f"{_ms(now)} {policy}")
+        if refresh:
+            return {}
+        others: dict[str, str] = {}
+        stale: list[str] = []
+        raw = cast(dict[str, str], await redis.hgetall(key))
+        for other, value in raw.items():
+            if other == instance:
+                continue
+            stamp, _, text = value.partition(" ")
+            if not stamp.isdigit() or int(stamp) < _ms(now - POLICY_STALE_AFTER):
+                stale.append(other)
+            else:
+                others[other] = text
+        if stale:
+            await redis.hdel(key, *stale)
+        return others
+
+    async def stats(self) -> dict[str, int]:
+        """Counters of ``asynckarton.concurrency:<identity>``."""
+        raw = cast(
+            dict[str, str], await self.backend.redis.hgetall(concurrency_stats_key(self.identity))
+        )
+        return {k: int(v) for k, v in raw.items()}
+
+
+_FORGET_PENDING: Final = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i + 1]) == ARGV[i] then redis.call('HDEL', KEYS[1], ARGV[i + 1]) end
+end
+return 0
+"""
+
+
+async def published_policies(backend: KartonBackend, identities: Sequence[str]) -> dict[str, str]:
+    """The freshest published policy JSON of each identity that has one (one pipeline)."""
+    if not identities:
+        return {}
+    async with backend.redis.pipeline(transaction=False) as pipe:
+        for identity in identities:
+            pipe.hgetall(policy_key(identity))
+        replies = cast(list[dict[str, str]], await pipe.execute())
+    out: dict[str, str] = {}
+    for identity, entries in zip(identities, replies, strict=True):
+        best = -1
+        for value in entries.values():
+            stamp, _, text = value.partition(" ")
+            if stamp.isdigit() and int(stamp) > best:
+                best, out[identity] = int(stamp), text
+    return out
