@@ -324,3 +324,30 @@ async def test_rerouted_tasks_all_run_later_one_key_at_a_time(tmp_path: Path) ->
     assert sorted(RerouteWorker.ran, key=int) == [str(i) for i in range(30)]
     assert all(t.status is TaskState.FINISHED for t in tasks)
     assert stats["parked"] >= 1 and stats["unparked"] >= 1
+
+
+class StrictKeyWorker(KeyWorker):
+    identity = "test.strictkeys"
+    on_diff_non_key_args_raise = True
+
+
+@pytest.mark.anyio
+async def test_equal_keys_with_different_other_arguments_crash_naming_the_fields(
+    tmp_path: Path,
+) -> None:
+    _reset(StrictKeyWorker)
+    async with testing.pipeline(StrictKeyWorker, data_dir=tmp_path) as p:
+        await p.send(
+            Task({"type": "keyed", "key": "k"}, payload={"n": 0, "sleep": 0.5}),
+            Task({"type": "keyed", "key": "k"}, payload={"n": 1, "sleep": 0.5}),
+            Task({"type": "keyed", "key": "k"}, payload={"n": 0, "sleep": 0.5}),
+        )
+        await p.wait_idle()
+        tasks = await p.tasks(receiver=StrictKeyWorker.identity)
+        stats = await SlotStore(p.producer.backend, StrictKeyWorker.identity).stats()
+    errors = sorted("".join(t.error or []) for t in tasks if t.status is TaskState.CRASHED)
+    assert StrictKeyWorker.ran == ["0"]
+    assert len(errors) == 2
+    assert "different non-key arguments: payload.n " in errors[1]
+    assert "different non-key" not in errors[0] and "holds the slot" in errors[0]
+    assert stats == {"differing": 1, "blocked": 1}
