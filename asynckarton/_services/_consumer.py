@@ -246,12 +246,12 @@ class Consumer(ServiceBase):
                 await blocking.aclose()
 
     async def _register(self) -> None:
+        await self._gate.publish()  # concurrency control (before the bind: routers read both)
         old = await self.backend.register_bind(self.bind)
         if old is None:
             self.log.info("Service %s registered its bind", self.identity)
         elif old != self.bind:
             self.log.info("Service %s replaced an older bind", self.identity)
-        await self._gate.publish()  # concurrency control
         self.log.info("Service %s started (concurrency %d)", self.identity, self.concurrency_limit)
 
     async def _consume(self, task_status: TaskStatus[None]) -> None:

@@ -11,6 +11,8 @@ Keys (all under ``asynckarton.``, which Karton ignores; see the key functions be
 ``asynckarton.parked.digests:<id>``    set   digests that have parked tasks (the sweep's
                                              worklist)
 ``asynckarton.pending:<id>``           hash  registration digest -> uid routed, not fetched
+                                             (then " <args digest> <fields JSON>" when
+                                             differing arguments must be named)
 ``asynckarton.policy:<id>``            hash  replica instance -> "<ms> <policy JSON>"
 ``asynckarton.concurrency:<id>``       hash  counters: blocked, parked, unparked,
                                              differing, taken_over, duplicates
@@ -48,6 +50,7 @@ __all__ = [
     "parked_prefix",
     "pending_key",
     "policy_key",
+    "published_policies",
     "running_args_key",
     "running_key",
 ]
@@ -129,7 +132,7 @@ local prefix = ARGV[4]
 local out = {}
 for i = 5, #ARGV, 5 do
   local uid, digest, info, queue, pend = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
-  if pend ~= '' and redis.call('HGET', KEYS[7], pend) == uid then
+  if pend ~= '' and string.match(redis.call('HGET', KEYS[7], pend) or '', '^(%S+)') == uid then
     redis.call('HDEL', KEYS[7], pend)
   end
   local where = redis.call('HGET', KEYS[4], uid)
@@ -226,35 +229,67 @@ return tonumber(redis.call('HGET', KEYS[6], 'unparked') or '0') - before
 """
 )
 
-# Route one copy under registration concurrency (run inside the router's MULTI/EXEC).
-# ARGV: pending key, stats key, queue key, task key prefix, then per copy: uid, digest,
-# Spawned body, duplicate body (Finished).  A copy whose digest maps to a uid that is
-# still Spawned (not fetched yet: fetching clears the entry) is written as the duplicate
-# and not queued; otherwise it is written Spawned, queued and becomes the pending one.
+# Route copies for one identity's queue under registration concurrency; runs inside the
+# router's MULTI/EXEC, so it commits with the rest of the routed batch or not at all.
+# ARGV: pending key, stats key, queue key, task key prefix, crashed-metric key, identity,
+# then per copy: uid, digest, info ("<args digest> <fields JSON>" or ""), Spawned body,
+# duplicate body (Finished, "__DUPLICATE_OF__" stands for the pending uid), crashed body
+# ("" unless differing arguments must fail; "__FIELDS__" stands for their names).
+# A copy whose digest maps to a task still Spawned (routed, not fetched: fetching clears
+# the entry) is not queued: it is written as the duplicate, or Crashed when its other
+# arguments differ.  Otherwise it is written Spawned, queued, and becomes the pending one.
 # "Spawned" is read from the body's tail, where sorted JSON puts status and uid, so no
-# JSON is parsed or re-encoded here.
+# body is re-encoded; the fields maps (string -> hex) are safe for cjson.
 REGISTER: Final = """
 local pending, stats, queue, taskp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local dups = 0
-for i = 5, #ARGV, 4 do
-  local uid, digest, body, dup = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local held = redis.call('HGET', pending, digest)
-  local live = false
-  if held and held ~= uid then
-    local other = redis.call('GET', taskp .. held)
-    live = other and string.find(other, '"status":%s*"Spawned",%s*"uid":%s*"[^"]*"%s*}%s*$') ~= nil
+local dups, diffs = 0, 0
+local function field_names(mine, theirs)
+  local a = cjson.decode(string.match(mine, '^%S+ (.*)$'))
+  local b = cjson.decode(string.match(theirs, '^%S+ (.*)$'))
+  local names = {}
+  for k, v in pairs(a) do if b[k] ~= v then names[#names + 1] = k end end
+  for k, _ in pairs(b) do if a[k] == nil then names[#names + 1] = k end end
+  table.sort(names)
+  return string.sub(cjson.encode(table.concat(names, ', ')), 2, -2)
+end
+for i = 7, #ARGV, 6 do
+  local uid, digest, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local body, dup, crashed = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local entry = redis.call('HGET', pending, digest)
+  local held, heldinfo, live = nil, '', false
+  if entry then
+    held = string.match(entry, '^(%S+)')
+    heldinfo = string.match(entry, '^%S+ (.*)$') or ''
+    if held ~= uid then
+      local other = redis.call('GET', taskp .. held)
+      live = other ~= false and
+        string.find(other, '"status":%s*"Spawned",%s*"uid":%s*"[^"]*"%s*}%s*$') ~= nil
+    end
   end
   if live then
-    redis.call('SET', taskp .. uid, string.gsub(dup, '__DUPLICATE_OF__', held))
-    dups = dups + 1
+    local out = dup
+    if crashed ~= '' and info ~= '' and heldinfo ~= '' and
+        string.match(info, '^(%S+)') ~= string.match(heldinfo, '^(%S+)') then
+      local names = field_names(info, heldinfo)
+      out = string.gsub(crashed, '__FIELDS__', function() return names end)
+      diffs = diffs + 1
+    else
+      dups = dups + 1
+    end
+    redis.call('SET', taskp .. uid, (string.gsub(out, '__DUPLICATE_OF__', function() return held end)))
   else
     redis.call('SET', taskp .. uid, body)
     redis.call('RPUSH', queue, uid)
-    redis.call('HSET', pending, digest, uid)
+    if info ~= '' then redis.call('HSET', pending, digest, uid .. ' ' .. info)
+    else redis.call('HSET', pending, digest, uid) end
   end
 end
 if dups > 0 then redis.call('HINCRBY', stats, 'duplicates', dups) end
-return dups
+if diffs > 0 then
+  redis.call('HINCRBY', stats, 'differing', diffs)
+  redis.call('HINCRBY', ARGV[5], ARGV[6], diffs)
+end
+return dups + diffs
 """
 
 
@@ -403,7 +438,8 @@ class SlotStore:
 
 _FORGET_PENDING: Final = """
 for i = 1, #ARGV, 2 do
-  if redis.call('HGET', KEYS[1], ARGV[i + 1]) == ARGV[i] then redis.call('HDEL', KEYS[1], ARGV[i + 1]) end
+  local entry = redis.call('HGET', KEYS[1], ARGV[i + 1]) or ''
+  if string.match(entry, '^(%S+)') == ARGV[i] then redis.call('HDEL', KEYS[1], ARGV[i + 1]) end
 end
 return 0
 """

@@ -126,6 +126,8 @@ class RoutedBatch:
     outputs: dict[str, set[str]] = field(default_factory=dict)  # origin -> headers JSON
     logs: list[tuple[str, str]] = field(default_factory=list)  # channel, record JSON
     invalid: list[str] = field(default_factory=list)  # uids with unreadable bodies
+    # concurrency control: (script, keys, args) evaluated inside the commit's MULTI/EXEC
+    scripts: list[tuple[str, list[str], list[Any]]] = field(default_factory=list)
 
     def add_fork(self, uid: str, body: str, priority: str, identity: str) -> None:
         """Queue the fork ``uid`` (JSON ``body``, already Spawned) for ``identity``."""
@@ -395,6 +397,8 @@ class KartonBackend:
             if batch.logs:  # one command for the batch's records (PUBLISH each, in Lua)
                 args = [part for record in batch.logs for part in record]
                 pipe.eval(scripts.PUBLISH_MANY, 0, *args)
+            for script, script_keys, script_args in batch.scripts:  # concurrency control
+                pipe.eval(script, len(script_keys), *script_keys, *script_args)
             if batch.invalid:
                 pipe.rpush(keys.INVALID, *batch.invalid)
                 pipe.hincrby(keys.STATS, "invalid", len(batch.invalid))

@@ -21,6 +21,7 @@ import orjson
 from anyio.abc import TaskStatus
 
 from .._errors import InvalidTaskError
+from .._services._concurrency import RegistrationGuard  # concurrency control
 from .._services._logging import HOSTNAME, dumps_record
 from .._wire._query import BindIndex
 from ..backend import TRANSIENT_ERRORS, Bind, KartonBackend, RoutedBatch, until_done
@@ -78,6 +79,7 @@ class Router:
             "hostname": HOSTNAME,
         }
         self.routed = 0
+        self._registration = RegistrationGuard(log)  # concurrency control
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Route until cancelled; Redis outages are waited out with backoff."""
@@ -151,6 +153,7 @@ class Router:
         """Route the journalled ``uids`` and commit the result in one transaction."""
         bodies = await self.backend.get_task_bodies(uids)
         await self._refresh_binds()
+        await self._registration.refresh(self.backend, self._binds_raw or {})  # concurrency
         batch = RoutedBatch()
         now = time.time()
         for uid, body in zip(uids, bodies, strict=True):
@@ -176,7 +179,8 @@ class Router:
             batch.logs.append(self._log_record(task, now))
         for identity in self._index.match(headers, self._on_match_error):
             uid, body = task.fork(identity, now)
-            batch.add_fork(uid, body, task.priority, identity)
+            # concurrency control: registration dedup (else plain batch.add_fork)
+            self._registration.add_fork(batch, task.doc, identity, uid, body, task.priority)
         batch.bodies[task_key(task.uid)] = task.finished(now)
 
     def _tracking_entry(self, headers: dict[str, Any]) -> str:

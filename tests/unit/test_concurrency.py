@@ -351,3 +351,65 @@ async def test_equal_keys_with_different_other_arguments_crash_naming_the_fields
     assert "different non-key arguments: payload.n " in errors[1]
     assert "different non-key" not in errors[0] and "holds the slot" in errors[0]
     assert stats == {"differing": 1, "blocked": 1}
+
+
+class Registrar(Consumer):
+    """One task at a time; ``payload["sleep"]`` long; registration dedup on ``headers.key``."""
+
+    identity = "test.registrar"
+    filters: ClassVar[list[dict[str, Any]]] = [{"type": "reg"}]
+    registration_concurrency = "keys"
+    key_arguments = ("headers.key",)
+    ran: ClassVar[list[str]] = []
+
+    async def process(self, task: Task) -> None:
+        type(self).ran.append(str(task.headers["key"]))
+        await anyio.sleep(float(task.payload.get("sleep", 0)))
+
+
+class StrictRegistrar(Registrar):
+    identity = "test.strictregistrar"
+    on_diff_non_key_args_raise = True
+
+
+@pytest.mark.anyio
+async def test_a_copy_equal_to_a_pending_one_is_not_queued_again(tmp_path: Path) -> None:
+    Registrar.ran = []
+    async with testing.pipeline(Registrar, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "reg", "key": "busy"}, payload={"sleep": 0.5}))
+        with anyio.fail_after(5):
+            while Registrar.ran != ["busy"]:
+                await anyio.sleep(0.01)
+        await p.send(*(Task({"type": "reg", "key": "a"}, payload={"n": n}) for n in range(4)))
+        await p.wait_idle()
+        await p.send(Task({"type": "reg", "key": "a"}))  # nothing pending any more: queued
+        await p.wait_idle()
+        tasks = await p.tasks(receiver=Registrar.identity)
+        stats = await SlotStore(p.producer.backend, Registrar.identity).stats()
+    assert Registrar.ran == ["busy", "a", "a"]
+    assert stats == {"duplicates": 3}
+    assert all(t.status is TaskState.FINISHED for t in tasks) and len(tasks) == 6
+
+
+@pytest.mark.anyio
+async def test_registration_with_differing_other_arguments_crashes_the_newcomer(
+    tmp_path: Path,
+) -> None:
+    StrictRegistrar.ran = []
+    async with testing.pipeline(StrictRegistrar, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "reg", "key": "busy"}, payload={"sleep": 0.5}))
+        with anyio.fail_after(5):
+            while StrictRegistrar.ran != ["busy"]:
+                await anyio.sleep(0.01)
+        await p.send(
+            Task({"type": "reg", "key": "a"}, payload={"n": 1}),
+            Task({"type": "reg", "key": "a"}, payload={"n": 1}),
+            Task({"type": "reg", "key": "a", "extra": "x"}, payload={"n": 2}),
+        )
+        await p.wait_idle()
+        tasks = await p.tasks(receiver=StrictRegistrar.identity)
+        stats = await SlotStore(p.producer.backend, StrictRegistrar.identity).stats()
+    [crashed] = [t for t in tasks if t.status is TaskState.CRASHED]
+    assert "different non-key arguments: headers.extra, payload.n " in "".join(crashed.error or [])
+    assert StrictRegistrar.ran == ["busy", "a"]
+    assert stats == {"duplicates": 1, "differing": 1}
