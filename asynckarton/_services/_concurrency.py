@@ -603,15 +603,26 @@ class RegistrationGuard:
             if policy.registration_concurrency is not ConcurrencyControlType.DISABLED:
                 policies[identity] = policy
         self._seen, self._policies = raw, policies
-        for identity in policies:
+        for identity in policies.keys() - {k.split(" ")[0] for k in self._counted}:
+            stats = await SlotStore(backend, identity).stats()  # baseline for report()
+            for name in ("duplicates", "differing"):
+                self._counted[f"{identity} {name}"] = stats.get(name, 0)
+
+    async def report(self, backend: KartonBackend) -> None:
+        """Log how many copies the committed batch left unqueued (one read per guarded id)."""
+        opened, self._open = self._open, None
+        if opened is None:
+            return
+        for identity in {str(args[5]) for args in opened[1].values()}:
             stats = await SlotStore(backend, identity).stats()
-            dups, before = stats.get("duplicates", 0), self._counted.get(identity)
-            if before is not None and dups > before:
-                self.log.info(
-                    "Registration concurrency: %d copy(ies) for %s were duplicates of a "
-                    "pending one and were not queued", dups - before, identity,
-                )  # fmt: skip
-            self._counted[identity] = dups
+            for name, what in (("duplicates", "duplicates of"), ("differing", "in conflict with")):
+                count, before = stats.get(name, 0), self._counted.get(f"{identity} {name}", 0)
+                if count > before:
+                    self.log.info(
+                        "Registration concurrency: %d copy(ies) for %s were %s a pending one "
+                        "and were not queued", count - before, identity, what,
+                    )  # fmt: skip
+                self._counted[f"{identity} {name}"] = count
 
     def add_fork(
         self, batch: Any, doc: Mapping[str, Any], identity: str, uid: str, body: str,

@@ -168,6 +168,7 @@ class Router:
                 continue
             self._route_one(task, batch, now)
         await self.backend.route_commit(self.instance, batch, self.tracking_ttl)
+        await self._registration.report(self.backend)  # concurrency control
         self.routed += len(uids)
 
     def _route_one(self, task: RoutableTask, batch: RoutedBatch, now: float) -> None:

@@ -336,3 +336,39 @@ async def test_embedded_two_replicas_give_the_same_results(tmp_path: Path, mode:
         done = [t for t in await p.tasks(receiver=IDENTITY) if t.status.value == "Finished"]
     assert max(worst.values()) == 1
     assert sum(runs.values()) == count == len(done)
+
+
+async def test_registration_dedup_across_processes_is_counted(
+    deployment: Deployment, r: aredis.Redis
+) -> None:
+    deployment.write_ini(
+        {
+            "concurrency_limit": 1,  # and prefetch 0: a busy process leaves its queue alone
+            "lease_timeout": 3,
+            "shutdown_grace": 1,
+            "registration_concurrency": "KEYS",
+            "key_arguments": "headers.key",
+        }
+    )
+    await start_two(deployment, r)
+    busy = [Task({"type": "conc", "key": f"b{i}"}, payload={"scope": f"b{i}", "sleep": 3})
+            for i in range(2)]  # fmt: skip
+    await send(deployment, busy)
+    with anyio.fail_after(30):  # both processes hold one long task
+        while await r.scard("conc:pids") < 2:
+            await anyio.sleep(0.05)
+    copies = [Task({"type": "conc", "key": "a"}, payload={"scope": "a", "n": 1}) for _ in range(5)]
+    await send(deployment, copies)
+    await wait_settled(r, 7, 60, deployment)
+
+    runs = {k: int(v) for k, v in (await r.hgetall("conc:runs")).items()}
+    stats = await r.hgetall(f"asynckarton.concurrency:{IDENTITY}")
+    states = await statuses(r)
+    print(f"REGISTRATION: runs={runs} stats={stats} states={states}")
+    assert runs == {"b0": 1, "b1": 1, "a": 1}
+    assert stats == {"duplicates": "4"}
+    assert states == {"Finished": 7}
+    with anyio.move_on_after(15):  # the router reports duplicates when it re-reads policies
+        while "4 copy(ies) for conc.worker were duplicates" not in deployment.output():
+            await anyio.sleep(0.2)
+    assert "4 copy(ies) for conc.worker were duplicates" in deployment.output()

@@ -6,6 +6,7 @@ in-process pipelines.  Multi-process checks live in tests/integration/test_concu
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from asynckarton import ConfigError, Consumer, Task, TaskState, testing
 from asynckarton._services._concurrency import (
     ConcurrencyControlType,
+    ConcurrencyGate,
     ConcurrencyPolicy,
     argument_fields,
     differing_fields,
@@ -32,6 +34,8 @@ from asynckarton.backend._concurrency import (
     SlotStore,
     concurrency_stats_key,
     parked_index_key,
+    policy_key,
+    published_policies,
     running_key,
 )
 
@@ -413,3 +417,33 @@ async def test_registration_with_differing_other_arguments_crashes_the_newcomer(
     assert "different non-key arguments: headers.extra, payload.n " in "".join(crashed.error or [])
     assert StrictRegistrar.ran == ["busy", "a"]
     assert stats == {"duplicates": 1, "differing": 1}
+
+
+@pytest.mark.anyio
+async def test_replicas_publish_their_policy_and_warn_when_they_differ(
+    backend: KartonBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = logging.getLogger("test.replicas")
+
+    def gate(instance: str, policy: ConcurrencyPolicy) -> ConcurrencyGate:
+        return ConcurrencyGate(
+            backend=lambda: backend,
+            identity=ID,
+            policy=policy,
+            log=log,
+            crash=lambda task: None,
+            instance=instance,
+        )
+
+    keyed = ConcurrencyPolicy(running_concurrency=KEYS, key_arguments=("headers.k",))
+    with caplog.at_level(logging.WARNING, logger="test.replicas"):
+        await gate("one", keyed).publish()
+        await gate("two", keyed).publish()
+        assert caplog.text == ""
+        await anyio.sleep(0.01)  # the router takes the most recent one (ms stamps)
+        await gate("three", ConcurrencyPolicy()).publish()
+    assert "Replica one of test.slots" in caplog.text
+    assert "key_arguments, running_concurrency differ" in caplog.text
+    stored = await backend.redis.hget(policy_key(ID), "one")
+    assert str(stored).split(" ", 1)[1] == keyed.to_json()
+    assert await published_policies(backend, [ID, "nobody"]) == {ID: ConcurrencyPolicy().to_json()}
