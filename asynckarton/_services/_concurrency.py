@@ -332,9 +332,12 @@ def arguments_digest(fields: Mapping[str, str]) -> str:
 def differing_fields(
     mine: Mapping[str, str], theirs: Mapping[str, str], key_arguments: Iterable[str] = ()
 ) -> list[str]:
-    """Top-level argument names whose values differ (or exist on one side only)."""
-    keys = {path.split(".", 2)[0] + "." + path.split(".", 2)[1] for path in key_arguments}
-    names = (set(mine) | set(theirs)) - keys
+    """Top-level argument names whose values differ (or exist on one side only).
+
+    A key argument that is itself top-level is left out (equal by definition of the
+    scope); one nested inside a field leaves that field in, as its other parts differ.
+    """
+    names = (set(mine) | set(theirs)) - set(key_arguments)
     return sorted(n for n in names if mine.get(n) != theirs.get(n))
 
 
