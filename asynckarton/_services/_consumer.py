@@ -418,6 +418,8 @@ class Consumer(ServiceBase):
     async def _handle(self, task: Task) -> None:
         token = current_task.set(task)
         try:
+            if not await self._gate.turn(task):  # concurrency control: parked or refused
+                return
             if not self._match(task.headers):
                 self.log.info("Task rejected because binds are no longer valid.")
                 task.status, task.last_update = TaskState.FINISHED, time.time()

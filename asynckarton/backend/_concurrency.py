@@ -125,6 +125,7 @@ end
 # ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, then per task: uid,
 # digest, info ("<args digest> <fields>" or ""), its queue key, pending digest ("").
 # Returns per task: outcome (run / blocked / parked / differs), holder uid, holder info.
+# An empty digest only clears the pending entry (outcome skip).
 ACQUIRE: Final = """
 local now = tonumber(ARGV[1])
 local reroute, ondiff = ARGV[2] == '1', ARGV[3] == '1'
@@ -140,13 +141,15 @@ for i = 5, #ARGV, 5 do
     redis.call('LREM', prefix .. string.match(where, '^(%S+)'), 0, uid)
     redis.call('HDEL', KEYS[4], uid)
   end
-  local holder = redis.call('HGET', KEYS[1], digest)
+  local holder = digest ~= '' and redis.call('HGET', KEYS[1], digest)
   local live = false
   if holder and holder ~= uid then
     local deadline = redis.call('ZSCORE', KEYS[3], holder)
     live = deadline ~= false and tonumber(deadline) >= now
   end
-  if not live then
+  if digest == '' then  -- waits in its process behind a local holder: pending cleared only
+    out[#out + 1] = 'skip'; out[#out + 1] = ''; out[#out + 1] = ''
+  elseif not live then
     if holder and holder ~= uid then redis.call('HINCRBY', KEYS[6], 'taken_over', 1) end
     redis.call('HSET', KEYS[1], digest, uid)
     if info ~= '' then redis.call('HSET', KEYS[2], digest, info)
@@ -176,23 +179,43 @@ end
 return out
 """
 
-# Release slots: ARGV = parked prefix, task key prefix, then uid, digest pairs.  A slot is
-# deleted only if that uid still holds it; then the first parked task of the digest goes
-# back to the head of its queue.  KEYS: running, running.args, parked index, parked
-# digests, stats.  Returns how many tasks were unparked.
+# Release slots, or hand them to a successor waiting in the releasing process.
+# KEYS: running, running.args, parked index, parked digests, stats, leases.  ARGV: now
+# (ms), parked prefix, task key prefix, then per slot: uid, digest, successor uid ("" =
+# none), successor info.  A slot moves only if that uid still holds it, or nobody alive
+# does (the holder's lease went with its final state and a sweep freed it).  Without a
+# successor, the first parked task of the digest goes back to the head of its queue.
+# Returns 1 per slot handed to its successor, else 0.
 RELEASE: Final = (
     _UNPARK
     + """
-local before = tonumber(redis.call('HGET', KEYS[5], 'unparked') or '0')
-for i = 3, #ARGV, 2 do
-  local uid, digest = ARGV[i], ARGV[i + 1]
-  if redis.call('HGET', KEYS[1], digest) == uid then
-    redis.call('HDEL', KEYS[1], digest)
-    redis.call('HDEL', KEYS[2], digest)
-    unpark(ARGV[1], KEYS[3], KEYS[4], KEYS[5], ARGV[2], digest)
+local now = tonumber(ARGV[1])
+local out = {}
+for i = 4, #ARGV, 4 do
+  local uid, digest, succ, info = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local holder = redis.call('HGET', KEYS[1], digest)
+  local ours = holder == uid
+  if not ours and succ ~= '' then
+    if not holder then ours = true else
+      local deadline = redis.call('ZSCORE', KEYS[6], holder)
+      ours = deadline == false or tonumber(deadline) < now
+    end
+  end
+  if ours and succ ~= '' then
+    redis.call('HSET', KEYS[1], digest, succ)
+    if info ~= '' then redis.call('HSET', KEYS[2], digest, info)
+    else redis.call('HDEL', KEYS[2], digest) end
+    out[#out + 1] = 1
+  else
+    if ours then
+      redis.call('HDEL', KEYS[1], digest)
+      redis.call('HDEL', KEYS[2], digest)
+      unpark(ARGV[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], digest)
+    end
+    out[#out + 1] = 0
   end
 end
-return tonumber(redis.call('HGET', KEYS[5], 'unparked') or '0') - before
+return out
 """
 )
 
@@ -358,25 +381,32 @@ class SlotStore:
         )
         return [Outcome(*flat[i : i + 3]) for i in range(0, len(flat), 3)]
 
-    async def release(self, held: Sequence[tuple[str, str]]) -> int:
-        """Release ``(uid, digest)`` slots still held by those uids; unpark one per slot."""
+    async def release(self, held: Sequence[tuple[str, str, str, str]]) -> list[bool]:
+        """Release ``(uid, digest, successor, successor info)`` slots (see RELEASE).
+
+        Returns, per slot, whether it was handed to its successor.
+        """
         if not held:
-            return 0
+            return []
         identity = self.identity
-        args: list[Any] = [parked_prefix(identity), keys.TASK_PREFIX]
-        for uid, digest in held:
-            args += [uid, digest]
-        moved: int = await self._release(
-            keys=[
-                running_key(identity),
-                running_args_key(identity),
-                parked_index_key(identity),
-                parked_digests_key(identity),
-                concurrency_stats_key(identity),
-            ],
-            args=args,
+        args: list[Any] = [_ms(time.time()), parked_prefix(identity), keys.TASK_PREFIX]
+        for entry in held:
+            args += entry
+        flags = cast(
+            list[int],
+            await self._release(
+                keys=[
+                    running_key(identity),
+                    running_args_key(identity),
+                    parked_index_key(identity),
+                    parked_digests_key(identity),
+                    concurrency_stats_key(identity),
+                    keys.leases_key(identity),
+                ],
+                args=args,
+            ),
         )
-        return moved
+        return [bool(flag) for flag in flags]
 
     async def sweep(self, limit: int = 5000) -> int:
         """Free slots of holders without a live lease; unpark where a slot is free."""

@@ -208,11 +208,13 @@ async def test_reroute_parks_and_release_moves_one_task_to_the_queue_head(
     assert await backend.redis.zscore(keys.leases_key(ID), "b") is None
     assert await backend.redis.hget(parked_index_key(ID), "b") == f"k1 {queue}"
 
-    assert await store.release([("b", "k1")]) == 0  # not the holder: nothing happens
-    assert await store.release([("a", "k1")]) == 1
+    assert await store.release([("b", "k1", "", "")]) == [False]  # not the holder: no-op
+    assert await backend.redis.lrange(queue, 0, -1) == ["other"]
+    assert await store.release([("a", "k1", "", "")]) == [False]
     assert await backend.redis.lrange(queue, 0, -1) == ["b", "other"]
     assert await backend.redis.hget(running_key(ID), "k1") is None
-    assert await store.release([("a", "k1")]) == 0  # twice is harmless
+    assert await store.release([("a", "k1", "", "")]) == [False]  # twice is harmless
+    assert await backend.redis.lrange(queue, 0, -1) == ["b", "other"]
     [again] = await store.acquire([_ask("b")], reroute=True, on_diff=False)
     assert again.outcome == "run"
     assert (await store.stats())["unparked"] == 1
@@ -447,3 +449,22 @@ async def test_replicas_publish_their_policy_and_warn_when_they_differ(
     stored = await backend.redis.hget(policy_key(ID), "one")
     assert str(stored).split(" ", 1)[1] == keyed.to_json()
     assert await published_policies(backend, [ID, "nobody"]) == {ID: ConcurrencyPolicy().to_json()}
+
+
+@pytest.mark.anyio
+async def test_release_hands_the_slot_to_a_local_successor_only_if_still_held(
+    backend: KartonBackend,
+) -> None:
+    store = SlotStore(backend, ID)
+    for uid in ("a", "b", "x", "y"):
+        await _lease(backend, uid, 30)
+    await store.acquire([_ask("a")], reroute=True, on_diff=False)
+    assert await store.release([("a", "k1", "b", "")]) == [True]
+    assert await backend.redis.hget(running_key(ID), "k1") == "b"
+    # "a" no longer holds it and "b" (alive) does: a stale hand-over fails.
+    assert await store.release([("a", "k1", "x", "")]) == [False]
+    assert await backend.redis.hget(running_key(ID), "k1") == "b"
+    # A holder whose lease is gone does not block a hand-over.
+    await backend.redis.zrem(keys.leases_key(ID), "b")
+    assert await store.release([("a", "k1", "y", "")]) == [True]
+    assert await backend.redis.hget(running_key(ID), "k1") == "y"
