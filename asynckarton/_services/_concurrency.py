@@ -411,7 +411,7 @@ class ConcurrencyGate:
     _infos: dict[str, str] = field(default_factory=dict)  # digest -> local holder's info
     _queues: dict[str, collections.deque[_Waiter]] = field(default_factory=dict)
     _waiting: dict[str, _Waiter] = field(default_factory=dict)  # uid -> its waiter
-    _releases: list[tuple[str, str, _Waiter | None]] = field(default_factory=list)
+    _releases: list[tuple[str, str]] = field(default_factory=list)  # (uid, digest) to write
     _wake: anyio.Event = field(default_factory=anyio.Event)
 
     @classmethod
@@ -543,7 +543,7 @@ class ConcurrencyGate:
             self._hold(task.uid, request.digest, request.info)
             return True
         if result.outcome == "parked":
-            self.log.info(
+            self.log.debug(
                 "Task %s parked: %s concurrency held by %s; it runs once that one ends",
                 task.uid, mode.value, result.holder,
             )  # fmt: skip
@@ -634,18 +634,10 @@ class ConcurrencyGate:
             self._release(task.uid, held.digest)
 
     def _release(self, uid: str, digest: str) -> None:
-        queue = self._queues.get(digest)
-        successor = queue.popleft() if queue else None
-        if queue is not None and not queue:
-            del self._queues[digest]
-        if successor is None:
-            if self._local.get(digest) == uid:
-                del self._local[digest]
-                self._infos.pop(digest, None)
-        else:
-            self._local[digest] = successor.task.uid
-            self._infos[digest] = successor.info
-        self._releases.append((uid, digest, successor))
+        # The slot stays "local" until the release is written: tasks of its scope fetched
+        # meanwhile queue behind it and get it handed over, instead of meeting a holder
+        # that still looks alive in Redis (its lease goes with its final state).
+        self._releases.append((uid, digest))
         self._wake.set()
 
     async def run(self) -> None:
@@ -663,21 +655,30 @@ class ConcurrencyGate:
     async def _flush(self) -> None:
         while self._releases:
             batch, self._releases = self._releases, []
+            entries: list[tuple[str, str, _Waiter | None]] = []
+            for uid, digest in batch:  # the successor is chosen now, not at release time
+                queue = self._queues.get(digest)
+                successor = queue.popleft() if queue else None
+                if queue is not None and not queue:
+                    del self._queues[digest]
+                if successor is not None:
+                    self._local[digest] = successor.task.uid
+                    self._infos[digest] = successor.info
+                entries.append((uid, digest, successor))
             try:
                 moved = await self._slots().release(
-                    [
-                        (uid, digest, w.task.uid if w else "", w.info if w else "")
-                        for uid, digest, w in batch
-                    ]
+                    [(u, d, w.task.uid if w else "", w.info if w else "") for u, d, w in entries]
                 )
             except TRANSIENT_ERRORS as exc:
                 # Slots already count as free (their leases are gone) and any replica's
                 # sweep unparks waiters; local waiters ask for their slot themselves.
                 self.log.warning("Redis unavailable to release %d slot(s): %s", len(batch), exc)
-                moved = [False] * len(batch)
-            for (_, digest, waiter), transferred in zip(batch, moved, strict=True):
+                moved = [False] * len(entries)
+            for (uid, digest, waiter), transferred in zip(entries, moved, strict=True):
                 if waiter is not None:
                     self._arrive(waiter, digest, transferred)
+                elif self._local.get(digest) == uid:
+                    self._wake_all(digest)  # tasks that queued during the write ask alone
 
     def _arrive(self, waiter: _Waiter, digest: str, transferred: bool) -> None:
         if waiter.abandoned:  # handed back meanwhile: pass the slot on (or let it go)

@@ -4,8 +4,8 @@ Keys (all under ``asynckarton.``, which Karton ignores; see the key functions be
 
 =====================================  ====  ================================================
 ``asynckarton.running:<id>``           hash  scope digest -> uid of the task holding it
-``asynckarton.running.args:<id>``      hash  scope digest -> "<args digest> <fields JSON>"
-                                             of the holder (only with on_diff_non_key...)
+                                             (then " <args digest> <fields JSON>" with
+                                             on_diff_non_key_args_raise)
 ``asynckarton.parked:<id>:<digest>``   list  uids waiting for that slot, oldest first
 ``asynckarton.parked.index:<id>``      hash  parked uid -> "<digest> <queue key>"
 ``asynckarton.parked.digests:<id>``    set   digests that have parked tasks (the sweep's
@@ -51,7 +51,6 @@ __all__ = [
     "pending_key",
     "policy_key",
     "published_policies",
-    "running_args_key",
     "running_key",
 ]
 
@@ -61,11 +60,6 @@ POLICY_STALE_AFTER = 30.0  # seconds without a refresh before a replica's policy
 def running_key(identity: str) -> str:
     """Slots of ``identity``: scope digest -> holder uid."""
     return "asynckarton.running:" + identity
-
-
-def running_args_key(identity: str) -> str:
-    """Arguments of each slot's holder (to name differing fields)."""
-    return "asynckarton.running.args:" + identity
 
 
 def parked_prefix(identity: str) -> str:
@@ -100,9 +94,11 @@ def concurrency_stats_key(identity: str) -> str:
 
 # Move the first live parked uid of one digest to the head of its queue (shared by RELEASE
 # and SWEEP).  ``prefix`` = parked list prefix, ``index``/``digests``/``stats`` = keys,
-# ``taskp`` = task key prefix.  Uids whose task is gone are dropped on the way.
+# ``taskp`` = task key prefix.  Uids whose task is gone are dropped on the way.  A digest
+# with nothing parked costs one SISMEMBER.
 _UNPARK: Final = """
 local function unpark(prefix, index, digests, stats, taskp, digest)
+  if redis.call('SISMEMBER', digests, digest) == 0 then return end
   local list = prefix .. digest
   while true do
     local uid = redis.call('LPOP', list)
@@ -120,8 +116,9 @@ local function unpark(prefix, index, digests, stats, taskp, digest)
 end
 """
 
-# Take or refuse the slot of each fetched task, in one atomic step.
-# KEYS: running, running.args, leases, parked index, parked digests, stats, pending.
+# Take or refuse the slot of each fetched task, in one atomic step.  A slot's value is the
+# holder's uid, then " <args digest> <fields JSON>" when differing arguments are checked.
+# KEYS: running, leases, parked index, parked digests, stats, pending.
 # ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, then per task: uid,
 # digest, info ("<args digest> <fields>" or ""), its queue key, pending digest ("").
 # Returns per task: outcome (run / blocked / parked / differs), holder uid, holder info.
@@ -133,57 +130,56 @@ local prefix = ARGV[4]
 local out = {}
 for i = 5, #ARGV, 5 do
   local uid, digest, info, queue, pend = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
-  if pend ~= '' and string.match(redis.call('HGET', KEYS[7], pend) or '', '^(%S+)') == uid then
-    redis.call('HDEL', KEYS[7], pend)
+  if pend ~= '' and string.match(redis.call('HGET', KEYS[6], pend) or '', '^(%S+)') == uid then
+    redis.call('HDEL', KEYS[6], pend)
   end
-  local where = redis.call('HGET', KEYS[4], uid)
+  local where = redis.call('HGET', KEYS[3], uid)
   if where then  -- parked, then delivered by another path (GC, operator): unpark it here
     redis.call('LREM', prefix .. string.match(where, '^(%S+)'), 0, uid)
-    redis.call('HDEL', KEYS[4], uid)
+    redis.call('HDEL', KEYS[3], uid)
   end
-  local holder = digest ~= '' and redis.call('HGET', KEYS[1], digest)
+  local entry = digest ~= '' and redis.call('HGET', KEYS[1], digest)
+  local holder = entry and string.match(entry, '^(%S+)')
   local live = false
   if holder and holder ~= uid then
-    local deadline = redis.call('ZSCORE', KEYS[3], holder)
+    local deadline = redis.call('ZSCORE', KEYS[2], holder)
     live = deadline ~= false and tonumber(deadline) >= now
   end
   if digest == '' then  -- waits in its process behind a local holder: pending cleared only
     out[#out + 1] = 'skip'; out[#out + 1] = ''; out[#out + 1] = ''
   elseif not live then
-    if holder and holder ~= uid then redis.call('HINCRBY', KEYS[6], 'taken_over', 1) end
-    redis.call('HSET', KEYS[1], digest, uid)
-    if info ~= '' then redis.call('HSET', KEYS[2], digest, info)
-    else redis.call('HDEL', KEYS[2], digest) end
+    if holder and holder ~= uid then redis.call('HINCRBY', KEYS[5], 'taken_over', 1) end
+    if info ~= '' then redis.call('HSET', KEYS[1], digest, uid .. ' ' .. info)
+    else redis.call('HSET', KEYS[1], digest, uid) end
     out[#out + 1] = 'run'; out[#out + 1] = ''; out[#out + 1] = ''
   else
-    local held = ''
-    if ondiff then held = redis.call('HGET', KEYS[2], digest) or '' end
+    local held = string.match(entry, '^%S+ (.*)$') or ''
     if ondiff and held ~= '' and info ~= '' and
         string.match(held, '^(%S+)') ~= string.match(info, '^(%S+)') then
-      redis.call('HINCRBY', KEYS[6], 'differing', 1)
+      redis.call('HINCRBY', KEYS[5], 'differing', 1)
       out[#out + 1] = 'differs'
     elseif reroute then
       redis.call('RPUSH', prefix .. digest, uid)
-      redis.call('HSET', KEYS[4], uid, digest .. ' ' .. queue)
-      redis.call('SADD', KEYS[5], digest)
-      redis.call('ZREM', KEYS[3], uid)
-      redis.call('HINCRBY', KEYS[6], 'parked', 1)
+      redis.call('HSET', KEYS[3], uid, digest .. ' ' .. queue)
+      redis.call('SADD', KEYS[4], digest)
+      redis.call('ZREM', KEYS[2], uid)
+      redis.call('HINCRBY', KEYS[5], 'parked', 1)
       out[#out + 1] = 'parked'
     else
-      redis.call('HINCRBY', KEYS[6], 'blocked', 1)
+      redis.call('HINCRBY', KEYS[5], 'blocked', 1)
       out[#out + 1] = 'blocked'
     end
-    out[#out + 1] = holder; out[#out + 1] = held
+    out[#out + 1] = holder; out[#out + 1] = ondiff and held or ''
   end
 end
 return out
 """
 
 # Release slots, or hand them to a successor waiting in the releasing process.
-# KEYS: running, running.args, parked index, parked digests, stats, leases.  ARGV: now
-# (ms), parked prefix, task key prefix, then per slot: uid, digest, successor uid ("" =
-# none), successor info.  A slot moves only if that uid still holds it, or nobody alive
-# does (the holder's lease went with its final state and a sweep freed it).  Without a
+# KEYS: running, parked index, parked digests, stats, leases.  ARGV: now (ms), parked
+# prefix, task key prefix, then per slot: uid, digest, successor uid ("" = none),
+# successor info.  A slot moves only if that uid still holds it, or nobody alive does
+# (the holder's lease went with its final state and a sweep freed it).  Without a
 # successor, the first parked task of the digest goes back to the head of its queue.
 # Returns 1 per slot handed to its successor, else 0.
 RELEASE: Final = (
@@ -193,24 +189,22 @@ local now = tonumber(ARGV[1])
 local out = {}
 for i = 4, #ARGV, 4 do
   local uid, digest, succ, info = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local holder = redis.call('HGET', KEYS[1], digest)
+  local holder = string.match(redis.call('HGET', KEYS[1], digest) or '', '^(%S+)')
   local ours = holder == uid
   if not ours and succ ~= '' then
     if not holder then ours = true else
-      local deadline = redis.call('ZSCORE', KEYS[6], holder)
+      local deadline = redis.call('ZSCORE', KEYS[5], holder)
       ours = deadline == false or tonumber(deadline) < now
     end
   end
   if ours and succ ~= '' then
-    redis.call('HSET', KEYS[1], digest, succ)
-    if info ~= '' then redis.call('HSET', KEYS[2], digest, info)
-    else redis.call('HDEL', KEYS[2], digest) end
+    if info ~= '' then redis.call('HSET', KEYS[1], digest, succ .. ' ' .. info)
+    else redis.call('HSET', KEYS[1], digest, succ) end
     out[#out + 1] = 1
   else
     if ours then
       redis.call('HDEL', KEYS[1], digest)
-      redis.call('HDEL', KEYS[2], digest)
-      unpark(ARGV[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], digest)
+      unpark(ARGV[2], KEYS[2], KEYS[3], KEYS[4], ARGV[3], digest)
     end
     out[#out + 1] = 0
   end
@@ -220,35 +214,32 @@ return out
 )
 
 # Sweep: free slots whose holder has no live lease (SIGKILLed, or its release was lost) and
-# unpark one task for every parked digest whose slot is free.  KEYS: running, running.args,
-# leases, parked index, parked digests, stats.  ARGV: now (ms), parked prefix, task key
-# prefix, most slots inspected.  Returns how many tasks were unparked.
+# unpark one task for every parked digest whose slot is free.  KEYS: running, leases,
+# parked index, parked digests, stats.  ARGV: now (ms), parked prefix, task key prefix,
+# most slots inspected.  Returns how many tasks were unparked.
 SWEEP: Final = (
     _UNPARK
     + """
 local now = tonumber(ARGV[1])
-local function dead(holder)
-  local deadline = redis.call('ZSCORE', KEYS[3], holder)
+local function dead(entry)
+  local deadline = redis.call('ZSCORE', KEYS[2], string.match(entry, '^(%S+)'))
   return deadline == false or tonumber(deadline) < now
 end
 if redis.call('HLEN', KEYS[1]) <= tonumber(ARGV[4]) then
   local slots = redis.call('HGETALL', KEYS[1])
   for i = 1, #slots, 2 do
-    if dead(slots[i + 1]) then
-      redis.call('HDEL', KEYS[1], slots[i])
-      redis.call('HDEL', KEYS[2], slots[i])
-    end
+    if dead(slots[i + 1]) then redis.call('HDEL', KEYS[1], slots[i]) end
   end
 end
-local before = tonumber(redis.call('HGET', KEYS[6], 'unparked') or '0')
-for _, digest in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  local holder = redis.call('HGET', KEYS[1], digest)
-  if not holder or dead(holder) then
+local before = tonumber(redis.call('HGET', KEYS[5], 'unparked') or '0')
+for _, digest in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  local entry = redis.call('HGET', KEYS[1], digest)
+  if not entry or dead(entry) then
     redis.call('HDEL', KEYS[1], digest)
-    unpark(ARGV[2], KEYS[4], KEYS[5], KEYS[6], ARGV[3], digest)
+    unpark(ARGV[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], digest)
   end
 end
-return tonumber(redis.call('HGET', KEYS[6], 'unparked') or '0') - before
+return tonumber(redis.call('HGET', KEYS[5], 'unparked') or '0') - before
 """
 )
 
@@ -369,7 +360,6 @@ class SlotStore:
             await self._acquire(
                 keys=[
                     running_key(identity),
-                    running_args_key(identity),
                     keys.leases_key(identity),
                     parked_index_key(identity),
                     parked_digests_key(identity),
@@ -397,7 +387,6 @@ class SlotStore:
             await self._release(
                 keys=[
                     running_key(identity),
-                    running_args_key(identity),
                     parked_index_key(identity),
                     parked_digests_key(identity),
                     concurrency_stats_key(identity),
@@ -414,7 +403,6 @@ class SlotStore:
         moved: int = await self._sweep(
             keys=[
                 running_key(identity),
-                running_args_key(identity),
                 keys.leases_key(identity),
                 parked_index_key(identity),
                 parked_digests_key(identity),
