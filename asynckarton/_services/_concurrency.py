@@ -89,7 +89,9 @@ __all__ = [
 ROUTING_HEADERS = frozenset({"receiver", "origin"})
 #: Karton < 5.2's copy of the persistent headers inside the persistent payload.
 _HEADERS_COPY = "__headers_persistent"
-RELEASE_LINGER = 0.002  # seconds a release waits for company (one script call per batch)
+RELEASE_LINGER = (
+    0.0  # seconds a release waits for company (releases made during a write share the next)
+)
 LOCAL_WAITERS_PER_SCOPE = 2  # tasks of one scope waiting in a process behind a local holder
 
 
@@ -498,6 +500,8 @@ class ConcurrencyGate:
                     self._queue(task, request)
                     kept.add(task.uid)
                     asked.append((task, replace(request, digest="")))  # clears pending only
+                elif digest in self._local:  # no room to wait here: parked behind ours
+                    asked.append((task, replace(request, strict=True)))
                 else:
                     first.setdefault(digest, task.uid)
                     asked.append((task, request))
@@ -612,6 +616,7 @@ class ConcurrencyGate:
             return True
         if result.outcome == "parked":
             self.forget(task)
+        self._pass_on(waiter.digest, task.uid)
         return False
 
     def release(self, task: Task) -> None:
@@ -678,26 +683,38 @@ class ConcurrencyGate:
                 if waiter is not None:
                     self._arrive(waiter, digest, transferred)
                 elif self._local.get(digest) == uid:
-                    self._wake_all(digest)  # tasks that queued during the write ask alone
+                    if self._queues.get(digest):  # queued during the write: hand it over
+                        self._releases.append((uid, digest))  # (the slot is free now)
+                    else:
+                        del self._local[digest]
+                        self._infos.pop(digest, None)
 
     def _arrive(self, waiter: _Waiter, digest: str, transferred: bool) -> None:
         if waiter.abandoned:  # handed back meanwhile: pass the slot on (or let it go)
             if transferred:
                 self._release(waiter.task.uid, digest)
-            elif self._local.get(digest) == waiter.task.uid:
-                self._wake_all(digest)
+            else:
+                self._pass_on(digest, waiter.task.uid)
             return
-        waiter.transferred = transferred
+        waiter.transferred = transferred  # if not, it asks for the slot itself (turn)
         waiter.done.set()
-        if not transferred:  # another process holds the slot: everyone behind asks alone
-            self._wake_all(digest)
 
-    def _wake_all(self, digest: str) -> None:
-        if self._local.get(digest) is not None:
+    def _pass_on(self, digest: str, uid: str) -> None:
+        """``uid`` will not hold ``digest`` after all: the next local waiter asks alone."""
+        if self._local.get(digest) != uid:
+            return
+        queue = self._queues.get(digest)
+        if queue:
+            waiter = queue.popleft()
+            if not queue:
+                del self._queues[digest]
+            self._local[digest] = waiter.task.uid
+            self._infos[digest] = waiter.info
+            waiter.done.set()
+        else:
             del self._local[digest]
             self._infos.pop(digest, None)
-        for waiter in self._queues.pop(digest, ()):
-            waiter.done.set()
+            self._queues.pop(digest, None)
 
     async def sweep(self) -> None:
         """Unpark tasks whose slot's holder lost its lease; refresh the published policy."""

@@ -120,7 +120,8 @@ end
 # holder's uid, then " <args digest> <fields JSON>" when differing arguments are checked.
 # KEYS: running, leases, parked index, parked digests, stats, pending.
 # ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, then per task: uid,
-# digest, info ("<args digest> <fields>" or ""), its queue key, pending digest ("").
+# digest, info ("<args digest> <fields>" or ""), its queue key, pending digest (""),
+# strict (1: any holder counts as alive; its process says it is still at work).
 # Returns per task: outcome (run / blocked / parked / differs), holder uid, holder info.
 # An empty digest only clears the pending entry (outcome skip).
 ACQUIRE: Final = """
@@ -128,8 +129,9 @@ local now = tonumber(ARGV[1])
 local reroute, ondiff = ARGV[2] == '1', ARGV[3] == '1'
 local prefix = ARGV[4]
 local out = {}
-for i = 5, #ARGV, 5 do
+for i = 5, #ARGV, 6 do
   local uid, digest, info, queue, pend = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  local strict = ARGV[i+5] == '1'
   if pend ~= '' and string.match(redis.call('HGET', KEYS[6], pend) or '', '^(%S+)') == uid then
     redis.call('HDEL', KEYS[6], pend)
   end
@@ -142,8 +144,8 @@ for i = 5, #ARGV, 5 do
   local holder = entry and string.match(entry, '^(%S+)')
   local live = false
   if holder and holder ~= uid then
-    local deadline = redis.call('ZSCORE', KEYS[2], holder)
-    live = deadline ~= false and tonumber(deadline) >= now
+    local deadline = strict or redis.call('ZSCORE', KEYS[2], holder)
+    live = strict or (deadline ~= false and tonumber(deadline) >= now)
   end
   if digest == '' then  -- waits in its process behind a local holder: pending cleared only
     out[#out + 1] = 'skip'; out[#out + 1] = ''; out[#out + 1] = ''
@@ -316,6 +318,7 @@ class Admission:
     info: str  # "<args digest> <fields JSON>" when differing arguments must be named
     queue: str  # key of the queue it goes back to (head) when unparked
     pending: str  # registration digest whose pending entry this fetch clears ("" = none)
+    strict: bool = False  # any holder blocks (its own process knows it is still at work)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +357,7 @@ class SlotStore:
             parked_prefix(identity),
         ]
         for r in requests:
-            args += [r.uid, r.digest, r.info, r.queue, r.pending]
+            args += [r.uid, r.digest, r.info, r.queue, r.pending, int(r.strict)]
         flat = cast(
             list[str],
             await self._acquire(
