@@ -92,7 +92,7 @@ _HEADERS_COPY = "__headers_persistent"
 RELEASE_LINGER = (
     0.0  # seconds a release waits for company (releases made during a write share the next)
 )
-LOCAL_WAITERS_PER_SCOPE = 2  # tasks of one scope waiting in a process behind a local holder
+LOCAL_WAITERS_PER_SCOPE = 4  # tasks of one scope waiting in a process behind a local holder
 
 
 class ConcurrencyControlType(enum.StrEnum):

@@ -128,6 +128,7 @@ ACQUIRE: Final = """
 local now = tonumber(ARGV[1])
 local reroute, ondiff = ARGV[2] == '1', ARGV[3] == '1'
 local prefix = ARGV[4]
+local anyparked = redis.call('HLEN', KEYS[3]) > 0
 local out = {}
 for i = 5, #ARGV, 6 do
   local uid, digest, info, queue, pend = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
@@ -135,7 +136,7 @@ for i = 5, #ARGV, 6 do
   if pend ~= '' and string.match(redis.call('HGET', KEYS[6], pend) or '', '^(%S+)') == uid then
     redis.call('HDEL', KEYS[6], pend)
   end
-  local where = redis.call('HGET', KEYS[3], uid)
+  local where = anyparked and redis.call('HGET', KEYS[3], uid)
   if where then  -- parked, then delivered by another path (GC, operator): unpark it here
     redis.call('LREM', prefix .. string.match(where, '^(%S+)'), 0, uid)
     redis.call('HDEL', KEYS[3], uid)
