@@ -72,7 +72,7 @@ from ..backend._concurrency import (
     pending_key,
     published_policies,
 )
-from ..backend._keys import TASK_PREFIX, metrics_key, queue_key
+from ..backend._keys import TASK_PREFIX, metrics_key, queue_key, task_key
 
 __all__ = [
     "ConcurrencyControlType",
@@ -451,7 +451,18 @@ class ConcurrencyGate:
             store = self._store = SlotStore(self.backend(), self.identity)
         return store
 
-    async def admit(self, tasks: list[Task]) -> list[Task]:
+    async def start(self, tasks: list[Task]) -> list[Task]:
+        """Write fetched tasks as Started and admit them (see :meth:`admit`).
+
+        With running concurrency both go in one round trip (the Started bodies, then the
+        slot script); without it this is the plain batch write.
+        """
+        if not self.running:
+            await self.backend().set_tasks(tasks)
+            return await self.admit(tasks)
+        return await self.admit(tasks, start=True)
+
+    async def admit(self, tasks: list[Task], *, start: bool = False) -> list[Task]:
         """Return the tasks this process keeps; record the others (Crashed or parked).
 
         Kept tasks either hold their slot or wait in this process behind a local holder
@@ -486,6 +497,7 @@ class ConcurrencyGate:
             requests[task.uid] = (task, Admission(task.uid, digest, info, queue, pending))
         kept: set[str] = set()
         todo = list(requests.values())
+        bodies = {task_key(t.uid): t.serialize_state() for t in tasks} if start else None
         while todo:
             asked: list[tuple[Task, Admission]] = []
             later: list[tuple[Task, Admission]] = []
@@ -509,7 +521,9 @@ class ConcurrencyGate:
                 [request for _, request in asked],
                 reroute=policy.reroute_on_concurrency_control,
                 on_diff=want_info,
+                bodies=bodies,
             )
+            bodies = None  # written with the first round
             for (task, request), result in zip(asked, results, strict=True):
                 if request.digest and self._settle(task, request, result):
                     kept.add(task.uid)

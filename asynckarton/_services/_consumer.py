@@ -404,9 +404,8 @@ class Consumer(ServiceBase):
                 continue
             task.status, task.last_update = TaskState.STARTED, time.time()
             tasks.append(task)
-        tasks = await self._gate.admit(tasks)  # concurrency control
         with anyio.CancelScope(shield=True):
-            await self.backend.set_tasks(tasks)
+            tasks = await self._gate.start(tasks)  # concurrency control (was set_tasks)
             await self.backend.quarantine(broken)
             await self.backend.drop_leases(self.identity, gone + broken)
         for task in tasks:

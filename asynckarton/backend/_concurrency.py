@@ -29,7 +29,7 @@ bodies (see ``_scripts.py``); they only move uids and compare strings.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -119,7 +119,8 @@ end
 # Take or refuse the slot of each fetched task, in one atomic step.  A slot's value is the
 # holder's uid, then " <args digest> <fields JSON>" when differing arguments are checked.
 # KEYS: running, leases, parked index, parked digests, stats, pending.
-# ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, then per task: uid,
+# ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, task key prefix, then per
+# task: uid,
 # digest, info ("<args digest> <fields>" or ""), its queue key, pending digest (""),
 # strict (1: any holder counts as alive; its process says it is still at work).
 # Returns per task: outcome (run / blocked / parked / differs), holder uid, holder info.
@@ -127,10 +128,10 @@ end
 ACQUIRE: Final = """
 local now = tonumber(ARGV[1])
 local reroute, ondiff = ARGV[2] == '1', ARGV[3] == '1'
-local prefix = ARGV[4]
+local prefix, taskp = ARGV[4], ARGV[5]
 local anyparked = redis.call('HLEN', KEYS[3]) > 0
 local out = {}
-for i = 5, #ARGV, 6 do
+for i = 6, #ARGV, 6 do
   local uid, digest, info, queue, pend = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
   local strict = ARGV[i+5] == '1'
   if pend ~= '' and string.match(redis.call('HGET', KEYS[6], pend) or '', '^(%S+)') == uid then
@@ -167,6 +168,12 @@ for i = 5, #ARGV, 6 do
       redis.call('SADD', KEYS[4], digest)
       redis.call('ZREM', KEYS[2], uid)
       redis.call('HINCRBY', KEYS[5], 'parked', 1)
+      local body = redis.call('GET', taskp .. uid)  -- waiting again: Started -> Spawned
+      if body then
+        local fixed, n = string.gsub(
+          body, '("status":%s*)"Started"(,%s*"uid":%s*"[^"]*"%s*}%s*)$', '%1"Spawned"%2')
+        if n == 1 then redis.call('SET', taskp .. uid, fixed) end
+      end
       out[#out + 1] = 'parked'
     else
       redis.call('HINCRBY', KEYS[5], 'blocked', 1)
@@ -347,32 +354,45 @@ class SlotStore:
         self._sweep = redis.register_script(SWEEP)
 
     async def acquire(
-        self, requests: Sequence[Admission], *, reroute: bool, on_diff: bool
+        self,
+        requests: Sequence[Admission],
+        *,
+        reroute: bool,
+        on_diff: bool,
+        bodies: Mapping[str, str] | None = None,
     ) -> list[Outcome]:
-        """Take or refuse each slot (ACQUIRE); parks refused ones when ``reroute``."""
+        """Take or refuse each slot (ACQUIRE); parks refused ones when ``reroute``.
+
+        ``bodies`` (task key -> JSON, the fetched tasks marked Started) are written in
+        the same round trip, just before the script; a task parked by it goes back to
+        Spawned there.
+        """
         identity = self.identity
         args: list[Any] = [
             _ms(time.time()),
             int(reroute),
             int(on_diff),
             parked_prefix(identity),
+            keys.TASK_PREFIX,
         ]
         for r in requests:
             args += [r.uid, r.digest, r.info, r.queue, r.pending, int(r.strict)]
-        flat = cast(
-            list[str],
-            await self._acquire(
-                keys=[
-                    running_key(identity),
-                    keys.leases_key(identity),
-                    parked_index_key(identity),
-                    parked_digests_key(identity),
-                    concurrency_stats_key(identity),
-                    pending_key(identity),
-                ],
-                args=args,
-            ),
-        )
+        script_keys = [
+            running_key(identity),
+            keys.leases_key(identity),
+            parked_index_key(identity),
+            parked_digests_key(identity),
+            concurrency_stats_key(identity),
+            pending_key(identity),
+        ]
+        if bodies:
+            async with self.backend.redis.pipeline(transaction=False) as pipe:
+                pipe.mset(dict(bodies))
+                await self._acquire(keys=script_keys, args=args, client=pipe)
+                _, reply = await pipe.execute()
+            flat = cast(list[str], reply)
+        else:
+            flat = cast(list[str], await self._acquire(keys=script_keys, args=args))
         return [Outcome(*flat[i : i + 3]) for i in range(0, len(flat), 3)]
 
     async def release(self, held: Sequence[tuple[str, str, str, str]]) -> list[bool]:
