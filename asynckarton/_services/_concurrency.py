@@ -41,6 +41,12 @@ Policies (class attributes of :class:`~asynckarton.Consumer`, or ``[karton]`` op
     touched once per release of its scope (each release moves at most one parked task),
     and never re-queued in a loop, unlike pynenc's reroute which re-enqueues the blocked
     invocation on every pass.  A periodic sweep unparks tasks whose holder lost its lease.
+    A task blocked by a holder in its own process may instead wait there (a few per
+    scope, see :class:`ConcurrencyGate`) and get the slot handed over on release.
+
+Counters (``asynckarton.concurrency:<identity>``): ``blocked`` (Crashed, not rerouted),
+``parked``/``unparked``, ``differing`` (on_diff_non_key_args_raise), ``duplicates``
+(registration), ``taken_over`` (a slot whose holder had no live lease any more).
 """
 
 from __future__ import annotations

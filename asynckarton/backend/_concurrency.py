@@ -120,9 +120,11 @@ end
 # holder's uid, then " <args digest> <fields JSON>" when differing arguments are checked.
 # KEYS: running, leases, parked index, parked digests, stats, pending.
 # ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, task key prefix, then per
-# task: uid,
-# digest, info ("<args digest> <fields>" or ""), its queue key, pending digest (""),
-# strict (1: any holder counts as alive; its process says it is still at work).
+# task: uid, digest, info ("<args digest> <fields>" or ""), its queue key, pending digest
+# (""), strict (1: any holder counts as alive; its process says it is still at work).
+# A parked task's body goes back from Started to Spawned (string rewrite of the sorted
+# JSON's tail, as RECLAIM does).  ``taken_over`` counts slots whose holder had no live
+# lease any more (finished or dead, its release not written yet).
 # Returns per task: outcome (run / blocked / parked / differs), holder uid, holder info.
 # An empty digest only clears the pending entry (outcome skip).
 ACQUIRE: Final = """
