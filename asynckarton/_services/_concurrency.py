@@ -98,7 +98,10 @@ _HEADERS_COPY = "__headers_persistent"
 RELEASE_LINGER = (
     0.0  # seconds a release waits for company (releases made during a write share the next)
 )
-LOCAL_WAITERS_PER_SCOPE = 4  # tasks of one scope waiting in a process behind a local holder
+#: Tasks of one scope that may wait in a process behind a local holder (0: park them all).
+#: Off: measured with the keys benchmark, tasks waiting inside runners made the consumer
+#: slower (its dispatch treats them as slow handlers) than parking them in Redis.
+LOCAL_WAITERS_PER_SCOPE = 0
 
 
 class ConcurrencyControlType(enum.StrEnum):
@@ -387,12 +390,15 @@ class _Waiter:
 class ConcurrencyGate:
     """Admits fetched tasks through their slots and releases the slots afterwards.
 
-    With ``reroute_on_concurrency_control``, a fetched task whose slot is held by a task
-    of this same process waits here instead of being parked in Redis (up to
-    ``LOCAL_WAITERS_PER_SCOPE`` per scope and ``local_cap`` in all; the others are
-    parked): when the holder ends, its release hands the slot to the waiter in the same
-    script call (the holder's uid must still hold it), and the waiter runs only once
-    Redis confirmed.  This costs no fetch, park and unpark round trip per collision.
+    With ``reroute_on_concurrency_control`` and ``LOCAL_WAITERS_PER_SCOPE`` > 0, a
+    fetched task whose slot is held by a task of this same process waits here instead
+    of being parked in Redis (up to that many per scope and ``local_cap`` in all; the
+    others are parked): when the holder ends, its release hands the slot to the waiter
+    in the same script call (the holder's uid must still hold it), and the waiter runs
+    only once Redis confirmed.  It saves the park/unpark round trips but holds a runner
+    per waiter, which measured slower, so it is off by default.  Either way a task whose
+    scope its own process holds is parked without looking at the holder's lease: the
+    holder may have written its final state before its release.
 
     Args:
         backend: returns the service's backend (it exists only inside ``async with``).

@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from asynckarton import ConfigError, Consumer, Task, TaskState, testing
+from asynckarton._services import _concurrency as concurrency
 from asynckarton._services._concurrency import (
     ConcurrencyControlType,
     ConcurrencyGate,
@@ -313,7 +314,11 @@ async def test_blocked_task_ends_crashed_with_the_holder_named(tmp_path: Path) -
 
 
 @pytest.mark.anyio
-async def test_rerouted_tasks_all_run_later_one_key_at_a_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("local_waiters", [0, 4])
+async def test_rerouted_tasks_all_run_later_one_key_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_waiters: int
+) -> None:
+    monkeypatch.setattr(concurrency, "LOCAL_WAITERS_PER_SCOPE", local_waiters)
     _reset(RerouteWorker)
     async with testing.pipeline(RerouteWorker, data_dir=tmp_path) as p:
         await p.send(
@@ -330,6 +335,7 @@ async def test_rerouted_tasks_all_run_later_one_key_at_a_time(tmp_path: Path) ->
     assert sorted(RerouteWorker.ran, key=int) == [str(i) for i in range(30)]
     assert all(t.status is TaskState.FINISHED for t in tasks)
     assert stats["parked"] >= 1 and stats["unparked"] >= 1
+    assert (stats["parked"] < 27) == bool(local_waiters)  # waiting locally spares parks
 
 
 class StrictKeyWorker(KeyWorker):
