@@ -131,9 +131,10 @@ return moved
 """
 
 # Requeue a Spawned task that sits in no queue, under no lease, in no retry schedule and
-# is not parked by concurrency control (a consumer died between popping and leasing it).  ARGV = uid, identity, priority, and
-# the body the GC judged: the task is requeued only if it has not changed since (so the
-# verdict still holds), without parsing JSON in Lua.  Returns 1 if requeued.
+# is not parked by concurrency control (a consumer died between popping and leasing it).
+# ARGV = uid, identity, priority, and the body the GC judged: the task is requeued only
+# if it has not changed since (so the verdict still holds), without parsing JSON in Lua.
+# Returns 1 if requeued.
 REQUEUE_ORPHAN: Final = """
 local uid = ARGV[1]
 if redis.call('GET', 'karton.task:' .. uid) ~= ARGV[4] then return 0 end
