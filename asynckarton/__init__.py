@@ -27,6 +27,7 @@ from ._errors import (
     BackendError,
     BackendUnavailableError,
     BindInUseError,
+    ConcurrencyControlled,
     ConfigError,
     InvalidIdentityError,
     InvalidTaskError,
@@ -42,6 +43,7 @@ from ._errors import (
     UnsafeArchiveError,
 )
 from ._services._blocking import to_process, to_thread
+from ._services._concurrency import ConcurrencyControlType
 from ._services._consumer import Consumer
 from ._services._inspect import DeploymentState
 from ._services._karton import Karton
@@ -60,6 +62,8 @@ __all__ = [
     "BackendError",
     "BackendUnavailableError",
     "BindInUseError",
+    "ConcurrencyControlType",
+    "ConcurrencyControlled",
     "Config",
     "ConfigError",
     "Consumer",

@@ -213,3 +213,8 @@ class UnknownTaskError(KartonError, LookupError):
         super().__init__(f"cannot {action} {len(problems)} task(s): {listed}")
         self.action = action
         self.problems = problems
+
+
+class ConcurrencyControlled(KartonError):
+    """A task met a held concurrency slot (``running_concurrency``): its name and message
+    are written into the task's ``error`` when it ends Crashed; it is never raised."""

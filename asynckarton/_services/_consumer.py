@@ -41,6 +41,7 @@ from ..backend import Bind
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from . import _metrics
 from ._completion import Completer
+from ._concurrency import ConcurrencyControlType, ConcurrencyGate  # concurrency control
 from ._dispatch import Dispatcher
 from ._result_cache import ResultCache
 from ._runtime import Runtime
@@ -108,6 +109,12 @@ class Consumer(ServiceBase):
     lease_timeout: ClassVar[float | None] = None
     #: Tasks taken ahead of free workers (default: concurrency_limit; 0 when it is 1).
     prefetch: ClassVar[int | None] = None
+    # concurrency control (pynenc's options; see asynckarton._services._concurrency)
+    running_concurrency: ClassVar[ConcurrencyControlType | str] = ConcurrencyControlType.DISABLED
+    registration_concurrency: ClassVar[ConcurrencyControlType | str] = "disabled"
+    key_arguments: ClassVar[tuple[str, ...]] = ()
+    on_diff_non_key_args_raise: ClassVar[bool] = False
+    reroute_on_concurrency_control: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -120,6 +127,7 @@ class Consumer(ServiceBase):
         _check_service_class(type(self))
         self._match = compile_filters(list(self.filters))
         self._read_policy(self.config)
+        self._gate = ConcurrencyGate.for_consumer(self)  # concurrency control
         self._pre_hooks: list[tuple[str | None, PreHook]] = []
         self._post_hooks: list[tuple[str | None, PostHook]] = []
         self._scopes: tuple[anyio.CancelScope, Dispatcher[Task]] | None = None  # while running
@@ -244,9 +252,16 @@ class Consumer(ServiceBase):
                     watch_bind, presence, self.backend, self.bind, self.stop, self.log
                 )
                 background.start_soon(
-                    keep_leases, self.backend, self.identity, self._leased, lease, self.log
+                    keep_leases,
+                    self.backend,
+                    self.identity,
+                    self._leased,
+                    lease,
+                    self.log,
+                    self._gate.sweep,  # concurrency control
                 )
                 background.start_soon(self._lag.run)
+                background.start_soon(self._gate.run)  # concurrency control
                 background.start_soon(_metrics.serve_consumer, self)  # metrics
                 self._blocking = blocking
                 stopped = False
@@ -265,6 +280,7 @@ class Consumer(ServiceBase):
                 await blocking.aclose()
 
     async def _register(self) -> None:
+        await self._gate.publish()  # concurrency control (before the bind: routers read both)
         old = await self.backend.register_bind(self.bind)
         if old is None:
             self.log.info("Service %s registered its bind", self.identity)
@@ -345,10 +361,12 @@ class Consumer(ServiceBase):
             await self.backend.drop_leases(self.identity, gone + broken)
         for task in tasks:
             self._leased[task.uid] = task
-        return tasks
+        return await self._gate.admit(tasks)  # concurrency control: parked or refused out
 
     async def _release(self, tasks: list[Task]) -> None:
         """Hand fetched tasks that never started back to the head of their queue."""
+        for task in tasks:
+            self._gate.release(task)  # concurrency control
         mine = [task for task in tasks if self._leased.pop(task.uid, None) is not None]
         try:  # hand_back pushes to the head one by one: reversed, they keep their order
             await self.backend.hand_back(self.identity, mine[::-1])
@@ -366,6 +384,8 @@ class Consumer(ServiceBase):
     async def _handle(self, task: Task) -> None:
         token = current_task.set(task)
         try:
+            if not await self._gate.turn(task):  # concurrency control: parked or refused
+                return
             if not self._match(task.headers):
                 self.log.info("Task rejected because binds are no longer valid.")
                 task.status, task.last_update = TaskState.FINISHED, time.time()
@@ -390,6 +410,7 @@ class Consumer(ServiceBase):
                 await self._hand_back(task)
             raise
         finally:
+            self._gate.release(task)  # concurrency control
             current_task.reset(token)
 
     async def _run_process(self, task: Task) -> BaseException | None:
@@ -501,6 +522,7 @@ class Consumer(ServiceBase):
         self._completer.add(task, crashed=crashed, dead=dead)
 
     async def _hand_back(self, task: Task) -> None:
+        self._gate.release(task)  # concurrency control
         if self._leased.pop(task.uid, None) is None:
             return  # already completed or rescheduled
         try:

@@ -9,7 +9,7 @@ and :class:`LagWatch` warns when a handler blocks the event loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -57,8 +57,13 @@ async def keep_leases(
     leased: dict[str, Any],
     lease: float,
     log: logging.Logger,
+    sweep: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Renew the leases of ``leased`` (one ZADD), requeue expired ones, release retries."""
+    """Renew the leases of ``leased`` (one ZADD), requeue expired ones, release retries.
+
+    ``sweep`` runs after each round too (concurrency control unparks tasks whose slot's
+    holder lost its lease).
+    """
     period = max(0.2, min(lease / 3, 1.0))
     while True:
         try:
@@ -69,6 +74,8 @@ async def keep_leases(
             if moved:
                 log.warning("Requeued %d task(s) whose consumer died", moved)
             await backend.release_delayed()
+            if sweep is not None:
+                await sweep()
         except TRANSIENT_ERRORS as exc:
             log.warning("Redis unavailable for lease renewal: %s", exc)
         await anyio.sleep(period)

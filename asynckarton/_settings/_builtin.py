@@ -88,6 +88,17 @@ KARTON = (
            "the resources its outputs reference) is kept", flag="", minimum=0, exclusive=True),
     Option("karton", "disable_cache_args", str, None, "arguments the result cache ignores: "
            "headers.X / payload.X, comma-separated ('*': no caching)", flag=""),
+    Option("karton", "running_concurrency", str, "disabled", "at most one running task of "
+           "this identity per scope: disabled, task, arguments or keys", flag=""),
+    Option("karton", "registration_concurrency", str, "disabled", "a routed copy equal (per "
+           "scope) to a pending one is not queued: disabled, task, arguments or keys",
+           flag=""),
+    Option("karton", "key_arguments", str, None, "the arguments of the 'keys' scope: dotted "
+           "paths such as headers.kind, payload.sample (comma-separated)", flag=""),
+    Option("karton", "on_diff_non_key_args_raise", bool, False, "equal keys but other "
+           "arguments different: the newcomer crashes naming them", flag=""),
+    Option("karton", "reroute_on_concurrency_control", bool, False, "a blocked task runs "
+           "later (parked until the holder releases) instead of ending Crashed", flag=""),
     Option("karton", "metrics_port", int, None, "serve this process's Prometheus metrics on "
            "this port", "--metrics-port", minimum=0),
     Option("karton", "metrics_host", str, "0.0.0.0", "address the metrics port listens on",

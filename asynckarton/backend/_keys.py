@@ -90,3 +90,41 @@ def dead_key(identity: str) -> str:
 def result_cache_key(identity: str, digest: str) -> str:
     """Cached result (the outputs sent) of ``identity`` for the arguments ``digest``."""
     return f"{RESULT_CACHE_PREFIX}{identity}:{digest}"
+
+
+# -- concurrency control (see backend/_concurrency.py) ------------------------------------
+
+
+def running_key(identity: str) -> str:
+    """Slots of ``identity``: scope digest -> holder uid."""
+    return "asynckarton.running:" + identity
+
+
+def parked_prefix(identity: str) -> str:
+    """Prefix of the per-digest lists of parked uids."""
+    return f"asynckarton.parked:{identity}:"
+
+
+def parked_index_key(identity: str) -> str:
+    """Parked uid -> "<digest> <queue key>"."""
+    return "asynckarton.parked.index:" + identity
+
+
+def parked_digests_key(identity: str) -> str:
+    """Digests that have parked tasks."""
+    return "asynckarton.parked.digests:" + identity
+
+
+def pending_key(identity: str) -> str:
+    """Registration digest -> uid routed to ``identity`` and not fetched yet."""
+    return "asynckarton.pending:" + identity
+
+
+def policy_key(identity: str) -> str:
+    """Published concurrency policies of ``identity``'s replicas."""
+    return "asynckarton.policy:" + identity
+
+
+def concurrency_stats_key(identity: str) -> str:
+    """Counters of concurrency-control outcomes for ``identity``."""
+    return "asynckarton.concurrency:" + identity

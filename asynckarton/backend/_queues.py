@@ -185,6 +185,8 @@ class QueueBackend(BackendCore):
             if batch.logs:  # one command for the batch's records (PUBLISH each, in Lua)
                 args = [part for record in batch.logs for part in record]
                 pipe.eval(scripts.PUBLISH_MANY, 0, *args)
+            for script, script_keys, script_args in batch.scripts:  # concurrency control
+                pipe.eval(script, len(script_keys), *script_keys, *script_args)
             if batch.invalid:
                 pipe.rpush(keys.INVALID, *batch.invalid)
                 pipe.hincrby(keys.STATS, "invalid", len(batch.invalid))

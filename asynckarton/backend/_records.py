@@ -80,6 +80,8 @@ class RoutedBatch:
     outputs: dict[str, set[str]] = field(default_factory=dict)  # origin -> headers JSON
     logs: list[tuple[str, str]] = field(default_factory=list)  # channel, record JSON
     invalid: list[str] = field(default_factory=list)  # uids with unreadable bodies
+    # concurrency control: (script, keys, args) evaluated inside the commit's MULTI/EXEC
+    scripts: list[tuple[str, list[str], list[Any]]] = field(default_factory=list)
 
     def add_fork(self, uid: str, body: str, priority: str, identity: str) -> None:
         """Queue the fork ``uid`` (JSON ``body``, already Spawned) for ``identity``."""

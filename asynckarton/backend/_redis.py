@@ -101,6 +101,7 @@ class KartonBackend(QueueBackend):
                 keys.queue_key(task.priority.value, receiver),
                 receiver,  # Karton 2.x's bare queue
                 keys.STATS,
+                keys.parked_index_key(receiver),  # concurrency control: parked, not orphaned
             ],
             args=[task.uid, body],
         )

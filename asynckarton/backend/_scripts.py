@@ -162,10 +162,10 @@ end
 return moved
 """
 
-# Requeue a Spawned task that sits in no queue, under no lease and in no retry schedule
-# (a consumer died between popping and leasing it).  KEYS = the task, the receiver's
-# leases, the retry schedule, the task's queue, the receiver's bare (Karton 2.x) queue
-# and the stats hash; ARGV = uid and the body the GC judged: the task is requeued only if
+# Requeue a Spawned task that sits in no queue, under no lease, in no retry schedule and
+# is not parked by concurrency control (a consumer died between popping and leasing it).
+# KEYS = the task, the receiver's leases, the retry schedule, the task's queue, the
+# receiver's bare (Karton 2.x) queue, the stats hash and the receiver's parked index; ARGV = uid and the body the GC judged: the task is requeued only if
 # it has not changed since (so the verdict still holds), without parsing JSON in Lua.
 # Returns 1 if requeued.
 REQUEUE_ORPHAN: Final = """
@@ -175,6 +175,7 @@ if redis.call('ZSCORE', KEYS[2], uid) then return 0 end
 if redis.call('ZSCORE', KEYS[3], uid) then return 0 end
 if redis.call('LPOS', KEYS[4], uid) then return 0 end
 if redis.call('LPOS', KEYS[5], uid) then return 0 end
+if redis.call('HEXISTS', KEYS[7], uid) == 1 then return 0 end
 redis.call('RPUSH', KEYS[4], uid)
 redis.call('HINCRBY', KEYS[6], 'orphans_requeued', 1)
 return 1

@@ -22,6 +22,7 @@ import orjson
 from anyio.abc import TaskStatus
 
 from .._errors import InvalidTaskError
+from .._services._concurrency import RegistrationGuard  # concurrency control
 from .._services._logging import site_line_maker
 from .._wire._document import RoutableTask
 from .._wire._query import BindIndex
@@ -70,6 +71,7 @@ class Router:
         self._log_channel = backend.log_channel("INFO", log.name)
         self._line: Callable[[str, float], str] | None = None  # see _log_record
         self.routed = 0
+        self._registration = RegistrationGuard(log)  # concurrency control
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Route until cancelled; Redis outages are waited out with backoff."""
@@ -143,6 +145,7 @@ class Router:
         """Route the journalled ``uids`` and commit the result in one transaction."""
         bodies = await self.backend.get_task_bodies(uids)
         await self._refresh_binds()
+        await self._registration.refresh(self.backend, self._binds_raw or {})  # concurrency
         batch = RoutedBatch()
         now = time.time()
         for uid, body in zip(uids, bodies, strict=True):
@@ -157,6 +160,7 @@ class Router:
                 continue
             self._route_one(task, batch, now)
         await self.backend.route_commit(self.instance, batch, self.tracking_ttl)
+        await self._registration.report(self.backend)  # concurrency control
         self.routed += len(uids)
 
     def _route_one(self, task: RoutableTask, batch: RoutedBatch, now: float) -> None:
@@ -168,7 +172,8 @@ class Router:
             batch.logs.append(self._log_record(task, now))
         for identity in self._index.match(headers, self._on_match_error):
             uid, body = task.fork(identity, now)
-            batch.add_fork(uid, body, task.priority, identity)
+            # concurrency control: registration dedup (else plain batch.add_fork)
+            self._registration.add_fork(batch, task.doc, identity, uid, body, task.priority)
         batch.set_body(task.uid, task.finished(now))
 
     def _tracking_entry(self, headers: dict[str, Any]) -> str:

@@ -1,0 +1,476 @@
+"""Concurrency control: argument digests, the policy, the slot scripts, the consumer gate.
+
+Scripts run on the embedded backend (fakeredis with Lua); the consumer tests run whole
+in-process pipelines.  Multi-process checks live in tests/integration/test_concurrency.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import pytest
+
+from asynckarton import ConfigError, Consumer, Task, TaskState, testing
+from asynckarton._services import _concurrency as concurrency
+from asynckarton._services._concurrency import (
+    ConcurrencyControlType,
+    ConcurrencyGate,
+    ConcurrencyPolicy,
+    argument_fields,
+    differing_fields,
+    scope_digest,
+    task_scope,
+)
+from asynckarton._settings._config import Config
+from asynckarton._wire._resource import RemoteResource
+from asynckarton.backend import EmbeddedConnector, KartonBackend
+from asynckarton.backend import _keys as keys
+from asynckarton.backend._concurrency import (
+    Admission,
+    SlotStore,
+    concurrency_stats_key,
+    parked_index_key,
+    policy_key,
+    published_policies,
+    running_key,
+)
+
+ARGS = ConcurrencyControlType.ARGUMENTS
+KEYS = ConcurrencyControlType.KEYS
+ID = "test.slots"
+
+
+def _resource(name: str, uid: str, sha: str) -> dict[str, Any]:
+    return {
+        "__karton_resource__": {
+            "uid": uid,
+            "name": name,
+            "bucket": "b",
+            "size": 3,
+            "metadata": {"sha256": sha},
+            "flags": [],
+            "sha256": sha,
+        }
+    }
+
+
+# -- digests ---------------------------------------------------------------------------------
+
+
+def test_equal_arguments_in_a_different_key_order_give_equal_digests() -> None:
+    a = scope_digest(ARGS, {"type": "x", "kind": "y"}, {"a": {"p": 1, "q": [1, 2]}, "b": 2}, {})
+    b = scope_digest(ARGS, {"kind": "y", "type": "x"}, {"b": 2, "a": {"q": [1, 2], "p": 1}}, {})
+    assert a == b
+
+
+def test_a_resource_compares_by_sha256_not_by_name_or_uid() -> None:
+    one = scope_digest(ARGS, {"type": "x"}, {"f": _resource("a.exe", "u1", "aa" * 32)}, {})
+    same = scope_digest(ARGS, {"type": "x"}, {"f": _resource("b.exe", "u2", "aa" * 32)}, {})
+    other = scope_digest(ARGS, {"type": "x"}, {"f": _resource("a.exe", "u1", "bb" * 32)}, {})
+    obj = RemoteResource("c.bin", bucket=None, uid="u3", sha256="aa" * 32)
+    as_object = scope_digest(ARGS, {"type": "x"}, {"f": obj}, {})
+    assert one == same == as_object
+    assert one != other
+
+
+def test_a_different_header_value_gives_a_different_digest() -> None:
+    a = scope_digest(ARGS, {"type": "x", "kind": "y"}, {}, {})
+    b = scope_digest(ARGS, {"type": "x", "kind": "z"}, {}, {})
+    assert a != b
+
+
+def test_routing_fields_are_left_out_and_persistent_payload_counts() -> None:
+    a = scope_digest(ARGS, {"type": "x", "receiver": "r1", "origin": "o1"}, {"p": 1}, {})
+    b = scope_digest(ARGS, {"type": "x", "receiver": "r2", "origin": "o2"}, {"p": 1}, {})
+    c = scope_digest(ARGS, {"type": "x"}, {"p": 1}, {"q": 2})
+    d = scope_digest(ARGS, {"type": "x"}, {"p": 1}, {"__headers_persistent": {"h": 1}})
+    assert a == b == d
+    assert a != c
+
+
+def test_keys_scope_looks_at_key_arguments_only() -> None:
+    paths = ("headers.kind", "payload.meta.family")
+    a = scope_digest(KEYS, {"kind": "pe", "x": 1}, {"meta": {"family": "f", "n": 1}}, {}, paths)
+    b = scope_digest(KEYS, {"kind": "pe", "x": 2}, {"meta": {"family": "f", "n": 2}}, {}, paths)
+    c = scope_digest(KEYS, {"kind": "elf", "x": 1}, {"meta": {"family": "f"}}, {}, paths)
+    missing = scope_digest(KEYS, {"kind": "pe"}, {}, {}, paths)
+    assert a == b
+    assert a != c != missing
+    assert scope_digest(ConcurrencyControlType.TASK, {"a": 1}, {}, {}) == scope_digest(
+        ConcurrencyControlType.TASK, {"b": 2}, {"c": 3}, {}
+    )
+
+
+def test_a_parsed_task_and_its_wire_document_give_the_same_digest() -> None:
+    task = Task({"type": "x", "receiver": "r"}, payload={"f": _resource("a", "u", "cc" * 32)})
+    wire = Task.unserialize(task.serialize())
+    doc: dict[str, Any] = {"headers": {"type": "x"}, "payload": task.payload, "pp": {}}
+    assert task_scope(wire, ARGS, ()) == scope_digest(ARGS, doc["headers"], doc["payload"], {})
+    assert isinstance(wire.payload["f"], RemoteResource)
+
+
+def test_differing_fields_name_the_top_level_arguments_that_differ() -> None:
+    mine = argument_fields({"type": "x", "kind": "a"}, {"v": 1, "w": 1}, {})
+    theirs = argument_fields({"type": "x", "kind": "a"}, {"v": 2, "w": 1, "extra": 0}, {})
+    assert differing_fields(mine, theirs) == ["payload.extra", "payload.v"]
+    assert differing_fields(mine, theirs, ["payload.v"]) == ["payload.extra"]
+
+
+# -- policy ------------------------------------------------------------------------------------
+
+
+def test_control_type_parses_case_insensitively_and_names_bad_values() -> None:
+    assert ConcurrencyControlType.parse(" KeYs ") is KEYS
+    with pytest.raises(ConfigError, match="disabled, task, arguments, keys"):
+        ConcurrencyControlType.parse("lock", option="running_concurrency")
+
+
+def test_policy_resolves_config_over_class_defaults() -> None:
+    config = Config(search_paths=[], environ={})
+    config.set("karton", "running_concurrency", "Keys")
+    config.set("karton", "key_arguments", "headers.kind, payload.sample")
+    config.set("karton", "reroute_on_concurrency_control", "true")
+    policy = ConcurrencyPolicy.resolve(
+        config, {"running_concurrency": "task", "on_diff_non_key_args_raise": True}
+    )
+    assert policy.running_concurrency is KEYS
+    assert policy.key_arguments == ("headers.kind", "payload.sample")
+    assert policy.reroute_on_concurrency_control and policy.on_diff_non_key_args_raise
+    assert ConcurrencyPolicy.from_json(policy.to_json()) == policy
+    assert '"running_concurrency":"keys"' in policy.to_json()
+    assert policy.differences(ConcurrencyPolicy()) == [
+        "key_arguments",
+        "on_diff_non_key_args_raise",
+        "reroute_on_concurrency_control",
+        "running_concurrency",
+    ]
+
+
+def test_keys_without_key_arguments_and_bad_paths_are_refused() -> None:
+    with pytest.raises(ConfigError, match="needs key_arguments"):
+        ConcurrencyPolicy(running_concurrency=KEYS)
+    with pytest.raises(ConfigError, match=r"headers\.<name> or payload\.<name>"):
+        ConcurrencyPolicy(running_concurrency=KEYS, key_arguments=("kind",))
+
+
+# -- scripts -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[KartonBackend]:
+    b = KartonBackend(EmbeddedConnector())
+    try:
+        yield b
+    finally:
+        await b.aclose()
+
+
+async def _lease(b: KartonBackend, uid: str, seconds: float) -> None:
+    await b.redis.zadd(keys.leases_key(ID), {uid: int((time.time() + seconds) * 1000)})
+    await b.redis.set(keys.task_key(uid), "{}")
+
+
+def _ask(uid: str, digest: str = "k1", info: str = "") -> Admission:
+    return Admission(uid, digest, info, keys.queue_key("normal", ID), "")
+
+
+@pytest.mark.anyio
+async def test_a_live_holder_blocks_and_an_expired_one_is_taken_over(
+    backend: KartonBackend,
+) -> None:
+    store = SlotStore(backend, ID)
+    await _lease(backend, "a", 30)
+    await _lease(backend, "b", 30)
+    [first, second] = await store.acquire([_ask("a"), _ask("b")], reroute=False, on_diff=False)
+    assert (first.outcome, second.outcome, second.holder) == ("run", "blocked", "a")
+    await backend.redis.zadd(keys.leases_key(ID), {"a": int(time.time() * 1000) - 1})
+    [third] = await store.acquire([_ask("b")], reroute=False, on_diff=False)
+    assert third.outcome == "run"
+    assert await backend.redis.hget(running_key(ID), "k1") == "b"
+    assert await store.stats() == {"blocked": 1, "taken_over": 1}
+
+
+@pytest.mark.anyio
+async def test_reroute_parks_and_release_moves_one_task_to_the_queue_head(
+    backend: KartonBackend,
+) -> None:
+    store = SlotStore(backend, ID)
+    queue = keys.queue_key("normal", ID)
+    for uid in ("a", "b", "c"):
+        await _lease(backend, uid, 30)
+    await backend.redis.rpush(queue, "other")
+    out = await store.acquire([_ask("a"), _ask("b"), _ask("c")], reroute=True, on_diff=False)
+    assert [o.outcome for o in out] == ["run", "parked", "parked"]
+    assert await backend.redis.zscore(keys.leases_key(ID), "b") is None
+    assert await backend.redis.hget(parked_index_key(ID), "b") == f"k1 {queue}"
+
+    assert await store.release([("b", "k1", "", "")]) == [False]  # not the holder: no-op
+    assert await backend.redis.lrange(queue, 0, -1) == ["other"]
+    assert await store.release([("a", "k1", "", "")]) == [False]
+    assert await backend.redis.lrange(queue, 0, -1) == ["b", "other"]
+    assert await backend.redis.hget(running_key(ID), "k1") is None
+    assert await store.release([("a", "k1", "", "")]) == [False]  # twice is harmless
+    assert await backend.redis.lrange(queue, 0, -1) == ["b", "other"]
+    [again] = await store.acquire([_ask("b")], reroute=True, on_diff=False)
+    assert again.outcome == "run"
+    assert (await store.stats())["unparked"] == 1
+
+
+@pytest.mark.anyio
+async def test_sweep_frees_the_slot_of_a_holder_whose_lease_expired(
+    backend: KartonBackend,
+) -> None:
+    store = SlotStore(backend, ID)
+    queue = keys.queue_key("normal", ID)
+    await _lease(backend, "a", 30)
+    await _lease(backend, "b", 30)
+    await store.acquire([_ask("a"), _ask("b")], reroute=True, on_diff=False)
+    assert await store.sweep() == 0  # the holder is alive
+    await backend.redis.zadd(keys.leases_key(ID), {"a": int(time.time() * 1000) - 1})
+    assert await store.sweep() == 1
+    assert await backend.redis.lrange(queue, 0, -1) == ["b"]
+    assert await backend.redis.hlen(running_key(ID)) == 0
+
+
+@pytest.mark.anyio
+async def test_on_diff_reports_the_holder_arguments_only_when_they_differ(
+    backend: KartonBackend,
+) -> None:
+    store = SlotStore(backend, ID)
+    for uid in ("a", "b", "c"):
+        await _lease(backend, uid, 30)
+    out = await store.acquire(
+        [_ask("a", info='d1 {"x":"1"}'), _ask("b", info='d2 {"x":"2"}'), _ask("c", info="d1 {}")],
+        reroute=False,
+        on_diff=True,
+    )
+    assert [(o.outcome, o.holder, o.info) for o in out] == [
+        ("run", "", ""),
+        ("differs", "a", 'd1 {"x":"1"}'),
+        ("blocked", "a", 'd1 {"x":"1"}'),
+    ]
+    assert await backend.redis.hgetall(concurrency_stats_key(ID)) == {
+        "differing": "1",
+        "blocked": "1",
+    }
+
+
+# -- the consumer, in-process ------------------------------------------------------------------
+
+
+class KeyWorker(Consumer):
+    """Holds each task a while and records overlaps per key from inside the handler."""
+
+    identity = "test.keyworker"
+    filters: ClassVar[list[dict[str, Any]]] = [{"type": "keyed"}]
+    running_concurrency = "keys"
+    key_arguments = ("headers.key",)
+    concurrency_limit = 8
+    active: ClassVar[dict[str, int]] = {}
+    worst: ClassVar[int] = 0
+    ran: ClassVar[list[str]] = []
+
+    async def process(self, task: Task) -> None:
+        key = str(task.headers["key"])
+        cls = type(self)
+        cls.active[key] = cls.active.get(key, 0) + 1
+        cls.worst = max(cls.worst, cls.active[key])
+        try:
+            await anyio.sleep(float(task.payload.get("sleep", 0.05)))
+        finally:
+            cls.active[key] -= 1
+        cls.ran.append(str(task.payload["n"]))
+
+
+class RerouteWorker(KeyWorker):
+    identity = "test.rerouter"
+    reroute_on_concurrency_control = True
+
+
+def _reset(cls: type[KeyWorker]) -> None:
+    cls.active, cls.worst, cls.ran = {}, 0, []
+
+
+@pytest.mark.anyio
+async def test_blocked_task_ends_crashed_with_the_holder_named(tmp_path: Path) -> None:
+    _reset(KeyWorker)
+    async with testing.pipeline(KeyWorker, data_dir=tmp_path) as p:
+        await p.send(*(Task({"type": "keyed", "key": "same"}, payload={"n": i}) for i in range(3)))
+        await p.wait_idle()
+        tasks = await p.tasks(receiver=KeyWorker.identity)
+        stats = await SlotStore(p.producer.backend, KeyWorker.identity).stats()
+    assert KeyWorker.worst == 1
+    assert sorted(t.status.value for t in tasks) == ["Crashed", "Crashed", "Finished"]
+    winner = next(t for t in tasks if t.status is TaskState.FINISHED)
+    for crashed in (t for t in tasks if t.status is TaskState.CRASHED):
+        text = "".join(crashed.error or [])
+        assert "ConcurrencyControlled" in text and winner.uid in text and "keys" in text
+    assert stats["blocked"] == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("local_waiters", [0, 4])
+async def test_rerouted_tasks_all_run_later_one_key_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_waiters: int
+) -> None:
+    monkeypatch.setattr(concurrency, "LOCAL_WAITERS_PER_SCOPE", local_waiters)
+    _reset(RerouteWorker)
+    async with testing.pipeline(RerouteWorker, data_dir=tmp_path) as p:
+        await p.send(
+            *(
+                Task({"type": "keyed", "key": f"k{i % 3}"}, payload={"n": i, "sleep": 0.02})
+                for i in range(30)
+            )
+        )
+        with anyio.fail_after(20):
+            await p.wait_idle(timeout=20)
+        tasks = await p.tasks(receiver=RerouteWorker.identity)
+        stats = await SlotStore(p.producer.backend, RerouteWorker.identity).stats()
+    assert RerouteWorker.worst == 1
+    assert sorted(RerouteWorker.ran, key=int) == [str(i) for i in range(30)]
+    assert all(t.status is TaskState.FINISHED for t in tasks)
+    assert stats["parked"] >= 1 and stats["unparked"] >= 1
+    assert (stats["parked"] < 27) == bool(local_waiters)  # waiting locally spares parks
+
+
+class StrictKeyWorker(KeyWorker):
+    identity = "test.strictkeys"
+    on_diff_non_key_args_raise = True
+
+
+@pytest.mark.anyio
+async def test_equal_keys_with_different_other_arguments_crash_naming_the_fields(
+    tmp_path: Path,
+) -> None:
+    _reset(StrictKeyWorker)
+    async with testing.pipeline(StrictKeyWorker, data_dir=tmp_path) as p:
+        await p.send(
+            Task({"type": "keyed", "key": "k"}, payload={"n": 0, "sleep": 0.5}),
+            Task({"type": "keyed", "key": "k"}, payload={"n": 1, "sleep": 0.5}),
+            Task({"type": "keyed", "key": "k"}, payload={"n": 0, "sleep": 0.5}),
+        )
+        await p.wait_idle()
+        tasks = await p.tasks(receiver=StrictKeyWorker.identity)
+        stats = await SlotStore(p.producer.backend, StrictKeyWorker.identity).stats()
+    errors = sorted("".join(t.error or []) for t in tasks if t.status is TaskState.CRASHED)
+    assert StrictKeyWorker.ran == ["0"]
+    assert len(errors) == 2
+    assert "different non-key arguments: payload.n " in errors[1]
+    assert "different non-key" not in errors[0] and "holds the slot" in errors[0]
+    assert stats == {"differing": 1, "blocked": 1}
+
+
+class Registrar(Consumer):
+    """One task at a time; ``payload["sleep"]`` long; registration dedup on ``headers.key``."""
+
+    identity = "test.registrar"
+    filters: ClassVar[list[dict[str, Any]]] = [{"type": "reg"}]
+    registration_concurrency = "keys"
+    key_arguments = ("headers.key",)
+    ran: ClassVar[list[str]] = []
+
+    async def process(self, task: Task) -> None:
+        type(self).ran.append(str(task.headers["key"]))
+        await anyio.sleep(float(task.payload.get("sleep", 0)))
+
+
+class StrictRegistrar(Registrar):
+    identity = "test.strictregistrar"
+    on_diff_non_key_args_raise = True
+
+
+@pytest.mark.anyio
+async def test_a_copy_equal_to_a_pending_one_is_not_queued_again(tmp_path: Path) -> None:
+    Registrar.ran = []
+    async with testing.pipeline(Registrar, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "reg", "key": "busy"}, payload={"sleep": 0.5}))
+        with anyio.fail_after(5):
+            while Registrar.ran != ["busy"]:
+                await anyio.sleep(0.01)
+        await p.send(*(Task({"type": "reg", "key": "a"}, payload={"n": n}) for n in range(4)))
+        await p.wait_idle()
+        await p.send(Task({"type": "reg", "key": "a"}))  # nothing pending any more: queued
+        await p.wait_idle()
+        tasks = await p.tasks(receiver=Registrar.identity)
+        stats = await SlotStore(p.producer.backend, Registrar.identity).stats()
+    assert Registrar.ran == ["busy", "a", "a"]
+    assert stats == {"duplicates": 3}
+    assert all(t.status is TaskState.FINISHED for t in tasks) and len(tasks) == 6
+
+
+@pytest.mark.anyio
+async def test_registration_with_differing_other_arguments_crashes_the_newcomer(
+    tmp_path: Path,
+) -> None:
+    StrictRegistrar.ran = []
+    async with testing.pipeline(StrictRegistrar, data_dir=tmp_path) as p:
+        await p.send(Task({"type": "reg", "key": "busy"}, payload={"sleep": 0.5}))
+        with anyio.fail_after(5):
+            while StrictRegistrar.ran != ["busy"]:
+                await anyio.sleep(0.01)
+        await p.send(
+            Task({"type": "reg", "key": "a"}, payload={"n": 1}),
+            Task({"type": "reg", "key": "a"}, payload={"n": 1}),
+            Task({"type": "reg", "key": "a", "extra": "x"}, payload={"n": 2}),
+        )
+        await p.wait_idle()
+        tasks = await p.tasks(receiver=StrictRegistrar.identity)
+        stats = await SlotStore(p.producer.backend, StrictRegistrar.identity).stats()
+    [crashed] = [t for t in tasks if t.status is TaskState.CRASHED]
+    assert "different non-key arguments: headers.extra, payload.n " in "".join(crashed.error or [])
+    assert StrictRegistrar.ran == ["busy", "a"]
+    assert stats == {"duplicates": 1, "differing": 1}
+
+
+@pytest.mark.anyio
+async def test_replicas_publish_their_policy_and_warn_when_they_differ(
+    backend: KartonBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = logging.getLogger("test.replicas")
+
+    def gate(instance: str, policy: ConcurrencyPolicy) -> ConcurrencyGate:
+        return ConcurrencyGate(
+            backend=lambda: backend,
+            identity=ID,
+            policy=policy,
+            log=log,
+            crash=lambda task: None,
+            instance=instance,
+        )
+
+    keyed = ConcurrencyPolicy(running_concurrency=KEYS, key_arguments=("headers.k",))
+    with caplog.at_level(logging.WARNING, logger="test.replicas"):
+        await gate("one", keyed).publish()
+        await gate("two", keyed).publish()
+        assert caplog.text == ""
+        await anyio.sleep(0.01)  # the router takes the most recent one (ms stamps)
+        await gate("three", ConcurrencyPolicy()).publish()
+    assert "Replica one of test.slots" in caplog.text
+    assert "key_arguments, running_concurrency differ" in caplog.text
+    stored = await backend.redis.hget(policy_key(ID), "one")
+    assert str(stored).split(" ", 1)[1] == keyed.to_json()
+    assert await published_policies(backend, [ID, "nobody"]) == {ID: ConcurrencyPolicy().to_json()}
+
+
+@pytest.mark.anyio
+async def test_release_hands_the_slot_to_a_local_successor_only_if_still_held(
+    backend: KartonBackend,
+) -> None:
+    store = SlotStore(backend, ID)
+    for uid in ("a", "b", "x", "y"):
+        await _lease(backend, uid, 30)
+    await store.acquire([_ask("a")], reroute=True, on_diff=False)
+    assert await store.release([("a", "k1", "b", "")]) == [True]
+    assert await backend.redis.hget(running_key(ID), "k1") == "b"
+    # "a" no longer holds it and "b" (alive) does: a stale hand-over fails.
+    assert await store.release([("a", "k1", "x", "")]) == [False]
+    assert await backend.redis.hget(running_key(ID), "k1") == "b"
+    # A holder whose lease is gone does not block a hand-over.
+    await backend.redis.zrem(keys.leases_key(ID), "b")
+    assert await store.release([("a", "k1", "y", "")]) == [True]
+    assert await backend.redis.hget(running_key(ID), "k1") == "y"
