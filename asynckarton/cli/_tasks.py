@@ -15,6 +15,7 @@ import typer
 
 from .._errors import ConfigError
 from .._services._run import startup_errors
+from .._services._runtime import setting_origin
 from .._settings._config import Config
 from ..backend import KartonBackend, ServerConnector
 from ..system import _admin
@@ -37,10 +38,11 @@ def _with_backend(config_file: str | None, action: Callable[[KartonBackend], Any
             "process that runs the services",
             section="redis",
         )
-    settings = config.redis_settings()
+    connector = ServerConnector.from_settings(config.redis_settings())
+    connector.origin = setting_origin(config, "redis", ("url", "host", "port", "db"))
 
     async def go() -> Any:
-        backend = KartonBackend(ServerConnector.from_settings(settings))
+        backend = KartonBackend(connector)
         try:
             return await action(backend)
         finally:
