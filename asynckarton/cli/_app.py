@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +18,7 @@ import typer
 
 from .._errors import ConfigError
 from .._services._run import configure_logging, serve_forever, startup_errors
+from .._services._runtime import DEFAULT_BUCKET, Runtime, setting_origin
 from .._settings._builtin import BASE_FLAGS, BUILTIN, CONSUMER_FLAGS
 from .._settings._check import check_config
 from .._settings._config import Config
@@ -63,6 +64,9 @@ Settings = Annotated[
     ),
 ]
 LogLevel = Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING...")]
+
+#: The ``[redis]`` options that make up its address (named by ``config --check``).
+REDIS_KEYS = ("url", "host", "port", "db")
 
 #: ``asynckarton run``'s flags of their own: Karton's base and consumer flags, ``--embedded``.
 RUN_FLAGS = (*BASE_FLAGS, *CONSUMER_FLAGS, BUILTIN["asynckarton"]["embedded"])
@@ -226,11 +230,18 @@ def show_config(
         str | None, typer.Option(help="Show the [karton] values this identity sees.")
     ] = None,
     settings: Settings = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="Also connect: Redis PING and S3 bucket HEAD, each with its source."
+        ),
+    ] = False,
 ) -> None:
     """Print every setting of a service with its value and source, then validate it.
 
     Without a target: the built-in settings of a plain consumer (named by --identity).
-    Secrets are masked; an invalid value exits with status 1.
+    Secrets are masked; an invalid value exits with status 1, and so does a connection
+    that --check could not make.
     """
     with startup_errors():
         config = Config(config_file)
@@ -267,6 +278,53 @@ def show_config(
             config.redis_settings()
             config.s3_settings()
             typer.echo("# mode: Redis + S3")
+    if check and not config.embedded:
+        results = anyio.run(_check_connections, config)
+        for line in results:
+            typer.echo(line)
+        if any(" FAILED" in line for line in results):
+            raise typer.Exit(1)
+    elif check:
+        typer.echo("# check: embedded mode, nothing to connect to")
+
+
+#: Seconds each connection check of ``asynckarton config --check`` may take.
+CHECK_TIMEOUT = 10.0
+
+
+async def _check_connections(config: Config) -> list[str]:
+    """Try Redis (PING) and the S3 bucket (HEAD); one line each, naming address and source."""
+    runtime = Runtime.from_config(config)
+    redis_at = f"Redis {runtime.connector.address} ({setting_origin(config, 'redis', REDIS_KEYS)})"
+    s3 = config.s3_settings()
+    bucket = str(s3.bucket or DEFAULT_BUCKET)
+    s3_at = (
+        f"S3 bucket {bucket!r} at {s3.address or 'AWS'} "
+        f"({setting_origin(config, 's3', ('address', 'bucket'))})"
+    )
+    lines: list[str] = []
+
+    async def attempt(what: str, probe: Callable[[], Awaitable[str | None]]) -> None:
+        try:
+            with anyio.fail_after(CHECK_TIMEOUT):
+                problem = await probe()
+        except TimeoutError:
+            problem = f"no answer within {CHECK_TIMEOUT:g} s"
+        except Exception as exc:  # noqa: BLE001 - reported, then exit status 1
+            problem = f"{type(exc).__name__}: {exc}"
+        lines.append(f"# check: {what}: " + (f"FAILED: {problem}" if problem else "ok"))
+
+    async def ping() -> None:
+        await runtime.backend.ping()
+
+    async def head() -> str | None:
+        found = await runtime.storage.ensure_bucket(bucket, create=False)
+        return None if found else "the bucket does not exist (see 'system --setup-bucket')"
+
+    async with runtime:
+        await attempt(redis_at, ping)
+        await attempt(s3_at, head)
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:
