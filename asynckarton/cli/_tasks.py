@@ -20,12 +20,17 @@ from .._settings._config import Config
 from ..backend import KartonBackend, ServerConnector
 from ..system import _admin
 
-__all__ = ["tasks_app"]
+__all__ = ["CONFIG_FILE_HELP", "tasks_app"]
 
-tasks_app = typer.Typer(help="List, restart or cancel Crashed tasks.", no_args_is_help=True)
+tasks_app = typer.Typer(
+    help="List, restart or cancel Crashed tasks.", no_args_is_help=True, rich_markup_mode=None
+)
+
+#: ``--config-file``'s help, the same on every command (and as Karton's argparse flag says).
+CONFIG_FILE_HELP = "ini file read after all the others (it must exist)."
 
 ConfigFile = Annotated[
-    str | None, typer.Option("--config-file", help="ini file read after the default ones.")
+    str | None, typer.Option("--config-file", "--config-path", help=CONFIG_FILE_HELP)
 ]
 
 
