@@ -294,7 +294,10 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="asynckarton-demo-") as tmp:
         where = data_dir or Path(tmp)
         config = demo_module.demo_config(where, log_level)
-        typer.echo(f"asynckarton demo: {len(paths)} file(s), embedded mode, data in {where}\n")
+        kept = (
+            f"data in {where}" if data_dir else "data in a temporary folder (--data-dir keeps it)"
+        )
+        typer.echo(f"asynckarton demo: {len(paths)} file(s), embedded mode, {kept}\n")
         with startup_errors(log_level):
             result = anyio.run(demo_module.run_demo, paths, config, timeout)
     typer.echo(demo_module.format_report(result))
