@@ -16,6 +16,7 @@ with that environment's ``asynckarton`` and ``python`` only (no ``PYTHONPATH``, 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -27,7 +28,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -252,3 +256,27 @@ def test_examples_are_fed_as_their_docstrings_say(
         assert "private in-process Redis" not in sent.stderr
         wait_for(log, seen)
         assert stop(process) == 0, log.read_text("utf-8")
+
+
+def test_fastapi_example_serves_from_its_documented_command(
+    user: User, tmp_path: Path, shells: list[subprocess.Popen[bytes]]
+) -> None:
+    shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns("__pycache__"))
+    command = "uvicorn examples.fastapi_app:app"
+    assert command in docstring_commands(tmp_path / "examples" / "fastapi_app.py")
+    port = free_port()
+    log = tmp_path / "uvicorn.log"
+    server = start(shells, user, f"{command} --port {port}", tmp_path, log)  # from the checkout
+    wait_for(log, "Application startup complete", timeout=90)
+    base = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
+    sent = httpx.post(f"{base}/tasks", files={"file": ("a.txt", b"abc")}, timeout=30).json()
+    deadline = time.monotonic() + 30
+    while (
+        result := httpx.get(f"{base}/results/{sent['root_uid']}", timeout=10)
+    ).status_code != 200:
+        assert time.monotonic() < deadline, log.read_text("utf-8")
+        time.sleep(0.2)
+    assert result.json()["sha256"] == hashlib.sha256(b"abc").hexdigest()
+    assert stop(server) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    assert "Application shutdown complete" in log.read_text("utf-8")
