@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from asynckarton import SystemService, __version__
 from asynckarton.cli import _app
 from asynckarton.cli._app import app
+from asynckarton.cli._tasks import CONFIG_FILE_HELP
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = [
@@ -128,3 +129,11 @@ def test_run_help_lists_the_services_own_flags(home: Path) -> None:
     assert "--how-smol" in result.output and "Sets size limit for tasks" in result.output
     plain = invoke("run", "--help")
     assert "Flags of" not in plain.output
+
+
+@pytest.mark.parametrize("words", [w for w in COMMANDS if w != ["tasks"]], ids=" ".join)
+def test_config_file_is_described_one_way(words: list[str]) -> None:
+    options = [p for p in command_of(words).params if "--config-file" in getattr(p, "opts", ())]
+    for option in options:  # every command that reads a config file says the same
+        assert option.opts == ["--config-file", "--config-path"]
+        assert option.help == CONFIG_FILE_HELP
