@@ -23,6 +23,7 @@ import typer
 from typer.core import TyperCommand
 
 from .._errors import ConfigError
+from .._services._embedded import find_served
 from .._services._run import configure_logging, serve_forever, startup_errors
 from .._services._runtime import DEFAULT_BUCKET, Runtime, setting_origin
 from .._settings._builtin import BASE_FLAGS, BUILTIN, CONSUMER_FLAGS, SYSTEM_FLAGS
@@ -383,7 +384,13 @@ def show_config(
         if any(" FAILED" in line for line in results):
             raise typer.Exit(1)
     elif check:
-        typer.echo("# check: embedded mode, nothing to connect to")
+        served = find_served(config.data_dir)  # a file read and a loopback connect: quick
+        typer.echo(
+            f"# check: embedded mode: a system service serves {config.data_dir} at {served}"
+            if served
+            else f"# check: embedded mode: no system service serves {config.data_dir}: "
+            "start 'asynckarton system' for services and producers in other processes to meet"
+        )
 
 
 #: Seconds each connection check of ``asynckarton config --check`` may take.

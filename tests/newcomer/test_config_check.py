@@ -88,3 +88,10 @@ def test_without_check_nothing_is_tried(home: Path, s3_srv: S3Server, s3_bucket:
     result = CliRunner().invoke(app, ["config"])
     assert result.exit_code == 0, result.output
     assert "# check:" not in result.output
+
+
+def test_check_on_the_embedded_default_says_whether_a_system_serves_it(home: Path) -> None:
+    result = CliRunner().invoke(app, ["config", "--check"])
+    assert result.exit_code == 0, result.output
+    assert "# check: embedded mode: no system service serves" in result.output
+    assert "start 'asynckarton system'" in result.output
