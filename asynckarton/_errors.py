@@ -98,12 +98,17 @@ class BackendError(KartonError):
         operation: what was being done (``"send tasks"``, ``"list crashed tasks"``...).
         address: the Redis server (``redis://host:port/db``, password masked) or
             ``"embedded"``.
+        origin: where that address was set (``[redis] host from /etc/karton/karton.ini:2``),
+            or None when not known (embedded, or a connector built in code).
     """
 
-    def __init__(self, message: str, *, operation: str, address: str) -> None:
+    def __init__(
+        self, message: str, *, operation: str, address: str, origin: str | None = None
+    ) -> None:
         super().__init__(message)
         self.operation = operation
         self.address = address
+        self.origin = origin
 
 
 class BackendUnavailableError(BackendError):

@@ -1,6 +1,13 @@
 """A consumer that takes its time: shows graceful shutdown with ``asynckarton run``.
 
-    asynckarton run examples/sleeper.py:Sleeper --with-system --grace 10
+From the ``examples`` folder, in one shell (``--with-system`` also runs the router, and
+serves the embedded Redis to the other shell)::
+
+    asynckarton run sleeper.py:Sleeper --with-system --grace 10
+
+and in another, to feed it::
+
+    python send_task.py '{"type": "sleep"}' '{"seconds": 3}'
 
 Each ``{"type": "sleep"}`` task sleeps ``payload["seconds"]`` (default 1).  The first
 SIGTERM stops fetching and lets running sleeps finish within the grace period; a second

@@ -1,8 +1,11 @@
 """Karton's "Extending configuration" example, ported to asynckarton: unchanged but for the
 import, ``async def process`` and the colon the original's ``if`` was missing.
 
-Run it with ``python examples/smol_karton.py --how-smol 5`` or
-``asynckarton run examples/smol_karton.py:SmolKarton -- --how-smol 5``.
+From the ``examples`` folder, run ``asynckarton system`` in one shell and
+``python smol_karton.py --how-smol 5`` in another (or both in one process:
+``asynckarton run smol_karton.py:SmolKarton --with-system --how-smol 5``), then feed it::
+
+    python send_task.py '{"type": "smol-tasks", "size": 3}'
 """
 
 import argparse

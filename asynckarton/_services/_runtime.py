@@ -47,7 +47,14 @@ from . import _embedded
 if TYPE_CHECKING:
     import fakeredis
 
-__all__ = ["DEFAULT_BUCKET", "Runtime", "RuntimeUser", "embedded_server", "share_runtimes"]
+__all__ = [
+    "DEFAULT_BUCKET",
+    "Runtime",
+    "RuntimeUser",
+    "embedded_server",
+    "setting_origin",
+    "share_runtimes",
+]
 
 #: Bucket resources go to when neither ``[s3] bucket`` nor the runtime names one.
 DEFAULT_BUCKET = "karton"
@@ -124,8 +131,10 @@ class Runtime:
             runtime.data_dir = data_dir
             return runtime
         s3 = config.s3_settings()
+        connector = ServerConnector.from_settings(config.redis_settings())
+        connector.origin = setting_origin(config, "redis", ("url", "host", "port", "db"))
         return cls(
-            ServerConnector.from_settings(config.redis_settings()),
+            connector,
             S3Storage.from_settings(s3),
             bucket=str(s3.bucket or DEFAULT_BUCKET),
         )
@@ -310,3 +319,17 @@ async def share_runtimes(
     finally:
         for service in users:
             service.use_runtime(None)
+
+
+def setting_origin(config: Config, section: str, options: Sequence[str]) -> str:
+    """Say where ``[section]``'s connection options were set, for error messages.
+
+    For example ``[redis] host from /etc/karton/karton.ini:2, port from env
+    KARTON_REDIS_PORT``; options left at their default are not named.
+    """
+    parts = [
+        f"{option} from {config.source(section, option)}"
+        for option in options
+        if config.entry(section, option) is not None
+    ]
+    return f"[{section}] " + (", ".join(parts) if parts else "defaults")

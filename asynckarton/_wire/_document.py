@@ -241,15 +241,41 @@ def dumps(data: Any, indent: int | None = None) -> str:
     """
     if indent is None:
         try:
-            return orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
+            return orjson.dumps(data, option=_ORJSON_OPTIONS).decode()
         except TypeError as exc:
             # json handles what orjson refuses but Karton accepts: huge ints, int keys.
             if "Integer exceeds" not in str(exc) and "Dict key must be str" not in str(exc):
-                raise InvalidTaskError(f"task is not JSON-serialisable: {exc}") from None
+                raise InvalidTaskError(
+                    f"task is not JSON-serialisable: {_culprit(data) or exc}"
+                ) from None
     try:
         return json.dumps(data, sort_keys=True, indent=indent)
     except (TypeError, ValueError) as exc:
-        raise InvalidTaskError(f"task is not JSON-serialisable: {exc}") from None
+        raise InvalidTaskError(f"task is not JSON-serialisable: {_culprit(data) or exc}") from None
+
+
+# orjson would write datetimes and dataclasses as strings and objects; Karton's json.dumps
+# refuses them, so they are refused here too (naming the key, see _culprit).
+_ORJSON_OPTIONS = (
+    orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+
+def _culprit(value: Any, path: str = "") -> str:
+    """Name the first value json cannot write, by its key path (``payload['when']``)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _culprit(item, f"{path}[{key!r}]" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _culprit(item, f"{path}[{index}]")
+            if found:
+                return found
+    elif value is not None and not isinstance(value, str | int | float):
+        return f"{path} is a {type(value).__name__} ({value!r:.60}), not a JSON value"
+    return ""
 
 
 def loads(data: str | bytes) -> Any:

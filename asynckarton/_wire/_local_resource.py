@@ -29,7 +29,8 @@ class LocalResource(ResourceBase):
         content: the bytes (``str`` is UTF-8 encoded).
         path: a file to upload instead; read only at :meth:`upload`/:meth:`prepare`.
         fd: an open binary file instead; read from offset 0 when seekable (as Karton
-            does), else from its current position, once. The caller keeps ownership.
+            does), else from its current position, once. The caller keeps ownership. An
+            ``int`` (as ``os.open`` returns) is wrapped here, without taking ownership.
         bucket: the bucket; None means the producer's default bucket.
         metadata: metadata sent along; ``sha256`` is filled in by the upload.
         uid: the object key; a uuid4 by default (the digest when deduplicated).
@@ -50,7 +51,7 @@ class LocalResource(ResourceBase):
         content: bytes | str | None = None,
         *,
         path: str | os.PathLike[str] | None = None,
-        fd: BinaryIO | None = None,
+        fd: BinaryIO | int | None = None,
         bucket: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         uid: str | None = None,
@@ -80,7 +81,9 @@ class LocalResource(ResourceBase):
         )
         self._content = data
         self.path = os.fspath(path) if path is not None else None
-        self.fd = fd
+        if isinstance(fd, int):  # an OS-level descriptor: read it through a file object
+            fd = os.fdopen(fd, "rb", closefd=False)
+        self.fd: BinaryIO | None = fd
         self.deduplicate = deduplicate
         self._owns_fd = False
         self._hashed = False  # whether sha256 was computed here (a given one is not trusted)

@@ -80,6 +80,8 @@ class ServerConnector:
     url: str | None = None
     socket_timeout: float | None = 30.0
     max_connections: int = 64
+    #: Where the address was set, for error messages (see ``Runtime.from_config``).
+    origin: str | None = None
     _pool: aredis.Redis | None = field(default=None, init=False, repr=False)
 
     @property

@@ -43,6 +43,8 @@ class BackendCore:
         self.connector = connector
         #: The Redis server, as error messages name it (password masked).
         self.address: str = connector.address
+        #: Where that address was configured (None when unknown), also for errors.
+        self.origin: str | None = getattr(connector, "origin", None)
         self.redis: aredis.Redis = connector.pool()
         self._fetch = self.redis.register_script(scripts.render(scripts.FETCH))
         self._lease = self.redis.register_script(scripts.render(scripts.LEASE))

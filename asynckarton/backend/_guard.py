@@ -53,15 +53,23 @@ class _Addressed(Protocol):
 S = TypeVar("S", bound=_Addressed)
 
 
-def backend_error(exc: BaseException, operation: str, address: str) -> BackendError:
+def backend_error(
+    exc: BaseException, operation: str, address: str, origin: str | None = None
+) -> BackendError:
     """Return the :class:`BackendError` that reports ``exc`` (raise it ``from exc``)."""
     kind = BackendUnavailableError if isinstance(exc, _UNAVAILABLE) else BackendError
     detail = str(exc) or "no details"
+    where = f" ({origin})" if origin else ""
     return kind(
-        f"Redis at {address} failed to {operation}: {type(exc).__name__}: {detail}",
+        f"Redis at {address}{where} failed to {operation}: {type(exc).__name__}: {detail}",
         operation=operation,
         address=address,
+        origin=origin,
     )
+
+
+def _origin(addressed: object) -> str | None:
+    return getattr(addressed, "origin", None)
 
 
 def entry_point(
@@ -80,7 +88,7 @@ def entry_point(
             try:
                 return await method(self, *args, **kwargs)
             except _REDIS_ERRORS as exc:
-                raise backend_error(exc, operation, self.address) from exc
+                raise backend_error(exc, operation, self.address, _origin(self)) from exc
 
         return guarded
 
@@ -104,7 +112,7 @@ def entry_point_iter(
                 async for item in method(self, *args, **kwargs):
                     yield item
             except _REDIS_ERRORS as exc:
-                raise backend_error(exc, operation, self.address) from exc
+                raise backend_error(exc, operation, self.address, _origin(self)) from exc
 
         return guarded
 

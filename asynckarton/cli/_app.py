@@ -1,24 +1,32 @@
 """The ``asynckarton`` command line (typer).
 
-Serving, signals and logging set-up live one layer below, in ``_services/_run.py``, which
-``Service.main()`` uses too.
+One CLI: every command is typer, ``-h`` and ``--help`` everywhere, switches shown as
+switches.  The flags of ``run`` and ``system`` are generated from the declarations in
+``_settings/_builtin.py`` (``system`` has karton-system's flags; a bad argument exits 2
+and a bad configuration 1, as karton-system does); ``run MODULE:CLASS --help`` also lists
+the flags the service itself adds.  Serving, signals and logging set-up live one layer
+below, in ``_services/_run.py``, which ``Service.main()`` uses too.
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import typer
+from typer.core import TyperCommand
 
 from .._errors import ConfigError
+from .._services._embedded import find_served
 from .._services._run import configure_logging, serve_forever, startup_errors
-from .._settings._builtin import BASE_FLAGS, BUILTIN, CONSUMER_FLAGS
+from .._services._runtime import DEFAULT_BUCKET, Runtime, setting_origin
+from .._settings._builtin import BASE_FLAGS, BUILTIN, CONSUMER_FLAGS, SYSTEM_FLAGS
 from .._settings._check import check_config
 from .._settings._config import Config
 from .._settings._declare import Option
@@ -30,7 +38,7 @@ from ..backend import KARTON_PROTOCOL_VERSION
 from ..system import SystemService
 from . import _ops
 from ._loader import CommonOptions, build_services, load_service_class, split_targets
-from ._tasks import tasks_app
+from ._tasks import CONFIG_FILE_HELP, tasks_app
 
 __all__ = ["app", "main"]
 
@@ -39,12 +47,16 @@ log = logging.getLogger("asynckarton.cli")
 
 # -- the typer application ---------------------------------------------------------------
 
+HELP_OPTIONS = ["-h", "--help"]
+
 app = typer.Typer(
     name="asynckarton",
     help="asyncio-native Karton: run services, karton-system, a demo, and task admin.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": HELP_OPTIONS},  # subcommands inherit it
+    rich_markup_mode=None,  # plain help, one style: switches shown without a type
 )
 app.add_typer(tasks_app, name="tasks")
 for _name, _command in _ops.COMMANDS.items():  # list, status, delete, check, logs
@@ -52,17 +64,20 @@ for _name, _command in _ops.COMMANDS.items():  # list, status, delete, check, lo
 
 ConfigFile = Annotated[
     str | None,
-    typer.Option("--config-file", "--config-path", help="ini file read after the default ones."),
+    typer.Option("--config-file", "--config-path", help=CONFIG_FILE_HELP),
 ]
 Settings = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
         metavar="[IDENTITY:]SECTION.OPTION=VALUE",
-        help="Set any option (repeatable); IDENTITY: limits a \\[karton] option to one service.",
+        help="Set any option (repeatable); IDENTITY: limits a [karton] option to one service.",
     ),
 ]
 LogLevel = Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING...")]
+
+#: The ``[redis]`` options that make up its address (named by ``config --check``).
+REDIS_KEYS = ("url", "host", "port", "db")
 
 #: ``asynckarton run``'s flags of their own: Karton's base and consumer flags, ``--embedded``.
 RUN_FLAGS = (*BASE_FLAGS, *CONSUMER_FLAGS, BUILTIN["asynckarton"]["embedded"])
@@ -70,7 +85,7 @@ RUN_FLAGS = (*BASE_FLAGS, *CONSUMER_FLAGS, BUILTIN["asynckarton"]["embedded"])
 
 def _typer_parameter(option: Option) -> inspect.Parameter:
     """A typer option derived from the declaration (a bool with a fixed value: a switch)."""
-    text = flag_help(option).replace("%%", "%").replace("[", "\\[")  # not rich markup
+    text = flag_help(option).replace("%%", "%")
     if option.type is bool and option.flag_value is not None:
         kind: Any = bool
         default: Any = False
@@ -90,10 +105,10 @@ def _typer_parameter(option: Option) -> inspect.Parameter:
     )
 
 
-def _given(values: dict[str, Any]) -> dict[str, Any]:
-    """``{"section.name": value}`` of the run flags that were given."""
+def _given(values: dict[str, Any], declared: Sequence[Option] = RUN_FLAGS) -> dict[str, Any]:
+    """``{"section.name": value}`` of the declared flags that were given."""
     given: dict[str, Any] = {}
-    for option in RUN_FLAGS:
+    for option in declared:
         value = values.get(option.dest)
         if option.type is bool and option.flag_value is not None:
             value = option.flag_value if value else None
@@ -122,7 +137,7 @@ def run(
     """Run one or more services in one process, one event loop and one runtime.
 
     Per-service policies: '--set <identity>:karton.concurrency_limit=4', an ini section
-    \\[karton:<identity>], or KARTON_KARTON__<IDENTITY>__<OPTION> (see the README).
+    [karton:<identity>], or KARTON_KARTON__<IDENTITY>__<OPTION> (see the README).
     """
     names, extras = split_targets([*targets, *ctx.args])
     if not names:
@@ -144,32 +159,117 @@ def run(
     serve_forever(services, log_level=log_level, grace=grace)
 
 
-_signature = inspect.signature(run, eval_str=True)
-run.__signature__ = _signature.replace(  # type: ignore[attr-defined]
-    parameters=[
-        *[p for p in _signature.parameters.values() if p.kind is not p.VAR_KEYWORD],
-        *[_typer_parameter(option) for option in RUN_FLAGS],
-    ]
-)
-app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(run)
+def _add_flags(command: Any, declared: Sequence[Option]) -> None:
+    """Give ``command`` (with ``**flags``) one typer option per declared flag."""
+    signature = inspect.signature(command, eval_str=True)
+    command.__signature__ = signature.replace(
+        parameters=[
+            *[p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD],
+            *[_typer_parameter(option) for option in declared],
+        ]
+    )
 
 
-@app.command(
-    context_settings={
-        "allow_extra_args": True,
-        "ignore_unknown_options": True,
-        "help_option_names": [],
-    },
-    add_help_option=False,
-)
-def system(ctx: typer.Context) -> None:
-    """Run karton-system (router + GC), with karton-system's flags; see 'system --help'."""
-    parser = SystemService.args_parser()
-    parser.prog = "asynckarton system"
-    args = parser.parse_args(ctx.args)
-    with startup_errors(args.logging_level):
-        service = SystemService.karton_from_args(args)
-    serve_forever([service], log_level=args.logging_level)
+class _RunCommand(TyperCommand):
+    """``run``, whose help also lists the flags of the services named before ``--help``.
+
+    (typer vendors its own click, whose context and formatter types are private: Any.)
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta["asynckarton.words"] = list(args)  # --help is handled while parsing
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        super().format_help(ctx, formatter)
+        for text in _service_flags_help(ctx.meta.get("asynckarton.words", [])):
+            formatter.write(text + "\n")
+
+
+def _service_flags_help(words: Sequence[str]) -> list[str]:
+    """The help of the flags each named service adds to ``run``'s own (one block each)."""
+    known = {
+        "--help",
+        "-h",
+        "--version",
+        "--set",
+        "--with-system",
+        "--config-file",
+        "--config-path",
+    }
+    known.update(option.cli_flag for option in RUN_FLAGS)
+    known.update(f"--no-{option.cli_flag[2:]}" for option in RUN_FLAGS)
+    targets = [w for w, before in zip(words, ["", *words], strict=False)
+               if ":" in w and not w.startswith("-") and before != "--set"]  # fmt: skip
+    blocks: list[str] = []
+    for target in targets:
+        try:
+            parser = load_service_class(target).args_parser()
+        except Exception as exc:  # noqa: BLE001 - help goes on; the error is shown
+            blocks.append(f"\n{target}: cannot list its flags: {exc}")
+            continue
+        rows = [
+            (", ".join(action.option_strings) + (f" {action.metavar or action.dest.upper()}"
+             if action.nargs != 0 else ""), action.help or "")
+            for action in parser._actions  # argparse has no public listing
+            if action.option_strings and not known.intersection(action.option_strings)
+            and action.help != argparse.SUPPRESS
+        ]  # fmt: skip
+        if not rows:
+            blocks.append(f"\n{target} adds no flags of its own.")
+            continue
+        width = max(len(flag) for flag, _ in rows) + 2
+        lines = [f"  {flag:<{width}}{text}" for flag, text in rows]
+        blocks.append(f"\nFlags of {target} (its own; give them after the targets):\n"
+                      + "\n".join(lines))  # fmt: skip
+    return blocks
+
+
+_add_flags(run, RUN_FLAGS)
+app.command(
+    cls=_RunCommand,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)(run)
+
+#: ``asynckarton system``'s flags of their own: karton-system's, exactly, plus ours.
+SYSTEM_COMMAND_FLAGS = (*BASE_FLAGS, *SYSTEM_FLAGS)
+
+
+def _version_line() -> str:
+    return f"asynckarton {__version__} (Karton protocol {KARTON_PROTOCOL_VERSION})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(_version_line())
+        raise typer.Exit
+
+
+def system(
+    config_file: ConfigFile = None,
+    settings: Settings = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    **flags: Any,
+) -> None:
+    """Run karton-system: the router and the garbage collector (karton-system's flags).
+
+    A bad argument exits with status 2, a bad configuration with status 1.
+    """
+    values = _given(flags, SYSTEM_COMMAND_FLAGS)
+    common = CommonOptions(config_file=config_file, values=values, sets=tuple(settings or ()))
+    log_level = values.get("logging.level")
+    with startup_errors(log_level):
+        services = build_services([SystemService], [], common)
+    serve_forever(services, log_level=log_level)
+
+
+_add_flags(system, SYSTEM_COMMAND_FLAGS)
+app.command()(system)
 
 
 @app.command()
@@ -195,7 +295,10 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="asynckarton-demo-") as tmp:
         where = data_dir or Path(tmp)
         config = demo_module.demo_config(where, log_level)
-        typer.echo(f"asynckarton demo: {len(paths)} file(s), embedded mode, data in {where}\n")
+        kept = (
+            f"data in {where}" if data_dir else "data in a temporary folder (--data-dir keeps it)"
+        )
+        typer.echo(f"asynckarton demo: {len(paths)} file(s), embedded mode, {kept}\n")
         with startup_errors(log_level):
             result = anyio.run(demo_module.run_demo, paths, config, timeout)
     typer.echo(demo_module.format_report(result))
@@ -209,7 +312,7 @@ def demo(
 @app.command()
 def version() -> None:
     """Print the asynckarton version and the Karton protocol it speaks."""
-    typer.echo(f"asynckarton {__version__} (Karton protocol {KARTON_PROTOCOL_VERSION})")
+    typer.echo(_version_line())
 
 
 @app.command("config")
@@ -226,11 +329,18 @@ def show_config(
         str | None, typer.Option(help="Show the [karton] values this identity sees.")
     ] = None,
     settings: Settings = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="Also connect: Redis PING and S3 bucket HEAD, each with its source."
+        ),
+    ] = False,
 ) -> None:
     """Print every setting of a service with its value and source, then validate it.
 
     Without a target: the built-in settings of a plain consumer (named by --identity).
-    Secrets are masked; an invalid value exits with status 1.
+    Secrets are masked; an invalid value exits with status 1, and so does a connection
+    that --check could not make.
     """
     with startup_errors():
         config = Config(config_file)
@@ -267,6 +377,59 @@ def show_config(
             config.redis_settings()
             config.s3_settings()
             typer.echo("# mode: Redis + S3")
+    if check and not config.embedded:
+        results = anyio.run(_check_connections, config)
+        for line in results:
+            typer.echo(line)
+        if any(" FAILED" in line for line in results):
+            raise typer.Exit(1)
+    elif check:
+        served = find_served(config.data_dir)  # a file read and a loopback connect: quick
+        typer.echo(
+            f"# check: embedded mode: a system service serves {config.data_dir} at {served}"
+            if served
+            else f"# check: embedded mode: no system service serves {config.data_dir}: "
+            "start 'asynckarton system' for services and producers in other processes to meet"
+        )
+
+
+#: Seconds each connection check of ``asynckarton config --check`` may take.
+CHECK_TIMEOUT = 10.0
+
+
+async def _check_connections(config: Config) -> list[str]:
+    """Try Redis (PING) and the S3 bucket (HEAD); one line each, naming address and source."""
+    runtime = Runtime.from_config(config)
+    redis_at = f"Redis {runtime.connector.address} ({setting_origin(config, 'redis', REDIS_KEYS)})"
+    s3 = config.s3_settings()
+    bucket = str(s3.bucket or DEFAULT_BUCKET)
+    s3_at = (
+        f"S3 bucket {bucket!r} at {s3.address or 'AWS'} "
+        f"({setting_origin(config, 's3', ('address', 'bucket'))})"
+    )
+    lines: list[str] = []
+
+    async def attempt(what: str, probe: Callable[[], Awaitable[str | None]]) -> None:
+        try:
+            with anyio.fail_after(CHECK_TIMEOUT):
+                problem = await probe()
+        except TimeoutError:
+            problem = f"no answer within {CHECK_TIMEOUT:g} s"
+        except Exception as exc:  # noqa: BLE001 - reported, then exit status 1
+            problem = f"{type(exc).__name__}: {exc}"
+        lines.append(f"# check: {what}: " + (f"FAILED: {problem}" if problem else "ok"))
+
+    async def ping() -> None:
+        await runtime.backend.ping()
+
+    async def head() -> str | None:
+        found = await runtime.storage.ensure_bucket(bucket, create=False)
+        return None if found else "the bucket does not exist (see 'system --setup-bucket')"
+
+    async with runtime:
+        await attempt(redis_at, ping)
+        await attempt(s3_at, head)
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:

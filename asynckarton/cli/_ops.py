@@ -30,13 +30,14 @@ from .._services._run import startup_errors
 from .._services._runtime import Runtime
 from .._settings._config import Config
 from ..backend import KartonBackend
+from ._tasks import CONFIG_FILE_HELP
 
 __all__ = ["COMMANDS", "check", "delete", "list_binds", "logs", "status"]
 
 T = TypeVar("T")
 
 ConfigFile = Annotated[
-    str | None, typer.Option("--config-file", help="ini file read after the default ones.")
+    str | None, typer.Option("--config-file", "--config-path", help=CONFIG_FILE_HELP)
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 

@@ -15,16 +15,22 @@ import typer
 
 from .._errors import ConfigError
 from .._services._run import startup_errors
+from .._services._runtime import setting_origin
 from .._settings._config import Config
 from ..backend import KartonBackend, ServerConnector
 from ..system import _admin
 
-__all__ = ["tasks_app"]
+__all__ = ["CONFIG_FILE_HELP", "tasks_app"]
 
-tasks_app = typer.Typer(help="List, restart or cancel Crashed tasks.", no_args_is_help=True)
+tasks_app = typer.Typer(
+    help="List, restart or cancel Crashed tasks.", no_args_is_help=True, rich_markup_mode=None
+)
+
+#: ``--config-file``'s help, the same on every command (and as Karton's argparse flag says).
+CONFIG_FILE_HELP = "ini file read after all the others (it must exist)."
 
 ConfigFile = Annotated[
-    str | None, typer.Option("--config-file", help="ini file read after the default ones.")
+    str | None, typer.Option("--config-file", "--config-path", help=CONFIG_FILE_HELP)
 ]
 
 
@@ -37,10 +43,11 @@ def _with_backend(config_file: str | None, action: Callable[[KartonBackend], Any
             "process that runs the services",
             section="redis",
         )
-    settings = config.redis_settings()
+    connector = ServerConnector.from_settings(config.redis_settings())
+    connector.origin = setting_origin(config, "redis", ("url", "host", "port", "db"))
 
     async def go() -> Any:
-        backend = KartonBackend(ServerConnector.from_settings(settings))
+        backend = KartonBackend(connector)
         try:
             return await action(backend)
         finally:

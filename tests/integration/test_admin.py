@@ -262,6 +262,6 @@ def test_tasks_cli_names_the_server_when_redis_is_down(
     listed = CliRunner().invoke(app, ["tasks", "list", "--config-file", str(ini)])
     assert listed.exit_code == 1
     assert (
-        f"asynckarton: error: Redis at {stopped_redis.url} failed to scan the tasks: "
-        "ConnectionError: " in listed.stderr
+        f"asynckarton: error: Redis at {stopped_redis.url} ([redis] url from {ini}:2) "
+        "failed to scan the tasks: ConnectionError: " in listed.stderr
     ), listed.stderr

@@ -91,7 +91,7 @@ def test_top_level_help_lists_commands() -> None:
 def test_system_help_lists_every_karton_system_flag() -> None:
     result = invoke("system", "--help")
     assert result.exit_code == 0, result.output
-    assert "usage: asynckarton system" in result.output
+    assert "Usage: asynckarton system" in result.output
     for flag in KARTON_SYSTEM_FLAGS:
         assert flag in result.output, flag
 
