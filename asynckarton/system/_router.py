@@ -26,12 +26,12 @@ from .._wire._query import BindIndex
 from ..backend import Bind, KartonBackend
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from ..backend._records import RoutedBatch
+from ._console import ProcessingLines
 from ._fork import RoutableTask, parse_routable
 
 __all__ = ["Router"]
 
 HEARTBEAT_TTL = 10.0
-_LOCAL = {"karton_published": True}  # records KartonLogHandler leaves to other handlers
 
 
 class Router:
@@ -66,7 +66,7 @@ class Router:
         self._index = BindIndex({})
         self._match_errors: set[tuple[str, str]] = set()  # reported (identity, error type)
         self._tracking_cache: dict[bytes, str] = {}
-        self._console = False
+        self._lines = ProcessingLines(log)  # karton-system's console lines
         self._log_channel = backend.log_channel("INFO", log.name)
         self._record_template = {
             "name": log.name,
@@ -156,7 +156,7 @@ class Router:
         await self._refresh_binds()
         batch = RoutedBatch()
         now = time.time()
-        self._console = self.log.isEnabledFor(logging.INFO)  # karton-system's console lines
+        self._lines.refresh()
         for uid, body in zip(uids, bodies, strict=True):
             if body is None:
                 self.log.warning("Task %s has no body (deleted before routing); skipped", uid)
@@ -178,8 +178,8 @@ class Router:
             batch.outputs.setdefault(origin, set()).add(self._tracking_entry(headers))
         if self.publish_logs:
             batch.logs.append(self._log_record(task, now))
-        if self._console:  # published above already: the log handler skips this record
-            self.log.info("[%s] Processing task %s", task.root_uid, task.task_uid, extra=_LOCAL)
+        if self._lines.enabled:
+            self._lines.processing(task.root_uid, task.task_uid)
         for identity in self._index.match(headers, self._on_match_error):
             uid, body = task.fork(identity, now)
             batch.add_fork(uid, body, task.priority, identity)
