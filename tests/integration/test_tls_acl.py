@@ -22,7 +22,16 @@ import redis
 from redis.exceptions import NoPermissionError
 from typer.testing import CliRunner
 
-from asynckarton import BackendError, Config, Karton, LocalResource, RemoteResource, Runtime, Task
+from asynckarton import (
+    BackendError,
+    Config,
+    ConfigError,
+    Karton,
+    LocalResource,
+    RemoteResource,
+    Runtime,
+    Task,
+)
 from asynckarton.cli._app import app
 from asynckarton.testing import pipeline
 from tests.servers import S3Server, TlsRedisServer, tls_redis_server
@@ -90,7 +99,7 @@ async def test_a_task_is_routed_processed_and_collected_as_the_acl_user(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)
     ini = write_ini(tmp_path / "karton.ini", tls_redis, s3_srv, s3_bucket)
     config = Config(ini, search_paths=[], environ={})
     async with pipeline(Upper, config=config, gc=True) as pipe:
@@ -148,7 +157,41 @@ def test_without_tls_the_server_cannot_be_reached(tls_redis: TlsRedisServer) -> 
     plain.close()
 
 
+def url_config(server: TlsRedisServer, s3: S3Server, password: str) -> Config:
+    """``[redis] url = rediss://karton:<password>@...`` with the TLS files as options."""
+    tls = server.tls
+    config = Config(search_paths=[], environ={})
+    config.set("redis", "url", f"rediss://{USER}:{password}@127.0.0.1:{server.port}/0")
+    config.set("redis", "ssl_ca_certs", str(tls["ca"]))
+    config.set("redis", "ssl_certfile", str(tls["client_cert"]))
+    config.set("redis", "ssl_keyfile", str(tls["client_key"]))
+    for option, value in (("address", s3.url), ("access_key", s3.access_key),
+                          ("secret_key", s3.secret_key), ("bucket", "unused")):  # fmt: skip
+        config.set("s3", option, value)
+    return config
+
+
+async def test_a_rediss_url_reaches_the_server_as_the_acl_user(
+    tls_redis: TlsRedisServer, s3_srv: S3Server
+) -> None:
+    async with Runtime.from_config(url_config(tls_redis, s3_srv, PASSWORD)) as runtime:
+        await runtime.backend.ping()
+        assert PASSWORD not in runtime.backend.address
+
+
+def test_ssl_cert_reqs_is_checked(tmp_path: Path) -> None:
+    config = Config(search_paths=[], environ={})
+    config.set("redis", "host", "127.0.0.1")
+    config.set("redis", "ssl_cert_reqs", "sometimes")
+    with pytest.raises(ConfigError, match="ssl_cert_reqs"):
+        config.redis_settings()
+    config.set("redis", "ssl_cert_reqs", "None")
+    assert config.redis_settings().ssl_cert_reqs == "none"
+
+
+@pytest.mark.parametrize("form", ["options", "url"])
 async def test_a_wrong_password_is_named_but_never_shown(
+    form: str,
     tls_redis: TlsRedisServer,
     s3_srv: S3Server,
     s3_bucket: str,
@@ -158,7 +201,11 @@ async def test_a_wrong_password_is_named_but_never_shown(
     caplog.set_level(logging.DEBUG)
     wrong = "Wr0ng-Pa55-w0rd-also-secret"
     ini = write_ini(tmp_path / "karton.ini", tls_redis, s3_srv, s3_bucket, password=wrong)
-    config = Config(ini, search_paths=[], environ={})
+    config = (
+        Config(ini, search_paths=[], environ={})
+        if form == "options"
+        else url_config(tls_redis, s3_srv, wrong)
+    )
     async with Runtime.from_config(config) as runtime:
         with pytest.raises(BackendError) as caught:
             await runtime.backend.ping()
