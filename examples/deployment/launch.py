@@ -206,7 +206,16 @@ def start_dashboard(deployment: Deployment) -> None:
     deployment.start(
         "dashboard", [binary, "run", "--host", "127.0.0.1", "--port", str(port)]
     )  # reads ./karton.ini from the work directory
+    wait_for("karton-dashboard", lambda: http_ok(f"http://127.0.0.1:{port}/"), deployment)
     print(f"karton-dashboard: http://127.0.0.1:{port}/")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
 
 
 def metric_value(text: str, metric_name: str, **labels: str) -> float:
@@ -241,6 +250,11 @@ def smoke(deployment: Deployment, count: int) -> None:
 
     wait_for(f"{count} task(s) through both services", consumed, deployment, timeout=60)
     (work / "metrics.txt").write_text(scrape(port))
+    if any(name == "dashboard" for name, _ in deployment.processes):
+        varz = f"http://127.0.0.1:{deployment.ports['dashboard']}/varz"
+        with urllib.request.urlopen(varz, timeout=10) as reply:
+            (work / "dashboard-varz.txt").write_bytes(reply.read())
+        print(f"karton-dashboard's {varz} saved in dashboard-varz.txt")
     status = subprocess.run(
         asynckarton("status", "--json", ini=ini), capture_output=True, check=False
     )
