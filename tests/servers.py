@@ -15,8 +15,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    import redis
 
 
 def free_port() -> int:
@@ -155,3 +159,121 @@ def s3_server() -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+# -- TLS and ACL (issue 12 item 5) ----------------------------------------------------------
+
+
+def make_tls_files(directory: Path) -> dict[str, Path]:
+    """Write a throw-away CA, a server certificate for 127.0.0.1/localhost and a client one.
+
+    Uses the ``openssl`` command (EC P-256 keys: fast to make).  Returns the paths under the
+    names ``ca``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``.
+    """
+    openssl = require("openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=asynckarton test CA")  # fmt: skip
+    for name, ext in (
+        ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        (directory / f"{name}.ext").write_text(ext + "\n")
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
+            "-extfile", f"{name}.ext")  # fmt: skip
+    return {
+        "ca": directory / "ca.crt",
+        "server_cert": directory / "server.crt",
+        "server_key": directory / "server.key",
+        "client_cert": directory / "client.crt",
+        "client_key": directory / "client.key",
+    }
+
+
+class TlsRedisServer:
+    """A redis-server reachable only over TLS (client certificates required).
+
+    The ``default`` user has the password :attr:`admin_password`: tests use it to create
+    the restricted users they check (``ACL SETUSER``), then connect as those users.
+    """
+
+    admin_password = "admin-secret-for-tests"
+
+    def __init__(self) -> None:
+        self.binary = require("redis-server")
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="asynckarton-redis-tls-"))
+        self.tls = make_tls_files(self.dir / "tls")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """redis-py keyword arguments that reach this server (as the default user)."""
+        return {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "ssl": True,
+            "ssl_ca_certs": str(self.tls["ca"]),
+            "ssl_certfile": str(self.tls["client_cert"]),
+            "ssl_keyfile": str(self.tls["client_key"]),
+            "password": self.admin_password,
+        }
+
+    def admin(self) -> redis.Redis:
+        """A synchronous client logged in as the default (unrestricted) user."""
+        import redis as redis_sync
+
+        return redis_sync.Redis(**self.client_kwargs())
+
+    def _arguments(self) -> list[str]:
+        tls = self.tls
+        options = {
+            "bind": "127.0.0.1", "port": "0", "tls-port": str(self.port),
+            "tls-cert-file": str(tls["server_cert"]), "tls-key-file": str(tls["server_key"]),
+            "tls-ca-cert-file": str(tls["ca"]), "tls-auth-clients": "yes",
+            "requirepass": self.admin_password, "dir": str(self.dir),
+            "appendonly": "no", "save": "",
+        }  # fmt: skip
+        return [part for name, value in options.items() for part in (f"--{name}", value)]
+
+    def start(self) -> None:
+        import redis as redis_sync
+
+        self.process = subprocess.Popen(
+            [self.binary, *self._arguments()],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with self.admin() as client:
+                    client.ping()
+                return
+            except redis_sync.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"TLS redis-server did not start on {self.port}") from None
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def tls_redis_server() -> Iterator[TlsRedisServer]:
+    server = TlsRedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()

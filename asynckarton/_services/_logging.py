@@ -34,11 +34,13 @@ with no shortcut at all (``Logger.info``, a full build per line) 143-150 us agai
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
 import platform
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -243,6 +245,9 @@ class KartonLogHandler(logging.Handler):
         self._buffer: collections.deque[tuple[str, str]] = collections.deque(maxlen=max_buffer)
         self._warned = False
         self._lines = SiteLines()
+        self._idle: anyio.Event | None = None  # set by _append while run() sleeps
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
 
     def takes_alone(self, logger: logging.Logger, level: int) -> bool:
         """Tell whether no handler but this one would take ``logger``'s ``level`` records.
@@ -285,7 +290,7 @@ class KartonLogHandler(logging.Handler):
             else:
                 message = msg % args if args else msg
             line = self._lines.line(logger, level, message, stacklevel=stacklevel + 1)
-            self._buffer.append(
+            self._append(
                 (KartonBackend.log_channel(logging.getLevelName(level), self._channel), line)
             )
             return
@@ -296,19 +301,43 @@ class KartonLogHandler(logging.Handler):
         logger.handle(record)
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "karton_published", False):
+            return  # published by its maker already (the router's lines, in its commit)
         try:
             body = self._lines.of_record(record)
         except Exception:  # noqa: BLE001 - a bad record must never break the service
             self.handleError(record)
             return
-        self._buffer.append((KartonBackend.log_channel(record.levelname, self._channel), body))
+        self._append((KartonBackend.log_channel(record.levelname, self._channel), body))
+
+    def _append(self, item: tuple[str, str]) -> None:
+        """Buffer one line; wake :meth:`run` if it sleeps (from any thread)."""
+        self._buffer.append(item)
+        idle, loop = self._idle, self._loop
+        if idle is not None and loop is not None:
+            if threading.get_ident() == self._loop_thread:
+                idle.set()
+            else:  # logging from a worker thread (to_thread)
+                loop.call_soon_threadsafe(idle.set)
 
     async def run(self, interval: float = 0.05) -> None:
-        """Publish buffered records until cancelled (flushing what is left, shielded)."""
+        """Publish buffered records until cancelled (flushing what is left, shielded).
+
+        Lines are published in batches at most ``interval`` seconds after the first of
+        a batch; with nothing to publish the loop sleeps until a line arrives, so an
+        idle service does not wake for its logs.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         try:
             while True:
-                await self.flush_async()
+                if not self._buffer:
+                    self._idle = anyio.Event()
+                    if not self._buffer:  # a line appended meanwhile is not missed
+                        await self._idle.wait()
+                    self._idle = None
                 await anyio.sleep(interval)
+                await self.flush_async()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await self.flush_async()

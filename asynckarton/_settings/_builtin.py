@@ -34,6 +34,14 @@ REDIS = (
     Option("redis", "username", str, None, "Redis AUTH user name", flag=""),
     Option("redis", "password", str, None, "Redis AUTH password", flag="", secret=True),
     Option("redis", "ssl", bool, False, "connect with TLS", flag=""),
+    Option("redis", "ssl_ca_certs", str, None, "TLS: CA file that signed Redis's certificate "
+           "(default: the system's CAs)", flag=""),
+    Option("redis", "ssl_certfile", str, None, "TLS: client certificate file", flag=""),
+    Option("redis", "ssl_keyfile", str, None, "TLS: client private key file", flag=""),
+    Option("redis", "ssl_cert_reqs", str, "required", "TLS: check Redis's certificate: "
+           "required, optional or none", flag=""),
+    Option("redis", "ssl_check_hostname", bool, True, "TLS: check that the certificate "
+           "names the host", flag=""),
     Option("redis", "url", str, None, "redis:// URL; replaces host, port, db, ssl", flag=""),
     Option(
         "redis", "socket_timeout", float, 30.0, "socket timeout, s (0: none)", flag="", minimum=0

@@ -69,6 +69,11 @@ class RedisSettings:
     ssl: bool = False
     url: str | None = field(default=None, repr=False)  # may embed a password
     socket_timeout: float | None = _default("redis", "socket_timeout")  # None: no timeout
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_cert_reqs: str = _default("redis", "ssl_cert_reqs")
+    ssl_check_hostname: bool = True
 
     @classmethod
     def from_config(cls, config: SettingsSource) -> RedisSettings:
@@ -91,7 +96,19 @@ class RedisSettings:
             ssl=_read(config, "redis", "ssl"),
             url=_read(config, "redis", "url") or None,
             socket_timeout=_read(config, "redis", "socket_timeout") or None,
+            ssl_ca_certs=_read(config, "redis", "ssl_ca_certs") or None,
+            ssl_certfile=_read(config, "redis", "ssl_certfile") or None,
+            ssl_keyfile=_read(config, "redis", "ssl_keyfile") or None,
+            ssl_cert_reqs=_ssl_cert_reqs(config),
+            ssl_check_hostname=_read(config, "redis", "ssl_check_hostname"),
         )
+
+
+def _ssl_cert_reqs(config: SettingsSource) -> str:
+    value = str(_read(config, "redis", "ssl_cert_reqs")).strip().lower()
+    if value not in ("required", "optional", "none"):
+        raise _fail(config, "redis", "ssl_cert_reqs", "one of required, optional, none")
+    return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -79,6 +79,11 @@ class ServerConnector:
     ssl: bool = False
     url: str | None = None
     socket_timeout: float | None = 30.0
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_cert_reqs: str = "required"
+    ssl_check_hostname: bool = True
     max_connections: int = 64
     #: Where the address was set, for error messages (see ``Runtime.from_config``).
     origin: str | None = None
@@ -108,7 +113,24 @@ class ServerConnector:
             ssl=settings.ssl,
             url=settings.url,
             socket_timeout=settings.socket_timeout,
+            ssl_ca_certs=settings.ssl_ca_certs,
+            ssl_certfile=settings.ssl_certfile,
+            ssl_keyfile=settings.ssl_keyfile,
+            ssl_cert_reqs=settings.ssl_cert_reqs,
+            ssl_check_hostname=settings.ssl_check_hostname,
         )
+
+    def _tls(self) -> dict[str, Any]:
+        """redis-py's TLS options, for a ``rediss://`` URL or ``ssl`` (else none)."""
+        if not (self.ssl or (self.url or "").startswith("rediss:")):
+            return {}
+        return {
+            "ssl_ca_certs": self.ssl_ca_certs,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+            "ssl_cert_reqs": self.ssl_cert_reqs,
+            "ssl_check_hostname": self.ssl_check_hostname,
+        }
 
     def _kwargs(self) -> dict[str, Any]:
         return {
@@ -121,7 +143,7 @@ class ServerConnector:
     def _client(self, *, single: bool = False, **extra: Any) -> aredis.Redis:
         kwargs = {**self._kwargs(), **extra}
         if self.url:
-            pool = aredis.ConnectionPool.from_url(self.url, **kwargs)
+            pool = aredis.ConnectionPool.from_url(self.url, **kwargs, **self._tls())
         else:
             pool = aredis.ConnectionPool(
                 host=self.host,
@@ -133,7 +155,7 @@ class ServerConnector:
             )
             if self.ssl:
                 pool = aredis.ConnectionPool(
-                    connection_class=aredis.SSLConnection, **pool.connection_kwargs
+                    connection_class=aredis.SSLConnection, **pool.connection_kwargs, **self._tls()
                 )
         if pool.connection_class is aredis.Connection:
             pool.connection_class = FastConnection

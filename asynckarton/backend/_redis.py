@@ -22,7 +22,8 @@ from typing import cast
 
 from redis.exceptions import WatchError
 
-from .._wire._task import Task
+from .._errors import InvalidTaskError
+from .._wire._task import Task, TaskState
 from . import _keys as keys
 from ._guard import entry_point
 from ._queues import QueueBackend
@@ -147,3 +148,47 @@ class KartonBackend(QueueBackend):
     async def dead_letters(self, identity: str) -> list[str]:
         """Uids of ``identity``'s tasks that crashed after their last retry."""
         return cast(list[str], await self.redis.lrange(keys.dead_key(identity), 0, -1))
+
+    @entry_point("list dead-letter lists")
+    async def dead_letter_identities(self) -> list[str]:
+        """Identities that have a dead-letter list (SCAN, never KEYS)."""
+        found = [
+            key[len(keys.DEAD_PREFIX) :]
+            async for key in self.redis.scan_iter(match=keys.DEAD_PREFIX + "*", count=1000)
+        ]
+        return sorted(set(found))
+
+    @entry_point("prune dead letters")
+    async def prune_dead_letters(self, identity: str, start: int, count: int) -> tuple[int, int]:
+        """Drop the uids in ``[start, start + count)`` whose task is gone or not Crashed.
+
+        Returns ``(removed, length)``, the list's length before removing.  A crash is
+        written before its uid is dead-lettered, so a listed uid whose body is not Crashed
+        has left that state (restarted, cancelled or collected elsewhere).  ``LREM`` with
+        count 1 removes the oldest copy only, so a task that crashed again meanwhile stays.
+        """
+        key = keys.dead_key(identity)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(key)
+            pipe.lrange(key, start, start + count - 1)
+            length, uids = await pipe.execute()
+        if not uids:
+            return 0, int(length)
+        bodies = cast(list[str | None], await self.redis.mget([keys.task_key(u) for u in uids]))
+        stale = [uid for uid, body in zip(uids, bodies, strict=True) if not _crashed(body)]
+        if stale:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for uid in stale:
+                    pipe.lrem(key, 1, uid)
+                await pipe.execute()
+        return len(stale), int(length)
+
+
+def _crashed(body: str | None) -> bool:
+    """Whether ``body`` is a readable task in the Crashed state (unreadable: keep it)."""
+    if body is None:
+        return False
+    try:
+        return Task.unserialize(body, parse_resources=False).status is TaskState.CRASHED
+    except InvalidTaskError:
+        return True

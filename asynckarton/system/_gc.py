@@ -10,6 +10,10 @@ Task rules (Karton's, see docs/architecture.md), applied to one SCAN pass:
 * Finished → delete; Crashed older than ``task_crashed_timeout`` → delete;
 * asynckarton's addition: Spawned, older than ``task_spawned_timeout`` and in no queue,
   lease or retry schedule (its consumer died between popping and leasing it) → requeue.
+* asynckarton's addition: a uid in ``asynckarton.dead:<identity>`` whose task is gone or
+  no longer Crashed (restarted or cancelled by karton-dashboard, collected by
+  karton-system or by this GC) is dropped from the list; each pass checks at most
+  ``DEAD_LETTER_CHECKS`` uids per list, resuming where the previous pass stopped.
 
 Resources: every object version in the default bucket (and in the buckets listed in
 ``[system] gc_extra_buckets``) not referenced by a surviving task (or by the outputs a
@@ -51,6 +55,8 @@ STARTED_TIMEOUT_ERROR = (
 #: The GC lock expires this long after its holder stops refreshing it (e.g. SIGKILL);
 #: the holder refreshes it every third of that while it collects.
 LOCK_TTL = 15.0
+#: Dead-letter uids checked per identity and pass (the window moves on every pass).
+DEAD_LETTER_CHECKS = 1000
 
 
 class _UnreadableTask(Exception):
@@ -66,6 +72,7 @@ class GCReport:
     requeued_orphans: int = 0
     removed_binds: list[str] = field(default_factory=list)
     deleted_objects: int = 0
+    pruned_dead_letters: int = 0
 
 
 class GarbageCollector:
@@ -93,6 +100,7 @@ class GarbageCollector:
         self.bucket = bucket
         self.extra_buckets = extra_buckets
         self._queued: dict[str, set[str]] = {}  # receiver -> uids in its queues (this pass)
+        self._dead_cursor: dict[str, int] = {}  # identity -> where the next check starts
         self.settings = settings
         self.log = log
 
@@ -158,7 +166,26 @@ class GarbageCollector:
             report.deleted_tasks += len(doomed)
             await anyio.lowlevel.checkpoint()
         await self.backend.increment_metrics("garbage-collected", collected)
+        report.pruned_dead_letters = await self.prune_dead_letters()
         return report
+
+    async def prune_dead_letters(self) -> int:
+        """Drop dead-letter uids whose task left the Crashed state; return how many."""
+        removed = 0
+        identities = await self.backend.dead_letter_identities()
+        for identity in identities:
+            start = self._dead_cursor.get(identity, 0)
+            dropped, length = await self.backend.prune_dead_letters(
+                identity, start, DEAD_LETTER_CHECKS
+            )
+            end = start + DEAD_LETTER_CHECKS
+            self._dead_cursor[identity] = end - dropped if end < length else 0
+            removed += dropped
+        for gone in self._dead_cursor.keys() - set(identities):
+            del self._dead_cursor[gone]
+        if removed:
+            self.log.info("GC dropped %d dead letter(s) of tasks no longer crashed", removed)
+        return removed
 
     async def _verdict(
         self, task: Task, body: str, unrouted: set[str], to_clear: set[str], report: GCReport

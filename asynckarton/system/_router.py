@@ -29,6 +29,7 @@ from .._wire._query import BindIndex
 from ..backend import Bind, KartonBackend
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from ..backend._records import RoutedBatch
+from ._console import ProcessingLines
 
 __all__ = ["Router"]
 
@@ -68,6 +69,7 @@ class Router:
         self._index = BindIndex({})
         self._match_errors: set[tuple[str, str]] = set()  # reported (identity, error type)
         self._tracking_cache: dict[bytes, str] = {}
+        self._lines = ProcessingLines(log)  # karton-system's console lines
         self._log_channel = backend.log_channel("INFO", log.name)
         self._line: Callable[[str, float], str] | None = None  # see _log_record
         self.routed = 0
@@ -148,6 +150,7 @@ class Router:
         await self._registration.refresh(self.backend, self._binds_raw or {})  # concurrency
         batch = RoutedBatch()
         now = time.time()
+        self._lines.refresh()
         for uid, body in zip(uids, bodies, strict=True):
             if body is None:
                 self.log.warning("Task %s has no body (deleted before routing); skipped", uid)
@@ -170,6 +173,8 @@ class Router:
             batch.outputs.setdefault(origin, set()).add(self._tracking_entry(headers))
         if self.publish_logs:
             batch.logs.append(self._log_record(task, now))
+        if self._lines.enabled:
+            self._lines.processing(task.root_uid, task.task_uid)
         for identity in self._index.match(headers, self._on_match_error):
             uid, body = task.fork(identity, now)
             # concurrency control: registration dedup (else plain batch.add_fork)

@@ -20,6 +20,7 @@ from .._services._service import ServiceBase
 from .._settings._builtin import BUILTIN
 from .._settings._config import Config
 from .._settings._flags import add_system_arguments, system_config_from_args
+from .._version import __version__
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from ._gc import GarbageCollector
 from ._router import Router
@@ -39,7 +40,8 @@ class SystemService(ServiceBase):
     """
 
     identity: ClassVar[str] = "karton.system"
-    version: ClassVar[str | None] = None
+    #: Shown by karton-dashboard, as karton-system reports karton-core's version.
+    version: ClassVar[str | None] = __version__
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from asynckarton import Config, Consumer, Producer, SystemService, Task
+from asynckarton import Config, Consumer, Producer, SystemService, Task, TaskState
 from asynckarton.backend import Bind
 from asynckarton.backend import _keys as keys
 from asynckarton.storage import S3Storage
@@ -101,7 +101,10 @@ async def test_system_exporter_reports_queues_counters_gc_and_task_counts(
             return await raw.llen(keys.queue_key("normal", "metrics.idle")) == 4
 
         await until(routed, "4 routed tasks")
-        await raw.rpush(keys.dead_key("metrics.idle"), "dead-1")
+        dead = Task({"type": "idle"})  # the GC drops dead letters whose task is not Crashed
+        dead.status = TaskState.CRASHED
+        await raw.set(keys.task_key(dead.uid), dead.serialize())
+        await raw.rpush(keys.dead_key("metrics.idle"), dead.uid)
         await raw.hincrby(keys.STATS, "redelivered", 2)
 
         async def complete() -> bool:
