@@ -284,3 +284,47 @@ def s3_server() -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+class RestartableS3Server(S3Server):
+    """A moto S3 server that a test stops and starts again on the same port.
+
+    The objects survive a restart (moto keeps them in this process); while stopped,
+    connections to the port are refused, as with an S3 server that is down.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.running = False
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self._server.start()
+                break
+            except OSError:  # the port is still being released
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            self._server.stop()
+            self.running = False
+
+
+@contextmanager
+def restartable_s3_server() -> Iterator[RestartableS3Server]:
+    server = RestartableS3Server()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
