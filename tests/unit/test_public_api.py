@@ -39,6 +39,11 @@ ERROR_SAMPLES: dict[str, Callable[[], BaseException]] = {
     "BackendUnavailableError": lambda: asynckarton.BackendUnavailableError(
         "connection refused", operation="fetch", address="redis://127.0.0.1:6379/0"
     ),
+    "BackendFullError": lambda: asynckarton.BackendFullError(
+        "OOM command not allowed when used memory > 'maxmemory'",
+        operation="send tasks",
+        address="redis://127.0.0.1:6379/0",
+    ),
     "BindInUseError": lambda: asynckarton.BindInUseError("karton.classifier", 2),
     "UnknownBindError": lambda: asynckarton.UnknownBindError("karton.gone"),
     "UnknownTaskError": lambda: asynckarton.UnknownTaskError("restart", {"u-1": "no such task"}),
