@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aredis
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from .._errors import ConfigError
 
@@ -50,6 +50,12 @@ class FastConnection(aredis.Connection):
         ):
             args = (*first.split(), *args[1:])
         return [_hiredis_pack(args)]
+
+
+class FastSentinelConnection(SentinelManagedConnection):
+    """A Sentinel-resolved connection that packs commands as :class:`FastConnection`."""
+
+    pack_command = FastConnection.pack_command
 
 
 class RedisConnector(Protocol):
@@ -221,6 +227,8 @@ class ServerConnector:
         pool: SentinelConnectionPool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
             self.sentinel_master, self._sentinel, **master_kwargs
         )
+        if pool.connection_class is SentinelManagedConnection:  # not the TLS one
+            pool.connection_class = FastSentinelConnection
         return pool
 
     def _client(self, *, single: bool = False, **extra: Any) -> aredis.Redis:

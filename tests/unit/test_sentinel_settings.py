@@ -6,7 +6,7 @@ import pytest
 
 from asynckarton import Config, ConfigError
 from asynckarton.backend import ServerConnector
-from asynckarton.backend._connect import parse_sentinels
+from asynckarton.backend._connect import FastSentinelConnection, parse_sentinels
 
 
 def test_sentinel_addresses_are_parsed() -> None:
@@ -51,3 +51,14 @@ def test_a_master_name_without_sentinels_is_refused() -> None:
         ServerConnector(sentinel_master="mymaster")
     with pytest.raises(ConfigError, match="sentinel_master"):
         ServerConnector(sentinels=(("s1", 26379),))
+
+
+@pytest.mark.anyio
+async def test_sentinel_clients_pack_with_hiredis_and_close() -> None:
+    connector = ServerConnector(sentinel_master="m", sentinels=(("127.0.0.1", 1),))
+    named, blocking = connector.named("svc"), connector.blocking()
+    for client in (connector.pool(), named, blocking):
+        assert client.connection_pool.connection_class is FastSentinelConnection
+    await named.aclose()
+    await blocking.aclose()
+    await connector.aclose()
