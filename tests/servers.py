@@ -222,6 +222,19 @@ class SentinelCluster:
                 return int(reply[4])
         return None
 
+    def views(self) -> dict[int, dict[str, str]]:
+        """Each sentinel's view of the master (address and flags), for diagnostics."""
+        out: dict[int, dict[str, str]] = {}
+        for port in self.sentinel_ports:
+            try:
+                reply = _command(port, "SENTINEL", "MASTER", self.name)
+            except OSError as exc:
+                out[port] = {"error": str(exc)}
+                continue
+            fields = dict(zip(reply[2::4], reply[4::4], strict=False))
+            out[port] = {k: fields.get(k, "?") for k in ("ip", "port", "flags", "config-epoch")}
+        return out
+
     def close(self) -> None:
         for proc in self.sentinel_procs:
             if proc.poll() is None:

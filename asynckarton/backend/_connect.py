@@ -23,7 +23,12 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aredis
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 
 from .._errors import ConfigError
 
@@ -52,10 +57,44 @@ class FastConnection(aredis.Connection):
         return [_hiredis_pack(args)]
 
 
-class FastSentinelConnection(SentinelManagedConnection):
+class _ResolveOnConnect(SentinelManagedConnection):
+    """Ask the sentinels for the master on *every* (re)connect of this connection.
+
+    redis-py 8 resolves the master in ``SentinelManagedConnection.connect`` only, but a
+    connection that lost its socket reconnects from ``send_packed_command`` through
+    ``connect_check_health``, to the host and port it had: a single-connection client
+    (our named and blocking clients) then stays on a dead master after a failover.
+    Resolving in ``connect_check_health`` covers both paths.
+    """
+
+    async def _connect_retry(self) -> None:
+        if self._reader or not self.connection_pool.is_master:
+            await super()._connect_retry()  # type: ignore[no-untyped-call]
+            return
+        await self.connect_check_health(
+            check_health=self.connection_pool.check_connection, retry_socket_connect=False
+        )
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self.is_connected:
+            return
+        if self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
+
+
+class FastSentinelConnection(_ResolveOnConnect):
     """A Sentinel-resolved connection that packs commands as :class:`FastConnection`."""
 
     pack_command = FastConnection.pack_command
+
+
+class _SentinelSSLConnection(_ResolveOnConnect, SentinelManagedSSLConnection):
+    """The TLS variant (redis-py packs its commands)."""
 
 
 class RedisConnector(Protocol):
@@ -227,7 +266,9 @@ class ServerConnector:
         pool: SentinelConnectionPool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
             self.sentinel_master, self._sentinel, **master_kwargs
         )
-        if pool.connection_class is SentinelManagedConnection:  # not the TLS one
+        if pool.connection_class is SentinelManagedSSLConnection:
+            pool.connection_class = _SentinelSSLConnection
+        else:
             pool.connection_class = FastSentinelConnection
         return pool
 

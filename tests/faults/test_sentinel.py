@@ -29,6 +29,7 @@ import redis
 from redis.sentinel import Sentinel
 
 from asynckarton import Producer
+from asynckarton.backend import ServerConnector
 from tests.faults.conftest import REDIS_DOWN, FaultEnv, poll
 from tests.servers import S3Server, SentinelCluster, sentinel_cluster
 
@@ -157,6 +158,7 @@ async def test_services_follow_a_sentinel_failover(
                 "post_failover_delivered": round(settled - failover_done, 2),
             },
             "services_alive": {p.name: p.alive() for p in env.procs},
+            "sentinel_views": cluster.views(),
         }
         path = tmp_path / "sentinel-summary.json"
         path.write_text(json.dumps(summary, indent=2))
@@ -178,3 +180,41 @@ async def test_services_follow_a_sentinel_failover(
         client.close()
         for s in sentinel.sentinels:
             s.close()
+
+
+async def test_every_kind_of_client_reconnects_to_the_promoted_master(
+    cluster: SentinelCluster,
+) -> None:
+    """The pool, a named and a blocking client, each connected before the failover."""
+    connector = ServerConnector(
+        sentinel_master=cluster.name,
+        sentinels=tuple(("127.0.0.1", port) for port in cluster.sentinel_ports),
+    )
+    clients = {
+        "pool": connector.pool(),
+        "named": connector.named("faults.sentinel"),
+        "blocking": connector.blocking(),
+    }
+    try:
+        for client in clients.values():
+            assert await client.ping()
+        old_master = cluster.master.port
+        cluster.master.kill()
+        await poll(
+            lambda: cluster.master_port() not in (None, old_master), 30, "a promoted replica"
+        )
+        new_master = cluster.master_port()
+        reached: dict[str, object] = {}
+        for name, client in clients.items():
+            for _ in range(50):
+                try:
+                    reached[name] = (await client.info("server"))["tcp_port"]
+                    break
+                except REDIS_DOWN as exc:
+                    reached[name] = repr(exc)
+                    await anyio.sleep(0.2)
+        assert reached == dict.fromkeys(clients, new_master)
+    finally:
+        await clients["named"].aclose()
+        await clients["blocking"].aclose()
+        await connector.aclose()
