@@ -25,6 +25,7 @@ import inspect as _inspect
 
 from ._errors import (
     BackendError,
+    BackendFullError,
     BackendUnavailableError,
     BindInUseError,
     ConcurrencyControlled,
@@ -60,6 +61,7 @@ Resource = LocalResource
 
 __all__ = [
     "BackendError",
+    "BackendFullError",
     "BackendUnavailableError",
     "BindInUseError",
     "ConcurrencyControlType",

@@ -118,6 +118,15 @@ class BackendUnavailableError(BackendError):
     """
 
 
+class BackendFullError(BackendUnavailableError):
+    """Redis refused a write because it reached ``maxmemory`` (policy ``noeviction``).
+
+    Redis applied none of the refused command (a producer's batch is one transaction:
+    nothing of it was queued).  Reads and deletions still work, so consumers and the
+    router go on removing finished work; the write may succeed once memory is freed.
+    """
+
+
 class StorageError(KartonError):
     """A storage (S3 or local directory) operation failed."""
 

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,10 +57,11 @@ class RedisServer:
     its data (what the reliability suite needs: "nothing is lost, with persistence on").
     """
 
-    def __init__(self, *, persistent: bool = False) -> None:
+    def __init__(self, *, persistent: bool = False, extra_args: Sequence[str] = ()) -> None:
         self.binary = require("redis-server")
         self.port = free_port()
         self.persistent = persistent
+        self.extra_args = list(extra_args)  # e.g. --replicaof, --maxmemory
         self.dir = Path(tempfile.mkdtemp(prefix="asynckarton-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -86,6 +87,7 @@ class RedisServer:
                 "--protected-mode",
                 "no",
                 *persistence,
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -115,6 +117,146 @@ class RedisServer:
     def close(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _command(port: int, *args: str) -> list[str]:
+    """Send one inline command to a loopback Redis or sentinel; return its reply lines."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall((" ".join(args) + "\r\n").encode())
+        data = b""
+        sock.settimeout(0.3)
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except TimeoutError:
+            pass
+    return [line for line in data.decode().split("\r\n") if line]
+
+
+class SentinelCluster:
+    """A master, ``replicas`` replicas and ``sentinels`` sentinels, all on loopback.
+
+    The sentinels watch the master as ``name`` with quorum 2, call it down after
+    ``down_after_ms`` and allow a failover every ``failover_timeout_ms``, so a SIGKILLed
+    master is replaced within seconds.  Started by ``redis-server <conf> --sentinel``
+    (the redis-sentinel binary is the same program).
+    """
+
+    name = "asynckarton"
+
+    def __init__(
+        self,
+        *,
+        replicas: int = 2,
+        sentinels: int = 3,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
+        self.master = RedisServer()
+        self.replicas = [
+            RedisServer(extra_args=["--replicaof", "127.0.0.1", str(self.master.port)])
+            for _ in range(replicas)
+        ]
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.dir = Path(tempfile.mkdtemp(prefix="asynckarton-sentinel-"))
+        self.sentinel_procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        return [self.master, *self.replicas]
+
+    @property
+    def sentinel_addresses(self) -> str:
+        """The ``[redis] sentinels`` value."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.master.start()
+        for replica in self.replicas:
+            replica.start()
+        for port in self.sentinel_ports:
+            conf = self.dir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.dir}\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.name} 1\n"
+            )
+            self.sentinel_procs.append(
+                subprocess.Popen(
+                    [self.master.binary, str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        # Ready when every sentinel knows every replica and every other sentinel (a
+        # failover needs a quorum and an elected leader).
+        deadline = time.monotonic() + timeout
+        while not self._settled():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sentinels did not discover each other in time")
+            time.sleep(0.2)
+
+    def _settled(self) -> bool:
+        want_replicas = str(len(self.replicas))
+        want_others = str(len(self.sentinel_ports) - 1)
+        for port in self.sentinel_ports:
+            try:
+                reply = _command(port, "SENTINEL", "MASTER", self.name)
+            except OSError:
+                return False
+            fields = dict(zip(reply[2::4], reply[4::4], strict=False))
+            if fields.get("num-slaves") != want_replicas:
+                return False
+            if fields.get("num-other-sentinels") != want_others:
+                return False
+        return True
+
+    def master_port(self) -> int | None:
+        """The master's port as the first answering sentinel reports it."""
+        for port in self.sentinel_ports:
+            try:
+                reply = _command(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+            except OSError:
+                continue
+            if len(reply) >= 5:
+                return int(reply[4])
+        return None
+
+    def views(self) -> dict[int, dict[str, str]]:
+        """Each sentinel's view of the master (address and flags), for diagnostics."""
+        out: dict[int, dict[str, str]] = {}
+        for port in self.sentinel_ports:
+            try:
+                reply = _command(port, "SENTINEL", "MASTER", self.name)
+            except OSError as exc:
+                out[port] = {"error": str(exc)}
+                continue
+            fields = dict(zip(reply[2::4], reply[4::4], strict=False))
+            out[port] = {k: fields.get(k, "?") for k in ("ip", "port", "flags", "config-epoch")}
+        return out
+
+    def close(self) -> None:
+        for proc in self.sentinel_procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+        for server in self.servers:
+            server.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def sentinel_cluster(**options: int) -> Iterator[SentinelCluster]:
+    cluster = SentinelCluster(**options)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @contextmanager
@@ -277,3 +419,47 @@ def tls_redis_server() -> Iterator[TlsRedisServer]:
         yield server
     finally:
         server.close()
+
+
+class RestartableS3Server(S3Server):
+    """A moto S3 server that a test stops and starts again on the same port.
+
+    The objects survive a restart (moto keeps them in this process); while stopped,
+    connections to the port are refused, as with an S3 server that is down.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.running = False
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self._server.start()
+                break
+            except OSError:  # the port is still being released
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            self._server.stop()
+            self.running = False
+
+
+@contextmanager
+def restartable_s3_server() -> Iterator[RestartableS3Server]:
+    server = RestartableS3Server()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import anyio
 
-from .._errors import InvalidTaskError
+from .._errors import BackendFullError, InvalidTaskError
 from .._settings._builtin import BUILTIN
 from .._wire._resource import LocalResource
 from .._wire._task import Task, get_current_task
@@ -70,6 +70,8 @@ class Producer(ServiceBase):
         Raises:
             InvalidTaskError: a task's payload is not JSON-serialisable; nothing of the
                 batch was written to Redis or uploaded.
+            BackendFullError: Redis is at ``maxmemory``; nothing of the batch was queued
+                (declared keys are deleted, uploaded objects are left to the GC).
             StorageError: a resource upload failed (the first failure, as itself; the
                 other uploads are cancelled); nothing of the batch was queued and its
                 declared task keys are deleted.
@@ -105,7 +107,13 @@ class Producer(ServiceBase):
         if local:
             await self._declare_and_upload(batch, local)
             bodies = self._serialize(batch)  # now with sha256 and sizes
-        await self.backend.enqueue_unrouted(bodies, self.identity)
+        try:
+            await self.backend.enqueue_unrouted(bodies, self.identity)
+        except BackendFullError:
+            if local:  # refused as a whole: drop the Declared keys; the objects are orphans
+                with anyio.CancelScope(shield=True):
+                    await self.backend.delete_tasks([t.uid for t in batch])
+            raise
         record_outputs(parent, bodies.values())  # the result cache's capture, if on
 
     def _prepare(self, task: Task, parent: Task | None, now: float) -> None:

@@ -46,6 +46,14 @@ REDIS = (
     Option(
         "redis", "socket_timeout", float, 30.0, "socket timeout, s (0: none)", flag="", minimum=0
     ),
+    Option("redis", "sentinel_master", str, None, "Redis Sentinel service name; connect "
+           "to its master through the sentinels (replaces host, port, url)", flag=""),
+    Option("redis", "sentinels", str, None, "Sentinel addresses, host:port[,host:port...]",
+           flag=""),
+    Option("redis", "sentinel_username", str, None, "AUTH user name for the sentinels",
+           flag=""),
+    Option("redis", "sentinel_password", str, None, "AUTH password for the sentinels",
+           flag="", secret=True),
 )
 S3 = (
     Option("s3", "address", str, None, "S3 endpoint, http(s)://host:port", flag=""),

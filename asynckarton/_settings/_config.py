@@ -351,7 +351,7 @@ class Config:
 
     @property
     def has_redis(self) -> bool:
-        """True when ``[redis] host`` or ``[redis] url`` is set."""
+        """True when ``[redis] host``, ``url`` or ``sentinel_master`` is set."""
         return has_redis(self)
 
     @property

@@ -53,8 +53,12 @@ def _fail(config: SettingsSource, section: str, option: str, rule: str) -> Confi
 
 
 def has_redis(config: SettingsSource) -> bool:
-    """True when ``[redis] host`` or ``[redis] url`` is set."""
-    return bool(config.get("redis", "host") or config.get("redis", "url"))
+    """True when ``[redis] host``, ``url`` or ``sentinel_master`` is set."""
+    return bool(
+        config.get("redis", "host")
+        or config.get("redis", "url")
+        or config.get("redis", "sentinel_master")
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +78,10 @@ class RedisSettings:
     ssl_keyfile: str | None = None
     ssl_cert_reqs: str = _default("redis", "ssl_cert_reqs")
     ssl_check_hostname: bool = True
+    sentinel_master: str | None = None  # set: reach the master through Redis Sentinel
+    sentinels: str | None = None  # "host:port,host:port" (parsed by the connector)
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, config: SettingsSource) -> RedisSettings:
@@ -83,7 +91,9 @@ class RedisSettings:
             ConfigError: Redis is not configured, or a value is invalid.
         """
         if not has_redis(config):
-            raise ConfigError("Redis is not configured: set host or url", section="redis")
+            raise ConfigError(
+                "Redis is not configured: set host, url or sentinel_master", section="redis"
+            )
         port = _read(config, "redis", "port")
         if port > 65535:
             raise _fail(config, "redis", "port", "between 1 and 65535")
@@ -101,6 +111,10 @@ class RedisSettings:
             ssl_keyfile=_read(config, "redis", "ssl_keyfile") or None,
             ssl_cert_reqs=_ssl_cert_reqs(config),
             ssl_check_hostname=_read(config, "redis", "ssl_check_hostname"),
+            sentinel_master=_read(config, "redis", "sentinel_master") or None,
+            sentinels=_read(config, "redis", "sentinels") or None,
+            sentinel_username=_read(config, "redis", "sentinel_username") or None,
+            sentinel_password=_read(config, "redis", "sentinel_password") or None,
         )
 
 

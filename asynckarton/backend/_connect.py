@@ -6,6 +6,13 @@ same backend code.  A connector gives:
 * one shared, *unnamed* connection pool for ordinary commands, and
 * dedicated *named* single connections, one per service per process, which is how
   Karton (and karton-dashboard) count replicas from ``CLIENT LIST``.
+
+With ``[redis] sentinel_master`` and ``sentinels`` set, every client of a
+:class:`ServerConnector` (the pool, the named and the blocking ones) reaches the master
+through Redis Sentinel: each new connection asks the sentinels where the master is, so
+after a failover the services' reconnect-and-retry loops land on the promoted replica
+without a restart.  The services' loops already retry lost connections; nothing else
+changes for them.
 """
 
 from __future__ import annotations
@@ -16,6 +23,14 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aredis
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
+
+from .._errors import ConfigError
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -40,6 +55,46 @@ class FastConnection(aredis.Connection):
         ):
             args = (*first.split(), *args[1:])
         return [_hiredis_pack(args)]
+
+
+class _ResolveOnConnect(SentinelManagedConnection):
+    """Ask the sentinels for the master on *every* (re)connect of this connection.
+
+    redis-py 8 resolves the master in ``SentinelManagedConnection.connect`` only, but a
+    connection that lost its socket reconnects from ``send_packed_command`` through
+    ``connect_check_health``, to the host and port it had: a single-connection client
+    (our named and blocking clients) then stays on a dead master after a failover.
+    Resolving in ``connect_check_health`` covers both paths.
+    """
+
+    async def _connect_retry(self) -> None:
+        if self._reader or not self.connection_pool.is_master:
+            await super()._connect_retry()  # type: ignore[no-untyped-call]
+            return
+        await self.connect_check_health(
+            check_health=self.connection_pool.check_connection, retry_socket_connect=False
+        )
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self.is_connected:
+            return
+        if self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
+
+
+class FastSentinelConnection(_ResolveOnConnect):
+    """A Sentinel-resolved connection that packs commands as :class:`FastConnection`."""
+
+    pack_command = FastConnection.pack_command
+
+
+class _SentinelSSLConnection(_ResolveOnConnect, SentinelManagedSSLConnection):
+    """The TLS variant (redis-py packs its commands)."""
 
 
 class RedisConnector(Protocol):
@@ -67,9 +122,52 @@ class RedisConnector(Protocol):
         ...
 
 
+def parse_sentinels(value: str) -> tuple[tuple[str, int], ...]:
+    """Parse ``[redis] sentinels``: ``host:port`` pairs separated by commas.
+
+    A bare host means port 26379; IPv6 hosts go in brackets (``[::1]:26379``).
+
+    Raises:
+        ConfigError: an entry is empty or its port is not a number in 1..65535.
+    """
+    out: list[tuple[str, int]] = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            raise ConfigError(
+                "empty sentinel address", section="redis", option="sentinels", value=value
+            )
+        host, port_text = entry, "26379"
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            if rest:
+                port_text = rest.removeprefix(":")
+        elif entry.count(":") == 1:
+            host, port_text = entry.split(":")
+        try:
+            port = int(port_text)
+        except ValueError:
+            port = 0
+        if not host or not 1 <= port <= 65535:
+            raise ConfigError(
+                f"bad sentinel address {entry!r}: want host:port",
+                section="redis",
+                option="sentinels",
+                value=value,
+            )
+        out.append((host, port))
+    return tuple(out)
+
+
 @dataclass(kw_only=True)
 class ServerConnector:
-    """Connects to a real redis-server (host/port or URL, as Karton's ``[redis]``)."""
+    """Connects to a real redis-server (host/port or URL, as Karton's ``[redis]``).
+
+    With ``sentinel_master`` set, connects to that Sentinel service's current master
+    instead (host, port and url are then unused); ``db``, ``username``, ``password`` and
+    ``ssl`` still apply to the master, ``sentinel_username``/``sentinel_password`` to the
+    sentinels.
+    """
 
     host: str = "127.0.0.1"
     port: int = 6379
@@ -87,10 +185,32 @@ class ServerConnector:
     max_connections: int = 64
     #: Where the address was set, for error messages (see ``Runtime.from_config``).
     origin: str | None = None
+    sentinel_master: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
     _pool: aredis.Redis | None = field(default=None, init=False, repr=False)
+    _sentinel: Sentinel | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.sentinel_master and not self.sentinels:
+            raise ConfigError(
+                "sentinel_master is set but no sentinels are listed",
+                section="redis",
+                option="sentinels",
+            )
+        if self.sentinels and not self.sentinel_master:
+            raise ConfigError(
+                "sentinels are listed but sentinel_master (the service name) is not set",
+                section="redis",
+                option="sentinel_master",
+            )
 
     @property
     def address(self) -> str:
+        if self.sentinel_master:
+            hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
+            return f"redis+sentinel://{hosts}/{self.sentinel_master}/{self.db}"
         if self.url:
             parts = urlsplit(self.url)
             if parts.password is not None:  # keep the user name, mask the password
@@ -104,7 +224,12 @@ class ServerConnector:
     @classmethod
     def from_settings(cls, settings: Any) -> ServerConnector:
         """Build from a RedisSettings-like object (attributes named as ``[redis]``)."""
+        sentinels = getattr(settings, "sentinels", None)
         return cls(
+            sentinel_master=getattr(settings, "sentinel_master", None),
+            sentinels=parse_sentinels(sentinels) if sentinels else (),
+            sentinel_username=getattr(settings, "sentinel_username", None),
+            sentinel_password=getattr(settings, "sentinel_password", None),
             host=settings.host or "127.0.0.1",
             port=settings.port,
             db=settings.db,
@@ -140,8 +265,45 @@ class ServerConnector:
             "health_check_interval": 15,
         }
 
+    def _sentinel_pool(self, kwargs: dict[str, Any]) -> SentinelConnectionPool:
+        assert self.sentinel_master is not None
+        if self._sentinel is None:
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(self.sentinels),
+                sentinel_kwargs={
+                    "username": self.sentinel_username,
+                    "password": self.sentinel_password,
+                    "decode_responses": True,
+                    "socket_timeout": 5.0,
+                    "socket_connect_timeout": 5.0,
+                },
+            )
+        master_kwargs = {
+            "db": self.db,
+            "username": self.username,
+            "password": self.password,
+            "is_master": True,
+            **kwargs,
+        }
+        if self.ssl:
+            master_kwargs["ssl"] = True
+        pool: SentinelConnectionPool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            self.sentinel_master, self._sentinel, **master_kwargs
+        )
+        if pool.connection_class is SentinelManagedSSLConnection:
+            pool.connection_class = _SentinelSSLConnection
+        else:
+            pool.connection_class = FastSentinelConnection
+        return pool
+
     def _client(self, *, single: bool = False, **extra: Any) -> aredis.Redis:
         kwargs = {**self._kwargs(), **extra}
+        if self.sentinel_master:
+            client = aredis.Redis(
+                connection_pool=self._sentinel_pool(kwargs), single_connection_client=single
+            )
+            client.auto_close_connection_pool = True
+            return client
         if self.url:
             pool = aredis.ConnectionPool.from_url(self.url, **kwargs, **self._tls())
         else:
@@ -178,6 +340,10 @@ class ServerConnector:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.aclose()
+        if self._sentinel is not None:
+            sentinel, self._sentinel = self._sentinel, None
+            for client in sentinel.sentinels:
+                await client.aclose()
 
 
 class EmbeddedConnector:

@@ -203,9 +203,11 @@ class BackendCore:
     async def enqueue_unrouted(self, bodies: Mapping[str, str], identity: str) -> None:
         """SET task bodies, RPUSH their uids to ``karton.tasks`` and count them produced.
 
-        One pipeline: a producer's whole batch costs one round trip.
+        One transaction: a producer's whole batch costs one round trip, and a refused
+        write (``maxmemory`` reached) aborts all of it, so no task key is left without
+        its ``karton.tasks`` entry.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:
             pipe.mset({keys.task_key(uid): body for uid, body in bodies.items()})
             pipe.rpush(keys.TASKS_QUEUE, *bodies)
             pipe.hincrby(keys.metrics_key("produced"), identity, len(bodies))

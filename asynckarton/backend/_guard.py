@@ -22,7 +22,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 import anyio
 import redis.exceptions
 
-from .._errors import BackendError, BackendUnavailableError
+from .._errors import BackendError, BackendFullError, BackendUnavailableError
 
 __all__ = ["TRANSIENT_ERRORS", "entry_point", "entry_point_iter", "until_done"]
 
@@ -33,6 +33,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     redis.exceptions.BusyLoadingError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,  # maxmemory with noeviction: wait for memory
     OSError,
 )
 
@@ -57,7 +58,11 @@ def backend_error(
     exc: BaseException, operation: str, address: str, origin: str | None = None
 ) -> BackendError:
     """Return the :class:`BackendError` that reports ``exc`` (raise it ``from exc``)."""
-    kind = BackendUnavailableError if isinstance(exc, _UNAVAILABLE) else BackendError
+    kind: type[BackendError] = BackendError
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        kind = BackendFullError
+    elif isinstance(exc, _UNAVAILABLE):
+        kind = BackendUnavailableError
     detail = str(exc) or "no details"
     where = f" ({origin})" if origin else ""
     return kind(

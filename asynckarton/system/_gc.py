@@ -122,17 +122,25 @@ class GarbageCollector:
 
         Raises:
             BackendError: Redis failed (``BackendUnavailableError`` when it is down).
+            StorageError: S3 failed; nothing was deleted after the failure, and the next
+                pass starts over.
         """
         token = uuid.uuid4().hex  # time.time() is not unique across hosts
         if not await self.backend.take_gc_lock(token, LOCK_TTL):
             return None
         try:
+            failure: Exception | None = None
             async with anyio.create_task_group() as group:
                 group.start_soon(self._keep_lock, token)
-                report = await self.collect_tasks()
-                for bucket in (self.bucket, *self.extra_buckets):
-                    report.deleted_objects += await self._collect_resources(bucket)
+                try:
+                    report = await self.collect_tasks()
+                    for bucket in (self.bucket, *self.extra_buckets):
+                        report.deleted_objects += await self._collect_resources(bucket)
+                except Exception as exc:  # noqa: BLE001 - raised as itself below
+                    failure = exc  # (not wrapped in an ExceptionGroup by the task group)
                 group.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
             return report
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(*TRANSIENT_ERRORS):

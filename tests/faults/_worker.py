@@ -43,7 +43,7 @@ log = logging.getLogger("faults.worker")
 
 
 async def _patiently(call: Callable[[], Awaitable[T]]) -> T:
-    """Retry a bookkeeping command through a Redis restart (bounded)."""
+    """Retry a bookkeeping command through a Redis restart or full memory (bounded)."""
     delay = 0.05
     deadline = anyio.current_time() + RECORD_PATIENCE
     while True:
@@ -53,6 +53,7 @@ async def _patiently(call: Callable[[], Awaitable[T]]) -> T:
             redis.exceptions.ConnectionError,
             redis.exceptions.TimeoutError,
             redis.exceptions.BusyLoadingError,
+            redis.exceptions.OutOfMemoryError,  # test_redis_oom: wait for memory
             OSError,
         ):
             if anyio.current_time() > deadline:

@@ -40,6 +40,11 @@ ERROR_SAMPLES: dict[str, Callable[[], BaseException]] = {
         "connection refused", operation="fetch", address="redis://127.0.0.1:6379/0"
     ),
     "ConcurrencyControlled": lambda: asynckarton.ConcurrencyControlled("slot held by u-1"),
+    "BackendFullError": lambda: asynckarton.BackendFullError(
+        "OOM command not allowed when used memory > 'maxmemory'",
+        operation="send tasks",
+        address="redis://127.0.0.1:6379/0",
+    ),
     "BindInUseError": lambda: asynckarton.BindInUseError("karton.classifier", 2),
     "UnknownBindError": lambda: asynckarton.UnknownBindError("karton.gone"),
     "UnknownTaskError": lambda: asynckarton.UnknownTaskError("restart", {"u-1": "no such task"}),
