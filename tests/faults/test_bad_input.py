@@ -78,7 +78,7 @@ class Recorder(Consumer):
 
 @pytest.fixture
 def env(redis_url: str, s3_srv: S3Server, s3_bucket: str, tmp_path: Path) -> dict[str, Any]:
-    import boto3
+    import boto3  # type: ignore[import-untyped]
 
     boto3.client(
         "s3",

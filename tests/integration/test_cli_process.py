@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -66,7 +67,7 @@ class Service:
             raw = await self.redis.get(key)
             doc = json.loads(raw) if raw else {}
             if doc.get("headers", {}).get("receiver") == IDENTITY:
-                return doc  # type: ignore[no-any-return]
+                return doc
         return None
 
     async def status_of(self, root_uid: str) -> str | None:
@@ -77,7 +78,7 @@ class Service:
 async def _call(check: Callable[[], object]) -> object:
     result = check()
     if hasattr(result, "__await__"):
-        result = await result  # type: ignore[misc]
+        result = await result
     return result
 
 
@@ -134,9 +135,7 @@ async def send_sleep(service: Service, seconds: float, *, with_file: bool = Fals
 async def test_run_processes_tasks_then_drains_on_sigterm(service: Service) -> None:
     quick = [await send_sleep(service, 0.05, with_file=True) for _ in range(3)]
     for task in quick:
-        await service.wait_for(
-            "a quick task", lambda t=task: _is(service, t.root_uid, "Finished"), 30
-        )
+        await service.wait_for("a quick task", partial(_is, service, task.root_uid, "Finished"), 30)
 
     slow = await send_sleep(service, 2.0)
     await service.wait_for("the slow task to start", lambda: _is(service, slow.root_uid, "Started"),

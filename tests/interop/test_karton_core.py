@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import anyio
 import pytest
@@ -84,7 +84,8 @@ class Deployment:
         async for key in self.redis.scan_iter(match="karton.task:*", count=1000):
             body = await self.redis.get(key)
             if body is not None:
-                found[key.removeprefix("karton.task:")] = body
+                # decode_responses=True: the client's replies are str
+                found[cast(str, key).removeprefix("karton.task:")] = cast(str, body)
         return found
 
     async def objects(self) -> set[str]:
@@ -92,7 +93,7 @@ class Deployment:
             return {v.key async for v in storage.list_object_versions(self.bucket)}
 
     async def metric(self, name: str) -> dict[str, int]:
-        raw = await self.redis.hgetall(f"karton.metrics.{name}")
+        raw = cast(dict[str, str], await self.redis.hgetall(f"karton.metrics.{name}"))
         return {k: int(v) for k, v in raw.items()}
 
     async def online(self, identity: str) -> int:
@@ -201,7 +202,7 @@ class Processes:
     def check_alive(self) -> None:
         for proc, log in self.procs:
             if proc.poll() is not None and proc.returncode != 0:
-                raise AssertionError(f"{proc.args} exited {proc.returncode}:\n{self.tail(log)}")
+                raise AssertionError(f"{proc.args!r} exited {proc.returncode}:\n{self.tail(log)}")
 
     @staticmethod
     def tail(log: Path) -> str:
@@ -215,7 +216,7 @@ class Processes:
 
     def dump(self) -> None:
         for proc, log in self.procs:
-            print(f"===== {proc.args} (exit {proc.returncode})\n{self.tail(log)}")
+            print(f"===== {proc.args!r} (exit {proc.returncode})\n{self.tail(log)}")
 
 
 @pytest.fixture
@@ -281,13 +282,15 @@ def assert_routing_agrees_with_karton_core(
 ) -> None:
     """Every unrouted task was forked to exactly the binds karton-core's query matches."""
     parsed = {i: Bind.from_json(i, raw) for i, raw in binds.items()}
+    # karton-core is untyped: convert(filters) -> a query object with .match(headers)
+    convert: Callable[[Any], Any] = kquery.convert
     unrouted = [t for t in tasks.values() if "receiver" not in t["headers"]]
     assert unrouted
     for task in unrouted:
         expected = {
             identity
             for identity, bind in parsed.items()
-            if kquery.convert(bind.filters).match(task["headers"])
+            if convert(bind.filters).match(task["headers"])
         }
         forked = {t["headers"]["receiver"] for t in tasks.values() if t["orig_uid"] == task["uid"]}
         assert forked == expected, task["headers"]
@@ -360,7 +363,7 @@ async def test_a_karton_core_producer_to_asynckarton_to_karton_core_consumer(
 
             await wait_until(all_finished, "4 Finished tasks")
         tasks = {uid: json.loads(body) for uid, body in (await dep.tasks()).items()}
-        binds = await dep.redis.hgetall("karton.binds")
+        binds = cast(dict[str, str], await dep.redis.hgetall("karton.binds"))
         assert await procs.stop(core) == 0
 
     [forwarded] = forwarder.seen
@@ -602,7 +605,7 @@ async def test_c_karton_state_reads_an_asynckarton_deployment(
 
                 await wait_until(settled, "5 queued tasks and 1 crashed one")
         raw = await dep.tasks()
-        binds = await dep.redis.hgetall("karton.binds")
+        binds = cast(dict[str, str], await dep.redis.hgetall("karton.binds"))
 
         def inspect_offline() -> tuple[KartonState, dict[str, KTask], dict[str, KTask]]:
             with karton_backend(dep) as backend:

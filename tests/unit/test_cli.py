@@ -17,7 +17,8 @@ from anyio.abc import TaskStatus
 from typer.testing import CliRunner
 
 from asynckarton import Config, SystemService, __version__
-from asynckarton.cli._app import app, serve_forever
+from asynckarton._services._run import serve_forever
+from asynckarton.cli._app import app
 from asynckarton.cli._loader import CommonOptions, build_services, load_service_class, split_targets
 from asynckarton.demo import classify, extract_strings, sample_files
 
