@@ -41,7 +41,8 @@ from ..backend import Bind
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from . import _metrics
 from ._completion import Completer
-from ._concurrency import ConcurrencyControlType, ConcurrencyGate  # concurrency control
+from ._concurrency import ConcurrencyControlType  # concurrency control
+from ._concurrency_gate import ConcurrencyGate  # concurrency control
 from ._dispatch import Dispatcher
 from ._result_cache import ResultCache
 from ._runtime import Runtime
