@@ -14,24 +14,25 @@ in batches with the final states).  ``stop(grace)`` cancels fetching at once, ha
 tasks that were fetched but not started back to the head of their queue, and gives
 running handlers ``grace`` seconds; handlers still running then are cancelled and their
 tasks handed back too (not Crashed).
+
+The calls into the service's own code (the class check, ``process`` under its timeout,
+the pre/post hooks) are in :mod:`._calls`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import logging
 import random
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from .._errors import InvalidTaskError, Retry, TaskTimeoutError
+from .._errors import InvalidTaskError, Retry
 from .._settings._config import Config
 from .._settings._flags import add_consumer_arguments, consumer_config_from_args
 from .._settings._policy import ConsumerPolicy, resolve_policy
@@ -40,8 +41,10 @@ from .._wire._task import Task, TaskState, current_task
 from ..backend import Bind
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from . import _metrics
+from ._calls import PostHook, PreHook, check_service_class, run_hooks, run_timed
 from ._completion import Completer
-from ._concurrency import ConcurrencyControlType, ConcurrencyGate  # concurrency control
+from ._concurrency import ConcurrencyControlType  # concurrency control
+from ._concurrency_gate import ConcurrencyGate  # concurrency control
 from ._dispatch import Dispatcher
 from ._result_cache import ResultCache
 from ._runtime import Runtime
@@ -50,35 +53,9 @@ from ._upkeep import LagWatch, keep_leases, watch_bind
 
 __all__ = ["Consumer"]
 
-PreHook = Callable[[Task], Any]
-PostHook = Callable[[Task, BaseException | None], Any]
-
 #: Seconds a fetch blocks for when the queues are empty (an idle consumer wakes this
 #: seldom; stop() ends the wait at once with CLIENT UNBLOCK).
 BLOCKING_POP_TIMEOUT = 5.0
-
-
-def _check_service_class(cls: type[Consumer]) -> None:
-    """Refuse, before anything runs, the two mistakes a port from karton-core makes.
-
-    Raises:
-        TypeError: ``process`` is not ``async def``, or ``filters`` is not a list of dicts.
-    """
-    name = cls.__qualname__
-    if not inspect.iscoroutinefunction(cls.process):
-        raise TypeError(
-            f"{name}.process must be 'async def process(self, task)': asynckarton awaits it "
-            "on the event loop. To port a karton-core service, make it 'async def' and "
-            "await what does I/O ('await self.send_task(...)', 'await resource.download()'); "
-            "run blocking code with 'await asynckarton.to_thread(fn, ...)'"
-        )
-    filters = cls.filters
-    if not isinstance(filters, list | tuple) or not all(isinstance(f, dict) for f in filters):
-        hint = " (wrap the dict in a list)" if isinstance(filters, dict) else ""
-        raise TypeError(
-            f"{name}.filters must be a list of dicts such as [{{'type': 'sample'}}] "
-            f"([] matches nothing), got {type(filters).__name__} {filters!r}{hint}"
-        )
 
 
 class Consumer(ServiceBase):
@@ -124,7 +101,7 @@ class Consumer(ServiceBase):
         runtime: Runtime | None = None,
     ) -> None:
         super().__init__(config, identity, runtime=runtime)
-        _check_service_class(type(self))
+        check_service_class(type(self))
         self._match = compile_filters(list(self.filters))
         self._read_policy(self.config)
         self._gate = ConcurrencyGate.for_consumer(self)  # concurrency control
@@ -395,7 +372,7 @@ class Consumer(ServiceBase):
             self._completer_started(task)
             attempt = f" (attempt {task.attempt + 1})" if task.attempt else ""
             self._log_info("Received new task - %s%s", task.uid, attempt)
-            await self._run_hooks_pre(task)
+            await run_hooks(self._pre_hooks, self.log, task)
             self._lag.enter(task.uid)
             began = time.perf_counter()
             try:
@@ -403,7 +380,7 @@ class Consumer(ServiceBase):
             finally:
                 self._lag.leave(task.uid)
             _metrics.handled(self.identity, time.perf_counter() - began)  # metrics
-            await self._run_hooks_post(task, error)
+            await run_hooks(self._post_hooks, self.log, task, error)
             await self._finish(task, error)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
@@ -421,39 +398,7 @@ class Consumer(ServiceBase):
 
     async def _run_timed(self, task: Task) -> BaseException | None:
         """Run ``process``; return its exception (a timeout as TaskTimeoutError) or None."""
-        if not self.task_timeout:  # no deadline: no cancel scope on the hot path
-            return await self._call_process(task)
-        error: BaseException | None = None
-        timeout = float(self.task_timeout)
-        began = anyio.current_time()
-        with anyio.CancelScope(deadline=began + timeout) as scope:
-            error = await self._call_process(task)
-        elapsed = anyio.current_time() - began
-        # A handler that blocks the loop (time.sleep, CPU work) gives the scope no
-        # checkpoint to cancel it at: its overrun is seen only once it returns.
-        blocked = not scope.cancelled_caught and elapsed > timeout
-        if blocked:
-            self.log.error(
-                "Task %s: the handler blocked the event loop past task_timeout (%.2fs > "
-                "%gs), so it could not be cancelled; run blocking code with "
-                "asynckarton.to_thread or to_process",
-                task.uid, elapsed, timeout,
-            )  # fmt: skip
-        if scope.cancelled_caught or blocked:
-            try:
-                raise TaskTimeoutError(timeout)
-            except TaskTimeoutError as exc:
-                return exc
-        return error
-
-    async def _call_process(self, task: Task) -> BaseException | None:
-        try:
-            result = self.process(task)
-            if inspect.isawaitable(result):
-                await result
-        except Exception as exc:  # noqa: BLE001 - a handler's failure is data
-            return exc
-        return None
+        return await run_timed(self.process, task, self.task_timeout, self.log)
 
     async def _finish(self, task: Task, error: BaseException | None) -> None:
         _metrics.outcome(self.identity, error)  # metrics
@@ -530,19 +475,3 @@ class Consumer(ServiceBase):
             self.log.warning("Task %s handed back to the queue (shutdown)", task.uid)
         except TRANSIENT_ERRORS as exc:
             self.log.error("Could not hand back %s (%s); its lease will expire", task.uid, exc)
-
-    async def _run_hooks_pre(self, task: Task) -> None:
-        for name, hook in self._pre_hooks:
-            await self._call_hook(name, hook, task)
-
-    async def _run_hooks_post(self, task: Task, error: BaseException | None) -> None:
-        for name, hook in self._post_hooks:
-            await self._call_hook(name, hook, task, error)
-
-    async def _call_hook(self, name: str | None, hook: Callable[..., Any], *args: Any) -> None:
-        try:
-            result = hook(*args)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:  # Karton logs and swallows hook errors
-            self.log.exception("Hook %s failed", name or getattr(hook, "__name__", hook))

@@ -19,6 +19,7 @@ Beyond Karton's boto3 usage:
   sends everything through aiobotocore).
 
 botocore's own retries are switched off so that there is exactly one retry policy.
+The session and client settings are built in ``_s3client``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, Self, TypeVar
 
 import anyio
-from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession, get_session
 
 from asynckarton._errors import PartialDeleteError
 from asynckarton.storage._base import ObjectVersion, Source, UploadResult
@@ -44,13 +43,12 @@ from asynckarton.storage._io import (
     open_source,
     remaining_size,
 )
+from asynckarton.storage._s3client import CONNECT_TIMEOUT, READ_TIMEOUT, client_config, new_session
 from asynckarton.storage._s3direct import DirectS3, _Delegate
 from asynckarton.storage._s3errors import (
     ClientError,
-    DataNotFoundError,
     backoff_delay,
     classify,
-    create_loader,
     error_code,
     http_status,
 )
@@ -75,8 +73,6 @@ _MIN_PART = 5 * MiB  # S3's floor for every part but the last
 _DELETE_BATCH = 1000  # DeleteObjects' limit per request
 _LIST_PAGE = 1000  # ListObjectVersions' page size (its maximum)
 _DIRECT_MAX = 8 * MiB  # largest body the direct path sends or reads in one request
-_CONNECT_TIMEOUT = 10.0
-_READ_TIMEOUT = 60.0
 
 
 class S3Settings(Protocol):
@@ -92,55 +88,6 @@ class S3Settings(Protocol):
     def access_key(self) -> str | None: ...
     @property
     def secret_key(self) -> str | None: ...
-
-
-_WARM: dict[str, Any] = {}  # "loader": a botocore data loader with S3's models parsed
-
-
-def _load_models() -> Any:
-    """Parse the botocore JSON an S3 client needs (blocking, hence run in a thread once)."""
-    loader = create_loader(os.environ.get("AWS_DATA_PATH"))
-    for service_name, type_name in (("s3", "service-2"), ("s3", "endpoint-rule-set-1")):
-        with contextlib.suppress(DataNotFoundError):
-            loader.load_service_model(service_name, type_name)
-    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
-        with contextlib.suppress(DataNotFoundError):
-            loader.load_data(name)
-    return loader
-
-
-async def _new_session() -> AioSession:
-    """A fresh session sharing one pre-warmed data loader.
-
-    Creating a client parses several MiB of JSON on the calling thread: 0.5-1.5 s of a
-    blocked event loop per storage. The parsing happens once, in a worker thread; the
-    session itself stays per storage (its credential caches hold loop-bound locks).
-    """
-    if "loader" not in _WARM:
-        _WARM["loader"] = await anyio.to_thread.run_sync(_load_models)
-    session = get_session()
-    session.register_component("data_loader", _WARM["loader"])
-    return session
-
-
-def _client_config(max_pool_connections: int) -> AioConfig:
-    options: dict[str, Any] = {
-        "s3": {"addressing_style": "path"},
-        "signature_version": "s3v4",
-        "connect_timeout": _CONNECT_TIMEOUT,
-        "read_timeout": _READ_TIMEOUT,
-        "max_pool_connections": max_pool_connections,
-        "retries": {"mode": "standard", "total_max_attempts": 1},
-    }
-    try:
-        return AioConfig(
-            **options,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-    except TypeError:
-        # botocore < 1.36 has no flexible checksums by default, hence nothing to turn off.
-        return AioConfig(**options)
 
 
 class S3Storage:
@@ -230,11 +177,11 @@ class S3Storage:
             else {"aws_access_key_id": self._access_key, "aws_secret_access_key": self._secret_key}
         )
         self._s3 = await self._stack.enter_async_context(
-            (await _new_session()).create_client(
+            (await new_session()).create_client(
                 "s3",
                 endpoint_url=self.address,
                 region_name=self.region,
-                config=_client_config(self._max_pool_connections),
+                config=client_config(self._max_pool_connections),
                 **credentials,
             )
         )
@@ -242,8 +189,8 @@ class S3Storage:
             self._direct = DirectS3(
                 self._s3,
                 max_connections=self._max_pool_connections,
-                connect_timeout=_CONNECT_TIMEOUT,
-                read_timeout=_READ_TIMEOUT,
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
             )
             self._stack.push_async_callback(self._direct.aclose)
         return self

@@ -22,8 +22,8 @@ import orjson
 from anyio.abc import TaskStatus
 
 from .._errors import InvalidTaskError
-from .._services._concurrency import RegistrationGuard  # concurrency control
 from .._services._logging import site_line_maker
+from .._services._registration import RegistrationGuard  # concurrency control
 from .._wire._document import RoutableTask
 from .._wire._query import BindIndex
 from ..backend import Bind, KartonBackend

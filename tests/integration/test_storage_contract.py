@@ -593,9 +593,9 @@ async def test_s3_from_settings_and_closed_use(s3_srv: S3Server, s3_bucket: str)
 
 
 def test_s3_client_config_is_minio_safe() -> None:
-    from asynckarton.storage._s3 import _client_config
+    from asynckarton.storage._s3client import client_config
 
-    config = _client_config(32)
+    config = client_config(32)
     assert config.s3 == {"addressing_style": "path"}
     assert config.max_pool_connections == 32
     # botocore >= 1.36 only: checksums when required, else the option does not exist.

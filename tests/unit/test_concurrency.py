@@ -16,16 +16,16 @@ import anyio
 import pytest
 
 from asynckarton import ConfigError, Consumer, Task, TaskState, testing
-from asynckarton._services import _concurrency as concurrency
+from asynckarton._services import _concurrency_gate as concurrency_gate
 from asynckarton._services._concurrency import (
     ConcurrencyControlType,
-    ConcurrencyGate,
     ConcurrencyPolicy,
     argument_fields,
     differing_fields,
     scope_digest,
     task_scope,
 )
+from asynckarton._services._concurrency_gate import ConcurrencyGate
 from asynckarton._settings._config import Config
 from asynckarton._wire._resource import RemoteResource
 from asynckarton.backend import EmbeddedConnector, KartonBackend
@@ -318,7 +318,7 @@ async def test_blocked_task_ends_crashed_with_the_holder_named(tmp_path: Path) -
 async def test_rerouted_tasks_all_run_later_one_key_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_waiters: int
 ) -> None:
-    monkeypatch.setattr(concurrency, "LOCAL_WAITERS_PER_SCOPE", local_waiters)
+    monkeypatch.setattr(concurrency_gate, "LOCAL_WAITERS_PER_SCOPE", local_waiters)
     _reset(RerouteWorker)
     async with testing.pipeline(RerouteWorker, data_dir=tmp_path) as p:
         await p.send(
