@@ -259,7 +259,7 @@ async def test_lasting_download_outage_crashes_naming_the_object_then_restarts(
             running(SystemService(env.config()), consumer),
         ):
             task = file_task(b"lasting")
-            resource = task.get_resource("file")
+            resource = task.get_payload("file")  # the producer-side LocalResource
             await producer.send_task(task)
             await consumer.entered.wait()
             env.s3.stop()
@@ -322,7 +322,7 @@ async def test_gc_outage_deletes_nothing_and_the_next_pass_resumes(
             async with env.storage() as storage:
                 await storage.put_bytes(env.bucket, "orphan", b"nobody refers to this")
             objects = await env.objects()
-            assert objects == {kept.get_resource("file").uid, "orphan"}
+            assert objects == {kept.get_payload("file").uid, "orphan"}
             gc = GarbageCollector(
                 system.backend, system.storage, system.runtime.bucket, system.settings, system.log
             )
@@ -349,4 +349,4 @@ async def test_gc_outage_deletes_nothing_and_the_next_pass_resumes(
 
             report = await gc.collect()  # the next pass resumes
     assert report is not None and report.deleted_objects == 1
-    assert await env.objects() == {kept.get_resource("file").uid}
+    assert await env.objects() == {kept.get_payload("file").uid}
