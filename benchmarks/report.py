@@ -170,6 +170,13 @@ def targets(results: Sequence[Result]) -> list[Target]:
         f"{io.rate / IDEAL_IO:.0%} ({io.rate:,.0f}/s)" if io else "not measured",
         (io.rate >= 0.8 * IDEAL_IO) if io else None,
     ))  # fmt: skip
+    keys, plain_ak = _find(results, "keys", AK), _find(results, "plain", AK)
+    out.append(Target(
+        "keys (running_concurrency = keys, 100 values) vs plain deliveries/s", ">= 80% of plain",
+        f"{keys.rate / plain_ak.rate:.0%} ({keys.rate:,.0f} vs {plain_ak.rate:,.0f}/s)"
+        if keys and plain_ak else "not measured",
+        (keys.rate >= 0.8 * plain_ak.rate) if keys and plain_ak else None,
+    ))  # fmt: skip
     out.append(_ratio_target(results, "resource deliveries/s", "resource", KC, 3))
     out.append(_resource_client_cpu(results))
     out.append(_s3_ceiling(results))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -647,6 +648,59 @@ def _idle_workers(
     ]
 
 
+# -- keys: running concurrency on a header with 100 values (concurrency control) -----
+
+KEYS = E2E(
+    name="keys",
+    title="keys: plain with running_concurrency = keys on headers.key (100 values), rerouted",
+    headers={"type": "bench-keys"},
+    consumers=[ConsumerSpec("bench.keys", [{"type": "bench-keys"}])],
+    counts={AK: 15000},
+)
+KEYS_INI = (
+    "[karton]\nrunning_concurrency = keys\nkey_arguments = headers.key\n"
+    "reroute_on_concurrency_control = 1\n"
+)
+
+
+def run_keys(ctx: Context, system: str = AK) -> Result:
+    """run_e2e's measurement, with the keyed producer and the policy in the ini."""
+    n = task_count(ctx, KEYS.counts, system)
+    result = Result(KEYS.name, system, tasks=n)
+    client = ctx.client()
+    client.flush()
+    ctx.config_path.write_text(ctx.config_path.read_text() + KEYS_INI)
+    try:
+        with processes(ctx, f"keys.{system}") as procs:
+            router = start_router(procs, ctx, system)
+            consumers = _start_consumers(procs, ctx, KEYS, system)
+            wait_until(lambda: "bench.keys" in client.raw.hkeys("karton.binds")
+                       and router_online(client), timeout=60 * ctx.timeout_scale,
+                       what="consumer and router to register", procs=procs)  # fmt: skip
+            time.sleep(0.3)
+            cpu = CpuMeter(client, {"consumers": consumers, "router": [router]}, {})
+            cpu.begin()
+            client.reset_stats()
+            producer = procs.spawn("producer", [sys.executable, "-m",
+                                   "benchmarks._workers.keys_producer", "--config",
+                                   str(ctx.config_path), "--n", str(n), "--keys", "100"],
+                                   finite=True)  # fmt: skip
+            wait_until(lambda: int(client.raw.hget("karton.metrics.consumed", "bench.keys")
+                                   or 0) >= n, timeout=timeout_for(ctx, n, 50.0),
+                       what=f"{n} deliveries", procs=procs, interval=POLL)  # fmt: skip
+            result.commands = client.commandstats()
+            result.extra["cpu_seconds"] = cpu.end()
+            produced = producer_result(producer, timeout=30)
+            result.consumer_rss_kib = max(peak_rss_kib(w.pid) for w in consumers)
+            result.extra["concurrency"] = client.raw.hgetall("asynckarton.concurrency:bench.keys")
+            found = _collect(client, {"bench.keys"}, n)
+    finally:
+        ctx.write_config()
+    _fill_delivery_result(result, found, n)
+    result.extra["producer_rate"] = produced["rate"]
+    return result
+
+
 # -- the plan -------------------------------------------------------------------------
 
 
@@ -679,6 +733,7 @@ def plan(only: set[str] | None = None, *, smoke: bool = False) -> list[Step]:
         steps.append(Step("pending", system, partial(run_pending, system=system)))
     steps.append(Step("idle", f"{AK} + {KC}", run_idle))
     steps.append(Step("soak", AK, run_soak))
+    steps.append(Step("keys", AK, run_keys))  # concurrency control
     if only:
         steps = [s for s in steps if s.scenario in only]
     if smoke:

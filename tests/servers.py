@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -463,3 +464,16 @@ def restartable_s3_server() -> Iterator[RestartableS3Server]:
         yield server
     finally:
         server.stop()
+
+
+def stop_processes(started: Sequence[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
+    """Stop a test's long-running commands: SIGTERM to all, then SIGKILL what outlives it."""
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in started:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

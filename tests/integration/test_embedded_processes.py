@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import stop_processes
+
 pytestmark = pytest.mark.integration
 
 SERVICE = """
@@ -64,15 +66,7 @@ def shell(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Processes started by a test, stopped (SIGTERM, then SIGKILL) at its end."""
     started: list[subprocess.Popen[bytes]] = []
     yield started
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in started:
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_processes(started)
 
 
 def wait_for(path: Path, timeout: float = 30.0, text: str | None = None) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import free_port
+from tests.servers import free_port, stop_processes
 
 pytestmark = pytest.mark.integration
 
@@ -120,15 +120,7 @@ def shells(user: User) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Long-running commands of a test, stopped (SIGTERM, then SIGKILL) at its end."""
     started: list[subprocess.Popen[bytes]] = []
     yield started
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in started:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_processes(started)
 
 
 def start(
