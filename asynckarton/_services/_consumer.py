@@ -53,9 +53,9 @@ from ._upkeep import LagWatch, keep_leases, watch_bind
 
 __all__ = ["Consumer"]
 
-#: Seconds a fetch blocks for when the queues are empty (an idle consumer wakes this
-#: seldom; stop() ends the wait at once with CLIENT UNBLOCK).
-BLOCKING_POP_TIMEOUT = 5.0
+#: Seconds a fetch blocks for when the queues are empty (stop() also ends the wait at once
+#: with CLIENT UNBLOCK).  Kept short: a failover test stalled once with 5 s (cause open).
+BLOCKING_POP_TIMEOUT = 0.5
 
 
 class Consumer(ServiceBase):
