@@ -20,6 +20,7 @@ from .._errors import ConcurrencyControlled, ConfigError
 from .._wire._task import Task, TaskState
 from ..backend import KartonBackend
 from ..backend._concurrency import (
+    POLICY_STALE_AFTER,
     Admission,
     Outcome,
     SlotStore,
@@ -106,6 +107,7 @@ class ConcurrencyGate:
     _waiting: dict[str, _Waiter] = field(default_factory=dict)  # uid -> its waiter
     _releases: list[tuple[str, str]] = field(default_factory=list)  # (uid, digest) to write
     _wake: anyio.Event = field(default_factory=anyio.Event)
+    _published: float = float("-inf")  # monotonic time the policy was last filed
 
     @classmethod
     def for_consumer(cls, consumer: Any) -> ConcurrencyGate:
@@ -422,17 +424,24 @@ class ConcurrencyGate:
             self._queues.pop(digest, None)
 
     async def sweep(self) -> None:
-        """Unpark tasks whose slot's holder lost its lease; refresh the published policy."""
+        """Unpark tasks whose slot's holder lost its lease; refresh the published policy.
+
+        The policy is filed again every third of ``POLICY_STALE_AFTER`` (it stays live
+        for the whole window), not on every lease round.
+        """
         store = self._slots()
         if self.running:
             moved = await store.sweep()
             if moved:
                 self.log.warning("Unparked %d task(s) whose slot holder died", moved)
-        await store.publish_policy(self.instance, self.policy.to_json(), refresh=True)
+        if time.monotonic() - self._published >= POLICY_STALE_AFTER / 3:
+            await store.publish_policy(self.instance, self.policy.to_json(), refresh=True)
+            self._published = time.monotonic()
 
     async def publish(self) -> None:
         """Publish the resolved policy beside the bind; warn if replicas disagree."""
         others = await self._slots().publish_policy(self.instance, self.policy.to_json())
+        self._published = time.monotonic()
         for instance, raw in others.items():
             try:
                 other = ConcurrencyPolicy.from_json(raw)

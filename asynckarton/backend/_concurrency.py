@@ -51,6 +51,7 @@ from ._redis import KartonBackend
 
 __all__ = [
     "ACQUIRE",
+    "POLICY_STALE_AFTER",
     "REGISTER",
     "RELEASE",
     "SWEEP",
