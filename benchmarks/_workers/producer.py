@@ -2,11 +2,12 @@
 
 Each task carries ``payload["sent"] = time.time()`` taken just before its send call (for
 ``send_tasks`` the stamp of its batch), which the driver uses for send-to-finish latency.
+It reports its own CPU from its first send on (``send_cpu_seconds``).
 
 Libraries: ``ak`` (asynckarton ``Producer``; ``--api send_task`` or ``send_tasks``),
 ``kc`` (karton-core sync ``Producer.send_task``), ``kca`` (karton-core asyncio
 ``Producer.send_task``).  ``--rate R`` sends one task at a time on a steady schedule of R
-tasks/s (``send_task`` only; the latency scenario).  ``--concurrency`` runs that many
+tasks/s (with ``--api send_tasks``: batches paced to R tasks/s).  ``--concurrency`` runs that many
 senders at once (async libraries only).  ``--window W --watch ID`` keeps at most W tasks
 sent but not yet consumed by identity ID (soak runs only; it costs one HGET per batch).
 """
@@ -118,6 +119,8 @@ async def run_ak(args: argparse.Namespace) -> None:
             sent = 0
             while sent < args.n:
                 await window.wait(sent)
+                if args.rate:  # paced batches (benchmarks.capacity's load steps)
+                    await anyio.sleep(max(0.0, first + sent / args.rate - time.time()))
                 count = min(args.batch, args.n - sent)
                 now = time.time()
                 await producer.send_tasks([make(now) for _ in range(count)])
