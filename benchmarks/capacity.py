@@ -420,7 +420,7 @@ def deployment(
         rows.append([
             f"{target:,}", procs(per["producer"]), procs(per["router"]), procs(per["consumer"]),
             f"{gc_share:.2f}{'' if gc_share <= HEADROOM else ' (over one core!)'}",
-            f"{redis_cores:.2f} ({math.ceil(redis_cores / HEADROOM)} Redis)",
+            f"{redis_cores:.2f}", f"{math.ceil(redis_cores / HEADROOM)}",
             f"{memory_mib:,.0f} MiB",
         ])  # fmt: skip
     return rows
@@ -579,7 +579,9 @@ def render(
             f"Redis sized for {HEADROOM:.0%} of a core (the GC: one process at a time, by its lock); memory is the Finished tasks kept for one "
             f"`gc_interval` ({GC_INTERVAL:.0f} s) at "
             f"{memory.finished_bytes:,.0f} B each (backlogs come on top: see docs/capacity.md). "
-            "Handler CPU adds consumer processes: (rate x handler us) / 0.7e6."
+            "Handler CPU adds consumer processes: (rate x handler us) / 0.7e6. Karton has no "
+            "Redis Cluster support: more than one Redis server means as many independent "
+            "deployments, each with its own routers, GC and share of the workloads."
         ),
         "",
         *_table(
@@ -590,6 +592,7 @@ def render(
                 "consumer procs",
                 "GC process (cores)",
                 "Redis cores (GC included)",
+                "Redis servers",
                 "Redis memory",
             ],
             deployment(fastest.cpu_us, gc, memory.finished_bytes),
