@@ -109,26 +109,54 @@ class Context:
         return CountingRedis(self.redis_url)
 
 
+def resp_size(value: Any) -> int:
+    """Bytes of ``value`` encoded in RESP2 (a command's arguments, or a decoded reply).
+
+    Replies are estimated from what redis-py decoded: a status reply (``+OK``) is counted
+    as a bulk string, a few bytes more than the server sent.
+    """
+    if value is None:
+        return 5  # $-1\r\n
+    if isinstance(value, int):
+        return len(str(value)) + 3
+    if isinstance(value, (list, tuple)):
+        return len(str(len(value))) + 3 + sum(resp_size(item) for item in value)
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return len(str(len(data))) + 5 + len(data)
+
+
 class CountingRedis:
-    """A sync Redis client that counts the commands it sends, by commandstats name."""
+    """A sync Redis client that counts the commands it sends, by commandstats name.
+
+    It also adds up the RESP bytes of those commands and of their replies (``net_in``,
+    ``net_out``, as Redis's ``total_net_input_bytes``/``total_net_output_bytes`` count
+    them), so the driver's own traffic can be subtracted from the server's.
+    """
 
     def __init__(self, url: str) -> None:
         self.raw = redis.Redis.from_url(url, decode_responses=True)
         self.counts: collections.Counter[str] = collections.Counter()
+        self.net_in = self.net_out = 0
 
     def reset_counts(self) -> None:
         self.counts.clear()
+        self.net_in = self.net_out = 0
 
     def call(self, *args: Any) -> Any:
         self.counts[str(args[0]).lower()] += 1
-        return self.raw.execute_command(*args)  # type: ignore[no-untyped-call]
+        reply = self.raw.execute_command(*args)  # type: ignore[no-untyped-call]
+        self.net_in += resp_size(list(args))
+        self.net_out += resp_size(reply)
+        return reply
 
     def pipeline_calls(self, calls: Sequence[Sequence[Any]]) -> list[Any]:
         pipe = self.raw.pipeline(transaction=False)
         for args in calls:
             self.counts[str(args[0]).lower()] += 1
+            self.net_in += resp_size(list(args))
             pipe.execute_command(*args)  # type: ignore[no-untyped-call]
         result: list[Any] = pipe.execute()
+        self.net_out += sum(resp_size(reply) for reply in result)
         return result
 
     # -- measurements (admin commands: excluded from counts by name) -------------------
@@ -149,6 +177,18 @@ class CountingRedis:
             if count > 0:
                 calls[name] = count
         return calls
+
+    def net_bytes(self) -> tuple[int, int]:
+        """Bytes Redis received and sent since RESETSTAT, minus the driver's own traffic.
+
+        Client traffic only (``total_net_input_bytes`` / ``total_net_output_bytes``; the
+        replication counters are separate).  The INFO requests themselves (a few dozen
+        bytes) are left in.
+        """
+        info = self.raw.info("stats")
+        received = int(info["total_net_input_bytes"]) - self.net_in
+        sent = int(info["total_net_output_bytes"]) - self.net_out
+        return max(received, 0), max(sent, 0)
 
     def cpu_seconds(self) -> float:
         """CPU time the redis-server process has used (user + sys)."""

@@ -363,6 +363,12 @@ def extras(results: Sequence[Result]) -> list[str]:
                 f"- {r.scenario} / {SYSTEM_LABELS[r.system]}: CPU us per "
                 f"{'routed task' if r.scenario == 'router' else 'delivery'}: {parts}"
             )
+        if "net_bytes" in r.extra and r.deliveries:
+            received, sent = r.extra["net_bytes"]
+            lines.append(
+                f"- {r.scenario} / {SYSTEM_LABELS[r.system]}: Redis network bytes per "
+                f"delivery: in {received / r.deliveries:,.0f}, out {sent / r.deliveries:,.0f}"
+            )
         if "start_p50_ms" in r.extra:
             lines.append(
                 f"- latency / {SYSTEM_LABELS[r.system]}: send -> handler start p50 "
@@ -531,6 +537,18 @@ SETUP = [
         "The count is *every* command Redis executed: pipelined commands one by one, "
         "MULTI/EXEC, and commands run inside Lua scripts (Redis 7 counts those too), for "
         "producer + router + consumers together."
+    ),
+    (
+        "- CPU us per delivery: user + system CPU from `/proc/<pid>/stat` of the consumer and "
+        "router processes and redis-server's `used_cpu_*` over the same window; the "
+        "producer's is its own `process_time()` from its first send to its last (start-up "
+        "left out)."
+    ),
+    (
+        "- Redis network bytes per delivery: `total_net_input_bytes` / "
+        "`total_net_output_bytes` from `INFO stats` since the `CONFIG RESETSTAT`, minus the "
+        "driver's own polls (their RESP size, added up by the driver), divided by the "
+        "deliveries: producer + router + consumers, log publishing included."
     ),
     "- Consumer peak RSS: `VmHWM` of each consumer process (the largest one is shown).",
     (

@@ -321,11 +321,14 @@ def run_e2e(ctx: Context, spec: E2E, system: str) -> Result:
             timeout=timeout_for(ctx, expected, 50.0), what=f"{expected} deliveries",
             procs=procs, interval=POLL,
         )  # fmt: skip
+        result.extra["net_bytes"] = client.net_bytes()  # (in, out), driver's own left out
         result.commands = client.commandstats()
         result.extra["cpu_seconds"] = cpu.end()
         produced = producer_result(producer, timeout=30)
         if "cpu_seconds" in produced:  # resource runs: the producer's uploads are client CPU
             result.extra["cpu_seconds"]["producer"] = produced["cpu_seconds"]
+        elif "send_cpu_seconds" in produced:  # sending only: start-up left out
+            result.extra["cpu_seconds"]["producer"] = produced["send_cpu_seconds"]
         result.consumer_rss_kib = max(peak_rss_kib(w.pid) for w in consumers)
         result.router_rss_kib = peak_rss_kib(router.pid)
         found = _collect(client, identities, expected)

@@ -2,11 +2,12 @@
 
 Each task carries ``payload["sent"] = time.time()`` taken just before its send call (for
 ``send_tasks`` the stamp of its batch), which the driver uses for send-to-finish latency.
+It reports its own CPU from its first send on (``send_cpu_seconds``).
 
 Libraries: ``ak`` (asynckarton ``Producer``; ``--api send_task`` or ``send_tasks``),
 ``kc`` (karton-core sync ``Producer.send_task``), ``kca`` (karton-core asyncio
 ``Producer.send_task``).  ``--rate R`` sends one task at a time on a steady schedule of R
-tasks/s (``send_task`` only; the latency scenario).  ``--concurrency`` runs that many
+tasks/s (with ``--api send_tasks``: batches paced to R tasks/s).  ``--concurrency`` runs that many
 senders at once (async libraries only).  ``--window W --watch ID`` keeps at most W tasks
 sent but not yet consumed by identity ID (soak runs only; it costs one HGET per batch).
 """
@@ -54,9 +55,20 @@ def blob(size: int) -> bytes:
     return os.urandom(size)
 
 
+_CPU_AT_START: list[float] = []  # process CPU when sending began (connections are open)
+
+
+def start() -> float:
+    """Mark the start of sending: returns the wall clock, remembers the process CPU."""
+    _CPU_AT_START.append(time.process_time())
+    return time.time()
+
+
 def report(n: int, first: float, last: float) -> None:
     elapsed = max(last - first, 1e-9)
     result = {"n": n, "t_first": first, "t_last": last, "rate": n / elapsed}
+    if _CPU_AT_START:  # CPU of sending every task, start-up and imports left out
+        result["send_cpu_seconds"] = time.process_time() - _CPU_AT_START[0]
     if _CPU_AT_FIRST_BLOB:  # resource runs: CPU of sending (uploads included), not start-up
         result["cpu_seconds"] = time.process_time() - _CPU_AT_FIRST_BLOB[0]
     print(json.dumps(result))
@@ -102,11 +114,13 @@ async def run_ak(args: argparse.Namespace) -> None:
         return Task(headers, payload=payload)
 
     async with Producer(Config(args.config), identity=args.identity) as producer:
-        first = time.time()
+        first = start()
         if args.api == "send_tasks":
             sent = 0
             while sent < args.n:
                 await window.wait(sent)
+                if args.rate:  # paced batches (benchmarks.capacity's load steps)
+                    await anyio.sleep(max(0.0, first + sent / args.rate - time.time()))
                 count = min(args.batch, args.n - sent)
                 now = time.time()
                 await producer.send_tasks([make(now) for _ in range(count)])
@@ -151,7 +165,7 @@ def run_kc(args: argparse.Namespace) -> None:
         raise SystemExit("kc: the sync producer sends one task at a time, without a window")
     headers = json.loads(args.headers)
     producer = Producer(config=Config(args.config), identity=args.identity)
-    first = time.time()
+    first = start()
     for i in range(args.n):
         if args.rate:
             time.sleep(max(0.0, first + i / args.rate - time.time()))
@@ -177,7 +191,7 @@ async def run_kca(args: argparse.Namespace) -> None:
             payload["blob"] = LocalResource("blob", blob(args.resource_bytes))
         await producer.send_task(Task(headers, payload=payload))
 
-    first = time.time()
+    first = start()
     await _concurrently(args, one, window)
     report(args.n, first, time.time())
 

@@ -6,6 +6,8 @@
   points at a file that exists (and, with ``#anchor``, at one of its headings).
 * Every key name and key pattern ``asynckarton/backend/_keys.py`` defines appears in
   ``docs/wire-format.md``.
+* docs/capacity.md is linked from the README and docs/architecture.md, and quotes the
+  figures of the last ``python -m benchmarks.capacity`` run (benchmarks/CAPACITY.md).
 """
 
 from __future__ import annotations
@@ -136,3 +138,29 @@ def test_key_names_are_found() -> None:
     assert "karton.binds" in names
     assert "asynckarton.leases:<identity>" in names
     assert "karton.queue.<priority>:<identity>" in names
+
+
+#: Figures of benchmarks/CAPACITY.md that docs/capacity.md must quote as measured.
+CAPACITY_FIGURES = (
+    r"single Redis saturates at: ([\d,]+) deliveries/s",
+    r"with one GC pass per delivery added to Redis's CPU: ([\d,]+) deliveries/s",
+    r"Redis CPU per delivery \(fastest step\): ([\d.]+) us",
+    r"Redis network per delivery \(fastest step\): in ([\d,]+) B",
+    r"Redis memory per delivery kept until the next GC pass: ([\d,]+) B",
+)
+
+
+def test_capacity_model_is_linked() -> None:
+    assert (DOCS / "capacity.md").is_file()
+    assert "](docs/capacity.md)" in read(REPO / "README.md")
+    assert "](capacity.md)" in read(DOCS / "architecture.md")
+
+
+@pytest.mark.parametrize("pattern", CAPACITY_FIGURES)
+def test_capacity_model_quotes_the_measured_figures(pattern: str) -> None:
+    measured = re.search(pattern, read(REPO / "benchmarks" / "CAPACITY.md"))
+    assert measured is not None, f"benchmarks/CAPACITY.md has no figure for {pattern!r}"
+    figure = measured.group(1)
+    assert figure in read(DOCS / "capacity.md"), (
+        f"docs/capacity.md does not quote {figure} (benchmarks/CAPACITY.md: {measured.group(0)})"
+    )
