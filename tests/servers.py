@@ -141,6 +141,13 @@ class SentinelCluster:
     ``down_after_ms`` and allow a failover every ``failover_timeout_ms``, so a SIGKILLed
     master is replaced within seconds.  Started by ``redis-server <conf> --sentinel``
     (the redis-sentinel binary is the same program).
+
+    :meth:`start` returns once every replica holds the master's data set (its link is
+    up).  Without that wait a test could kill the master before the first sync, which
+    redis-server delays by ``repl-diskless-sync-delay`` (5 s by default, here
+    ``sync_delay``): the sentinels then promote an *empty* replica, and everything is
+    lost, binds included.  ``wait_for_sync=False`` with a long ``sync_delay`` builds that
+    case on purpose.
     """
 
     name = "asynckarton"
@@ -152,17 +159,22 @@ class SentinelCluster:
         sentinels: int = 3,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
+        sync_delay: int = 0,
+        wait_for_sync: bool = True,
     ) -> None:
-        self.master = RedisServer()
+        sync = ["--repl-diskless-sync-delay", str(sync_delay)]
+        self.master = RedisServer(extra_args=sync)
         self.replicas = [
-            RedisServer(extra_args=["--replicaof", "127.0.0.1", str(self.master.port)])
+            RedisServer(extra_args=[*sync, "--replicaof", "127.0.0.1", str(self.master.port)])
             for _ in range(replicas)
         ]
+        self.wait_for_sync = wait_for_sync
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.dir = Path(tempfile.mkdtemp(prefix="asynckarton-sentinel-"))
         self.sentinel_procs: list[subprocess.Popen[bytes]] = []
+        self.started_at = 0.0  # time.monotonic() when the master started
 
     @property
     def servers(self) -> list[RedisServer]:
@@ -175,6 +187,7 @@ class SentinelCluster:
 
     def start(self, timeout: float = 30.0) -> None:
         self.master.start()
+        self.started_at = time.monotonic()
         for replica in self.replicas:
             replica.start()
         for port in self.sentinel_ports:
@@ -194,14 +207,21 @@ class SentinelCluster:
                 )
             )
         # Ready when every sentinel knows every replica and every other sentinel (a
-        # failover needs a quorum and an elected leader).
+        # failover needs a quorum and an elected leader), and every replica has synced.
         deadline = time.monotonic() + timeout
         while not self._settled():
             if time.monotonic() > deadline:
-                raise RuntimeError("the sentinels did not discover each other in time")
+                raise RuntimeError(
+                    "the sentinels did not discover each other, or the replicas did not "
+                    f"sync, in time: {self.replication()}"
+                )
             time.sleep(0.2)
 
     def _settled(self) -> bool:
+        if self.wait_for_sync and not all(
+            state.get("master_link_status") == "up" for state in self.replication().values()
+        ):
+            return False
         want_replicas = str(len(self.replicas))
         want_others = str(len(self.sentinel_ports) - 1)
         for port in self.sentinel_ports:
@@ -227,6 +247,24 @@ class SentinelCluster:
                 return int(reply[4])
         return None
 
+    def replication(self) -> dict[int, dict[str, Any]]:
+        """Each replica's link to its master and replicated offset (INFO replication)."""
+        import redis  # at run time only here: the rest of this module types with it
+
+        out: dict[int, dict[str, Any]] = {}
+        for replica in self.replicas:
+            client = redis.Redis(port=replica.port, socket_timeout=2, decode_responses=True)
+            try:
+                info = client.info("replication")
+            except (redis.RedisError, OSError) as exc:
+                out[replica.port] = {"error": str(exc)}
+                continue
+            finally:
+                client.close()
+            keys = ("role", "master_port", "master_link_status", "master_repl_offset")
+            out[replica.port] = {k: info.get(k, "?") for k in keys}
+        return out
+
     def views(self) -> dict[int, dict[str, str]]:
         """Each sentinel's view of the master (address and flags), for diagnostics."""
         out: dict[int, dict[str, str]] = {}
@@ -251,7 +289,7 @@ class SentinelCluster:
 
 
 @contextmanager
-def sentinel_cluster(**options: int) -> Iterator[SentinelCluster]:
+def sentinel_cluster(**options: Any) -> Iterator[SentinelCluster]:
     cluster = SentinelCluster(**options)
     try:
         cluster.start()

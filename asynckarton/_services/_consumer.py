@@ -49,7 +49,7 @@ from ._dispatch import Dispatcher
 from ._result_cache import ResultCache
 from ._runtime import Runtime
 from ._service import ServiceBase
-from ._upkeep import LagWatch, keep_leases, watch_bind
+from ._upkeep import LagWatch, Recheck, keep_leases, watch_bind
 
 __all__ = ["Consumer"]
 
@@ -115,6 +115,7 @@ class Consumer(ServiceBase):
         self._blocking_id: int | None = None  # its server-side id, for stop()'s unblock
         self._backoff = 0.5  # seconds before the next fetch after a Redis error
         self._lag = LagWatch(self.log)
+        self._bind_recheck = Recheck()  # the fetch loop wakes the bind watcher on errors
         policy = self.policy
         self._result_cache = (
             ResultCache(
@@ -226,7 +227,13 @@ class Consumer(ServiceBase):
                 background.start_soon(self._completer.run)
                 lease = float(self.lease_timeout or 60.0)
                 background.start_soon(
-                    watch_bind, presence, self.backend, self.bind, self.stop, self.log
+                    watch_bind,
+                    presence,
+                    self.backend,
+                    self.bind,
+                    self.stop,
+                    self.log,
+                    self._bind_recheck,
                 )
                 background.start_soon(
                     keep_leases,
@@ -298,6 +305,7 @@ class Consumer(ServiceBase):
                 tasks = await self._accept(items)
         except TRANSIENT_ERRORS as exc:
             self._blocking_id = None  # it reconnects with a new id
+            self._bind_recheck.request()  # a master that comes back may have lost the bind
             self.log.warning("Redis unavailable (%s); retrying in %.1fs", exc, self._backoff)
             await anyio.sleep(self._backoff)
             self._backoff = min(self._backoff * 2, 10.0)

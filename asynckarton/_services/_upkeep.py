@@ -18,11 +18,47 @@ from ..backend import Bind, KartonBackend
 from ..backend._guard import TRANSIENT_ERRORS
 from . import _metrics
 
-__all__ = ["LagWatch", "keep_leases", "watch_bind"]
+__all__ = ["LagWatch", "Recheck", "keep_leases", "watch_bind"]
 
 BIND_CHECK_INTERVAL = 5.0
+#: Seconds before the first re-check after Redis failed under a bind check (doubling up
+#: to BIND_RETRY_MAX): a master that came back without the bind (a failover to a replica
+#: that had not received it, a restart without persistence) gets it again within about
+#: a second, not BIND_CHECK_INTERVAL later, so routers drop fewer tasks meanwhile.
+BIND_RETRY_FIRST = 0.25
+BIND_RETRY_MAX = 1.0
 LOOP_LAG_PROBE = 0.25  # seconds between event-loop lag probes
 LOOP_LAG_WARNING = 0.5  # lag (seconds) that earns a warning naming the running tasks
+
+
+class Recheck:
+    """A wake-up for :func:`watch_bind`: check the bind now, not at the next interval.
+
+    The consumer's fetch loop calls :meth:`request` when Redis failed under it: the bind
+    watcher, idle on its own connection, would otherwise notice a failover (or a restart)
+    only at its next check.
+    """
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+        self._pending = False
+
+    def request(self) -> None:
+        """Ask for a check now (from this event loop; cheap, idempotent)."""
+        self._pending = True
+        if self._event is not None:
+            self._event.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if :meth:`request` is called meanwhile."""
+        if not self._pending:
+            self._event = anyio.Event()
+            try:
+                with anyio.move_on_after(seconds):
+                    await self._event.wait()
+            finally:
+                self._event = None
+        self._pending = False
 
 
 async def watch_bind(
@@ -31,11 +67,16 @@ async def watch_bind(
     mine: Bind,
     replaced: Callable[[], None],
     log: logging.Logger,
+    recheck: Recheck | None = None,
 ) -> None:
     """Keep the named presence connection alive and ``mine`` registered.
 
-    Calls ``replaced()`` and returns once another bind took its place (a newer replica).
+    Checks every BIND_CHECK_INTERVAL seconds, sooner on ``recheck``, and about every
+    second while Redis fails (warning once per outage).  Calls ``replaced()`` and
+    returns once another bind took its place (a newer replica).
     """
+    recheck = recheck or Recheck()
+    retry = 0.0  # seconds before the next check while Redis fails; 0 while it answers
     while True:
         try:
             current = await backend.get_bind(mine.identity, client=presence)
@@ -47,8 +88,15 @@ async def watch_bind(
                 replaced()
                 return
         except TRANSIENT_ERRORS as exc:
-            log.warning("Redis unavailable for the bind check: %s", exc)
-        await anyio.sleep(BIND_CHECK_INTERVAL)
+            if not retry:
+                log.warning("Redis unavailable for the bind check: %s", exc)
+            retry = min(retry * 2, BIND_RETRY_MAX) if retry else BIND_RETRY_FIRST
+            await recheck.sleep(retry)
+            continue
+        if retry:
+            log.info("Bind check of %s: Redis answers again", mine.identity)
+        retry = 0.0
+        await recheck.sleep(BIND_CHECK_INTERVAL)
 
 
 async def keep_leases(
