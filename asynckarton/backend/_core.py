@@ -13,15 +13,17 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import redis.asyncio as aredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
 from .._wire._task import Task
 from . import _keys as keys
 from . import _scripts as scripts
-from ._connect import RedisConnector
+from ._connect import EmbeddedConnector, RedisConnector
 from ._guard import entry_point, entry_point_iter
 from ._records import Bind
 
@@ -46,16 +48,47 @@ class BackendCore:
         #: Where that address was configured (None when unknown), also for errors.
         self.origin: str | None = getattr(connector, "origin", None)
         self.redis: aredis.Redis = connector.pool()
-        self._fetch = self.redis.register_script(scripts.render(scripts.FETCH))
-        self._lease = self.redis.register_script(scripts.render(scripts.LEASE))
-        self._reclaim = self.redis.register_script(scripts.render(scripts.RECLAIM))
-        self._route_pop = self.redis.register_script(scripts.render(scripts.ROUTE_POP))
-        self._recover = self.redis.register_script(scripts.render(scripts.RECOVER_ROUTING))
-        self._release = self.redis.register_script(scripts.render(scripts.RELEASE_DELAYED))
-        self._orphan = self.redis.register_script(scripts.render(scripts.REQUEUE_ORPHAN))
-        self._publish_many = self.redis.register_script(scripts.render(scripts.PUBLISH_MANY))
-        self._extend_lock = self.redis.register_script(scripts.render(scripts.EXTEND_LOCK))
-        self._release_lock = self.redis.register_script(scripts.render(scripts.RELEASE_LOCK))
+        #: Whether scripts carry ``allow-oom`` (a real server; fakeredis cannot parse it).
+        self.allow_oom: bool = not isinstance(connector, EmbeddedConnector)
+        self._applies: dict[tuple[str, ...], AsyncScript] = {}
+        self._fetch = self._script(scripts.FETCH)
+        self._lease = self._script(scripts.LEASE)
+        self._reclaim = self._script(scripts.RECLAIM)
+        self._route_pop = self._script(scripts.ROUTE_POP)
+        self._recover = self._script(scripts.RECOVER_ROUTING)
+        self._release = self._script(scripts.RELEASE_DELAYED)
+        self._orphan = self._script(scripts.REQUEUE_ORPHAN)
+        self._publish_many = self._script(scripts.PUBLISH_MANY)
+        self._extend_lock = self._script(scripts.EXTEND_LOCK)
+        self._release_lock = self._script(scripts.RELEASE_LOCK)
+
+    def _script(self, template: str) -> AsyncScript:
+        """Register ``template``, rendered to run even when Redis is over ``maxmemory``."""
+        return self.redis.register_script(scripts.render(template, allow_oom=self.allow_oom))
+
+    async def apply(self, writes: scripts.Writes) -> list[Any]:
+        """Run ``writes`` as one atomic script that Redis accepts over ``maxmemory``.
+
+        Returns one reply per entry.  For the paths that move existing work towards
+        completion only (see ``_scripts``); producers keep plain commands, which a full
+        Redis refuses.
+
+        Raises:
+            redis.exceptions.ResponseError: the first entry that failed (the others
+                were applied, as in a MULTI/EXEC).
+        """
+        if not writes:
+            return []
+        subscripts = tuple(writes.subscripts)
+        script = self._applies.get(subscripts)
+        if script is None:
+            text = scripts.compose(subscripts, allow_oom=self.allow_oom)
+            script = self._applies[subscripts] = self.redis.register_script(text)
+        replies = cast(list[Any], await script(keys=[], args=writes.args))
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
 
     async def aclose(self) -> None:
         """Close the connector's shared pool."""
@@ -99,11 +132,14 @@ class BackendCore:
 
     @entry_point("register a bind")
     async def register_bind(self, bind: Bind) -> Bind | None:
-        """Store ``bind`` and return the bind it replaced, if any (one transaction)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(keys.BINDS, bind.identity)
-            pipe.hset(keys.BINDS, bind.identity, bind.to_json())
-            old, _ = await pipe.execute()
+        """Store ``bind`` and return the bind it replaced, if any (one atomic step).
+
+        Accepted over ``maxmemory``: a consumer must register to drain its queue.
+        """
+        writes = scripts.Writes()
+        writes.call("HGET", keys.BINDS, bind.identity)
+        writes.call("HSET", keys.BINDS, bind.identity, bind.to_json())
+        old, _ = await self.apply(writes)
         return Bind.from_json(bind.identity, cast(str, old)) if old else None
 
     @entry_point("read a bind")
@@ -220,10 +256,10 @@ class BackendCore:
         """HINCRBY ``karton.metrics.<metric>`` for each identity (one pipeline)."""
         if not counts:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for identity, count in counts.items():
-                pipe.hincrby(keys.metrics_key(metric), identity, count)
-            await pipe.execute()
+        writes = scripts.Writes()
+        for identity, count in counts.items():
+            writes.call("HINCRBY", keys.metrics_key(metric), identity, count)
+        await self.apply(writes)
 
     async def publish_logs(self, records: Sequence[tuple[str, str]]) -> int:
         """PUBLISH log records (one script call); return how many reached a subscriber."""

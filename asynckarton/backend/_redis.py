@@ -25,6 +25,7 @@ from redis.exceptions import WatchError
 from .._errors import InvalidTaskError
 from .._wire._task import Task, TaskState
 from . import _keys as keys
+from . import _scripts as scripts
 from ._guard import entry_point
 from ._queues import QueueBackend
 from ._records import TaskRewrite
@@ -50,8 +51,14 @@ class KartonBackend(QueueBackend):
 
     @entry_point("take the GC lock")
     async def take_gc_lock(self, token: str, ttl: float) -> bool:
-        """Take the collectors' lock for ``ttl`` seconds unless someone holds it."""
-        return bool(await self.redis.set(keys.GC_LOCK, token, nx=True, px=int(ttl * 1000)))
+        """Take the collectors' lock for ``ttl`` seconds unless someone holds it.
+
+        Accepted over ``maxmemory``: the collector is what frees memory.
+        """
+        writes = scripts.Writes()
+        writes.call("SET", keys.GC_LOCK, token, "NX", "PX", int(ttl * 1000))
+        (taken,) = await self.apply(writes)
+        return bool(taken)
 
     @entry_point("extend the GC lock")
     async def extend_gc_lock(self, token: str, ttl: float) -> bool:
@@ -80,10 +87,10 @@ class KartonBackend(QueueBackend):
     @entry_point("mark a task crashed")
     async def crash_task(self, task: Task) -> None:
         """Write ``task`` (already marked Crashed) and count it crashed for its receiver."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.task_key(task.uid), task.serialize_state())
-            pipe.hincrby(keys.metrics_key("crashed"), task.receiver or "unknown", 1)
-            await pipe.execute()
+        writes = scripts.Writes()
+        writes.call("SET", keys.task_key(task.uid), task.serialize_state())
+        writes.call("HINCRBY", keys.metrics_key("crashed"), task.receiver or "unknown", 1)
+        await self.apply(writes)
 
     @entry_point("requeue an orphaned task")
     async def requeue_orphan(self, task: Task, body: str) -> bool:

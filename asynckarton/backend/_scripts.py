@@ -8,17 +8,36 @@ for a name it only completes, such as a router's journal, as ARGV); a key it der
 from a uid read inside the script is built from a ``_keys`` prefix that :func:`render`
 writes into the text in place of an ``@NAME@`` placeholder.  ``tests/unit/test_backend.py``
 checks that no string in this module holds a key prefix.
+
+**Out of memory.**  With ``maxmemory`` reached (policy ``noeviction``) Redis refuses every
+command flagged ``denyoom`` (SET, RPUSH, ZADD, HINCRBY, BLMOVE...) and, in a MULTI, even
+the queuing of any command; a Lua script whose first line is :data:`ALLOW_OOM` may still
+write.  Everything that moves existing work towards completion (fetch, lease, status
+updates, completion, routing, GC lock) is therefore a script rendered with that line,
+and the plain commands among them go through :data:`APPLY` (built by :class:`Writes`);
+what adds work (a producer's tasks, an operator's restart) stays refused.  The embedded
+mode's fakeredis cannot parse the line and has no ``maxmemory``: its scripts are
+rendered without it (``render(..., allow_oom=False)``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 from . import _keys as keys
 
-__all__ = ["render"]
+__all__ = ["ALLOW_OOM", "APPLY", "Writes", "compose", "render"]
+
+#: A script's first line that lets it write while Redis is over ``maxmemory``
+#: (Redis 7 script flags; without it, a script with a shebang is refused whole).
+ALLOW_OOM: Final = "#!lua flags=allow-oom\n"
+
+#: Most words (command name and arguments) one :class:`Writes` command carries: Lua's
+#: ``unpack`` stops near 8000 values.
+MAX_WORDS: Final = 2000
 
 #: Placeholders a script may use, and the ``_keys`` value each one stands for.
 PLACEHOLDERS: Final = {
@@ -27,13 +46,112 @@ PLACEHOLDERS: Final = {
 }
 
 
-def render(template: str) -> str:
-    """Return ``template`` with each ``@NAME@`` replaced by its key prefix as a Lua string."""
+def render(template: str, *, allow_oom: bool = False) -> str:
+    """Return ``template`` with each ``@NAME@`` replaced by its key prefix as a Lua string.
+
+    With ``allow_oom`` the script starts with :data:`ALLOW_OOM` (real servers only).
+    """
 
     def quoted(match: re.Match[str]) -> str:
         return json.dumps(PLACEHOLDERS[match.group(1)])
 
-    return re.sub(r"@([A-Z_]+)@", quoted, template)
+    return (ALLOW_OOM if allow_oom else "") + re.sub(r"@([A-Z_]+)@", quoted, template)
+
+
+# Run a list of commands and embedded scripts in one atomic step; return one reply per
+# entry.  ARGV, per entry: a count n then n words (a command: name and arguments), or
+# "s:<i>:<nkeys>:<nargs>" then the keys and arguments of script SUB[i] (see compose).
+# Each entry runs in pcall: like MULTI/EXEC, a failing entry (a wrong type) leaves the
+# others applied and its error comes back as its reply.
+APPLY: Final = """
+local out, a = {}, 1
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  if n then
+    out[#out + 1] = redis.pcall(unpack(ARGV, a + 1, a + n))
+    a = a + 1 + n
+  else
+    local i, nk, na = string.match(ARGV[a], '^s:(%d+):(%d+):(%d+)$')
+    i, nk, na = tonumber(i), tonumber(nk), tonumber(na)
+    local k, v = {}, {}
+    for j = 1, nk do k[j] = ARGV[a + j] end
+    for j = 1, na do v[j] = ARGV[a + nk + j] end
+    local ok, res = pcall(SUB[i], k, v)
+    if ok then
+      out[#out + 1] = res or false
+    elseif type(res) == 'table' and res.err then
+      out[#out + 1] = res
+    else
+      out[#out + 1] = {err = tostring(res)}
+    end
+    a = a + 1 + nk + na
+  end
+end
+return out
+"""
+
+
+def compose(subscripts: Sequence[str], *, allow_oom: bool = False) -> str:
+    """Return :data:`APPLY` with each of ``subscripts`` inlined as ``SUB[i]`` (1-based).
+
+    A sub-script is a plain script body (no shebang) that reads ``KEYS`` and ``ARGV``;
+    it becomes a function of those two names, so it runs unchanged inside the one step.
+    """
+    parts = ["local SUB = {}"]
+    for i, body in enumerate(subscripts, 1):
+        if body.startswith("#!"):
+            raise ValueError(f"sub-script {i} of an APPLY has its own shebang line")
+        parts.append(f"SUB[{i}] = function(KEYS, ARGV)\n{body}\nend")
+    return render("\n".join(parts) + APPLY, allow_oom=allow_oom)
+
+
+class Writes:
+    """Commands (and embedded scripts) that :data:`APPLY` runs as one atomic step.
+
+    Replies come back in the order the entries were added, one per entry (``call`` may
+    add several entries for one long command, see :meth:`call_chunked`).
+    """
+
+    __slots__ = ("args", "count", "subscripts")
+
+    def __init__(self) -> None:
+        self.args: list[Any] = []
+        self.subscripts: list[str] = []
+        self.count = 0  # entries so far (= replies to expect)
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def call(self, *words: Any) -> int:
+        """Add one command; return its reply's index."""
+        self.args.append(len(words))
+        self.args.extend(words)
+        self.count += 1
+        return self.count - 1
+
+    def call_chunked(self, command: str, key: str | None, items: Sequence[Any]) -> None:
+        """Add ``command [key] items...``, split so no entry exceeds :data:`MAX_WORDS`."""
+        head = [command] if key is None else [command, key]
+        step = MAX_WORDS - len(head)
+        for start in range(0, len(items), step):
+            self.call(*head, *items[start : start + step])
+
+    def mset(self, mapping: dict[str, str]) -> None:
+        """Add MSET of ``mapping`` (in chunks)."""
+        self.call_chunked("MSET", None, [word for pair in mapping.items() for word in pair])
+
+    def script(self, body: str, keys: Sequence[str], args: Sequence[Any]) -> int:
+        """Add a run of the plain script ``body``; return its reply's index."""
+        try:
+            index = self.subscripts.index(body) + 1
+        except ValueError:
+            self.subscripts.append(body)
+            index = len(self.subscripts)
+        self.args.append(f"s:{index}:{len(keys)}:{len(args)}")
+        self.args.extend(keys)
+        self.args.extend(args)
+        self.count += 1
+        return self.count - 1
 
 
 # Pop up to ARGV[1] uids from the queues in KEYS[1..n-1] (strict priority order), lease
