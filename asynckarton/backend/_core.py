@@ -27,11 +27,61 @@ from ._connect import EmbeddedConnector, RedisConnector
 from ._guard import entry_point, entry_point_iter
 from ._records import Bind
 
-__all__ = ["BackendCore"]
+__all__ = ["BackendCore", "Script"]
 
 #: Keys per MGET / DEL / SCAN step: big enough to amortise round trips, small enough
 #: not to block Redis.
 CHUNK = 1000
+
+
+class Script:
+    """A Lua script that carries the ``allow-oom`` flag while the server understands it.
+
+    Redis before 7.0 (and fakeredis) cannot parse the flag line: the first script that
+    fails to load for that reason (nothing ran) turns the flag off for the whole backend
+    and runs its plain text instead.  ``source`` is a template for
+    :func:`~asynckarton.backend._scripts.render`, or the sub-scripts of an ``APPLY``
+    (:func:`~asynckarton.backend._scripts.compose`).
+    """
+
+    __slots__ = ("_backend", "_flagged", "_plain", "_source")
+
+    def __init__(self, backend: BackendCore, source: str | tuple[str, ...]) -> None:
+        self._backend = backend
+        self._source = source
+        self._flagged: AsyncScript | None = None
+        self._plain: AsyncScript | None = None
+
+    def _registered(self, flagged: bool) -> AsyncScript:
+        script = self._flagged if flagged else self._plain
+        if script is None:
+            source = self._source
+            if isinstance(source, str):
+                text = scripts.render(source, allow_oom=flagged)
+            else:
+                text = scripts.compose(source, allow_oom=flagged)
+            script = self._backend.redis.register_script(text)
+            if flagged:
+                self._flagged = script
+            else:
+                self._plain = script
+        return script
+
+    async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+        """Run the script (EVALSHA, loading it first if the server lost it)."""
+        backend = self._backend
+        if backend.allow_oom:
+            try:
+                return await self._registered(True)(keys=keys, args=args)
+            except ResponseError as exc:
+                if _NO_FLAGS not in str(exc):
+                    raise
+                backend.allow_oom = False  # Redis < 7: plain scripts, as before 7.0
+        return await self._registered(False)(keys=keys, args=args)
+
+
+#: How a server without script flags refuses the ``#!lua`` line (Redis 6, fakeredis).
+_NO_FLAGS = "unexpected symbol near '#'"
 
 
 class BackendCore:
@@ -48,9 +98,10 @@ class BackendCore:
         #: Where that address was configured (None when unknown), also for errors.
         self.origin: str | None = getattr(connector, "origin", None)
         self.redis: aredis.Redis = connector.pool()
-        #: Whether scripts carry ``allow-oom`` (a real server; fakeredis cannot parse it).
+        #: Whether scripts carry ``allow-oom``: a real server, until one cannot parse it
+        #: (Redis < 7; see :class:`Script`).  fakeredis cannot: never for embedded.
         self.allow_oom: bool = not isinstance(connector, EmbeddedConnector)
-        self._applies: dict[tuple[str, ...], AsyncScript] = {}
+        self._applies: dict[tuple[str, ...], Script] = {}
         self._fetch = self._script(scripts.FETCH)
         self._lease = self._script(scripts.LEASE)
         self._reclaim = self._script(scripts.RECLAIM)
@@ -62,9 +113,9 @@ class BackendCore:
         self._extend_lock = self._script(scripts.EXTEND_LOCK)
         self._release_lock = self._script(scripts.RELEASE_LOCK)
 
-    def _script(self, template: str) -> AsyncScript:
+    def _script(self, template: str) -> Script:
         """Register ``template``, rendered to run even when Redis is over ``maxmemory``."""
-        return self.redis.register_script(scripts.render(template, allow_oom=self.allow_oom))
+        return Script(self, template)
 
     async def apply(self, writes: scripts.Writes) -> list[Any]:
         """Run ``writes`` as one atomic script that Redis accepts over ``maxmemory``.
@@ -82,8 +133,7 @@ class BackendCore:
         subscripts = tuple(writes.subscripts)
         script = self._applies.get(subscripts)
         if script is None:
-            text = scripts.compose(subscripts, allow_oom=self.allow_oom)
-            script = self._applies[subscripts] = self.redis.register_script(text)
+            script = self._applies[subscripts] = Script(self, subscripts)
         replies = cast(list[Any], await script(keys=[], args=writes.args))
         for reply in replies:
             if isinstance(reply, ResponseError):

@@ -137,8 +137,11 @@ class Writes:
             self.call(*head, *items[start : start + step])
 
     def mset(self, mapping: dict[str, str]) -> None:
-        """Add MSET of ``mapping`` (in chunks)."""
-        self.call_chunked("MSET", None, [word for pair in mapping.items() for word in pair])
+        """Add MSET of ``mapping`` (in chunks of whole key-value pairs)."""
+        words = [word for pair in mapping.items() for word in pair]
+        step = (MAX_WORDS - 1) // 2 * 2
+        for start in range(0, len(words), step):
+            self.call("MSET", *words[start : start + step])
 
     def script(self, body: str, keys: Sequence[str], args: Sequence[Any]) -> int:
         """Add a run of the plain script ``body``; return its reply's index."""
