@@ -303,7 +303,7 @@ class BackendCore:
 
     @entry_point("count metrics")
     async def increment_metrics(self, metric: str, counts: Mapping[str, int]) -> None:
-        """HINCRBY ``karton.metrics.<metric>`` for each identity (one pipeline)."""
+        """HINCRBY ``karton.metrics.<metric>`` for each identity (one script call)."""
         if not counts:
             return
         writes = scripts.Writes()

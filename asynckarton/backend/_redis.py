@@ -5,8 +5,9 @@ The class is assembled in three layers, one concept per module:
 * ``_core.BackendCore``: the connection, binds, task documents, producing, metrics and
   inspection;
 * ``_queues.QueueBackend``: the hot paths, batched: producers write a batch of tasks in
-  one pipeline, consumers fetch and lease a batch in one script call and complete a
-  batch in one pipeline, and the router commits a whole routed batch in one MULTI/EXEC;
+  one transaction, consumers fetch and lease a batch in one script call and complete a
+  batch in another, and the router commits a whole routed batch in one script (all of
+  them but the producers' run over ``maxmemory``, see ``_scripts``);
 * this module: maintenance, i.e. the garbage collector's lock and checks and the task
   admin's optimistic transactions.
 
@@ -124,7 +125,8 @@ class KartonBackend(QueueBackend):
         """Apply ``plan`` to tasks ``uids`` atomically; return the plan's ``result``.
 
         WATCH the task keys, read them, let ``plan`` decide what to write from the bodies
-        it sees, and commit that in one MULTI/EXEC.  A task changed meanwhile (deleted by
+        it sees, and commit that in one MULTI/EXEC (refused over ``maxmemory``: a restart
+        adds work).  A task changed meanwhile (deleted by
         the GC, restarted by someone else) makes the commit fail; it is then re-read and
         re-planned, up to ``attempts`` times.
 
