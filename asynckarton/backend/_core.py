@@ -18,7 +18,7 @@ from typing import Any, cast
 import anyio
 import redis.asyncio as aredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from .._wire._task import Task
 from . import _keys as keys
@@ -117,12 +117,39 @@ class BackendCore:
         """Register ``template``, rendered to run even when Redis is over ``maxmemory``."""
         return Script(self, template)
 
+    async def commit(self, writes: scripts.Writes) -> None:
+        """Run ``writes`` atomically, even when Redis is over ``maxmemory``.
+
+        As plain commands first (one command, or one MULTI/EXEC): what they cost before
+        Redis had to refuse anything.  A full Redis refuses them whole (a refused command
+        inside a MULTI aborts the EXEC), and they then run as one ``allow-oom`` script
+        (:meth:`apply`).  For the paths that move existing work towards completion only;
+        producers keep plain commands, which a full Redis refuses.
+
+        Raises:
+            redis.exceptions.ResponseError: an entry failed (the others were applied, as
+                in a MULTI/EXEC).
+        """
+        ops = writes.ops
+        try:
+            if len(ops) == 1 and ops[0][0] is not None:
+                await self.redis.execute_command(*ops[0])  # type: ignore[no-untyped-call]
+            elif ops:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for op in ops:
+                        if op[0] is None:
+                            _, body, script_keys, script_args = op
+                            pipe.eval(body, len(script_keys), *script_keys, *script_args)
+                        else:
+                            pipe.execute_command(*op)
+                    await pipe.execute()
+        except OutOfMemoryError:
+            await self.apply(writes)
+
     async def apply(self, writes: scripts.Writes) -> list[Any]:
         """Run ``writes`` as one atomic script that Redis accepts over ``maxmemory``.
 
-        Returns one reply per entry.  For the paths that move existing work towards
-        completion only (see ``_scripts``); producers keep plain commands, which a full
-        Redis refuses.
+        Returns one reply per entry.
 
         Raises:
             redis.exceptions.ResponseError: the first entry that failed (the others
@@ -134,7 +161,7 @@ class BackendCore:
         script = self._applies.get(subscripts)
         if script is None:
             script = self._applies[subscripts] = Script(self, subscripts)
-        replies = cast(list[Any], await script(keys=[], args=writes.args))
+        replies = cast(list[Any], await script(args=writes.flat(subscripts)))
         for reply in replies:
             if isinstance(reply, ResponseError):
                 raise reply
@@ -309,7 +336,7 @@ class BackendCore:
         writes = scripts.Writes()
         for identity, count in counts.items():
             writes.call("HINCRBY", keys.metrics_key(metric), identity, count)
-        await self.apply(writes)
+        await self.commit(writes)
 
     async def publish_logs(self, records: Sequence[tuple[str, str]]) -> int:
         """PUBLISH log records (one script call); return how many reached a subscriber."""

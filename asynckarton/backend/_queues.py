@@ -47,7 +47,7 @@ class QueueBackend(BackendCore):
         if mapping:
             writes = scripts.Writes()
             writes.mset(mapping)
-            await self.apply(writes)
+            await self.commit(writes)
 
     async def fetch(self, identity: str, count: int, lease: float) -> list[tuple[str, str]]:
         """Pop and lease up to ``count`` tasks for ``identity`` without blocking.
@@ -97,18 +97,18 @@ class QueueBackend(BackendCore):
         members = [word for uid in uids for word in (deadline, uid)]
         if members:
             writes = scripts.Writes()
-            writes.call_chunked("ZADD", keys.leases_key(identity), ["XX", *members])
-            await self.apply(writes)
+            writes.call_chunked(("ZADD", keys.leases_key(identity), "XX"), members, 2)
+            await self.commit(writes)
 
     async def complete(self, identity: str, tasks: Sequence[Task], crashed: int) -> None:
         """Write final states, release leases and count consumed/crashed: one atomic step."""
         writes = scripts.Writes()
         writes.mset({keys.task_key(t.uid): t.serialize_state() for t in tasks})
-        writes.call_chunked("ZREM", keys.leases_key(identity), [t.uid for t in tasks])
+        writes.call_chunked(("ZREM", keys.leases_key(identity)), [t.uid for t in tasks])
         writes.call("HINCRBY", keys.metrics_key("consumed"), identity, len(tasks))
         if crashed:
             writes.call("HINCRBY", keys.metrics_key("crashed"), identity, crashed)
-        await self.apply(writes)
+        await self.commit(writes)
 
     async def hand_back(self, identity: str, tasks: Sequence[Task]) -> None:
         """Return unfinished tasks to the head of their queue as Spawned (graceful stop)."""
@@ -120,8 +120,8 @@ class QueueBackend(BackendCore):
             task.status, task.last_update = TaskState.SPAWNED, now
             writes.call("SET", keys.task_key(task.uid), task.serialize())
             writes.call("LPUSH", keys.queue_key(task.priority.value, identity), task.uid)
-        writes.call_chunked("ZREM", keys.leases_key(identity), [t.uid for t in tasks])
-        await self.apply(writes)
+        writes.call_chunked(("ZREM", keys.leases_key(identity)), [t.uid for t in tasks])
+        await self.commit(writes)
 
     async def schedule_retry(self, identity: str, task: Task, due: float) -> None:
         """Park ``task`` (already updated) until ``due``, releasing its lease."""
@@ -132,14 +132,14 @@ class QueueBackend(BackendCore):
             "HSET", keys.DELAYED_ROUTES, task.uid, keys.queue_key(task.priority.value, identity)
         )
         writes.call("ZREM", keys.leases_key(identity), task.uid)
-        await self.apply(writes)
+        await self.commit(writes)
 
     async def dead_letter(self, identity: str, uids: Sequence[str]) -> None:
         """Record tasks that used up their retries."""
         if uids:
             writes = scripts.Writes()
-            writes.call_chunked("RPUSH", keys.dead_key(identity), list(uids))
-            await self.apply(writes)
+            writes.call_chunked(("RPUSH", keys.dead_key(identity)), list(uids))
+            await self.commit(writes)
 
     async def reclaim(self, identity: str, limit: int = 1000) -> int:
         """Requeue tasks of ``identity`` whose lease expired (their consumer died)."""
@@ -204,11 +204,11 @@ class QueueBackend(BackendCore):
         if batch.bodies:
             writes.mset(batch.bodies)
         for queue, uids in batch.queues.items():
-            writes.call_chunked("RPUSH", queue, uids)
+            writes.call_chunked(("RPUSH", queue), uids)
         for identity, count in batch.assigned.items():
             writes.call("HINCRBY", keys.metrics_key("assigned"), identity, count)
         for origin, members in batch.outputs.items():
-            writes.call_chunked("SADD", keys.outputs_key(origin), list(members))
+            writes.call_chunked(("SADD", keys.outputs_key(origin)), list(members))
             writes.call("EXPIRE", keys.outputs_key(origin), tracking_ttl)
         if batch.logs:
             args = [part for record in batch.logs for part in record]
@@ -216,16 +216,16 @@ class QueueBackend(BackendCore):
         for script, script_keys, script_args in batch.scripts:  # concurrency control
             writes.script(script, script_keys, script_args)
         if batch.invalid:
-            writes.call_chunked("RPUSH", keys.INVALID, batch.invalid)
+            writes.call_chunked(("RPUSH", keys.INVALID), batch.invalid)
             writes.call("HINCRBY", keys.STATS, "invalid", len(batch.invalid))
         writes.call("DEL", keys.routing_key(instance))
-        await self.apply(writes)
+        await self.commit(writes)
 
     async def heartbeat_router(self, instance: str, ttl: float) -> None:
         """Tell other routers this instance (and its journal) is alive for ``ttl`` s."""
         writes = scripts.Writes()
         writes.call("ZADD", keys.ROUTERS, _ms(time.time() + ttl), instance)
-        await self.apply(writes)
+        await self.commit(writes)
 
     async def forget_router(self, instance: str) -> None:
         """Deregister a router that stopped cleanly (its journal is empty)."""
@@ -242,6 +242,6 @@ class QueueBackend(BackendCore):
         """Keep uids whose body could not be parsed, for an operator to inspect."""
         if uids:
             writes = scripts.Writes()
-            writes.call_chunked("RPUSH", keys.INVALID, list(uids))
+            writes.call_chunked(("RPUSH", keys.INVALID), list(uids))
             writes.call("HINCRBY", keys.STATS, "invalid", len(uids))
-            await self.apply(writes)
+            await self.commit(writes)

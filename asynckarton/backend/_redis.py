@@ -91,7 +91,7 @@ class KartonBackend(QueueBackend):
         writes = scripts.Writes()
         writes.call("SET", keys.task_key(task.uid), task.serialize_state())
         writes.call("HINCRBY", keys.metrics_key("crashed"), task.receiver or "unknown", 1)
-        await self.apply(writes)
+        await self.commit(writes)
 
     @entry_point("requeue an orphaned task")
     async def requeue_orphan(self, task: Task, body: str) -> bool:

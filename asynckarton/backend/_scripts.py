@@ -14,8 +14,9 @@ command flagged ``denyoom`` (SET, RPUSH, ZADD, HINCRBY, BLMOVE...) and, in a MUL
 the queuing of any command; a Lua script whose first line is :data:`ALLOW_OOM` may still
 write.  Everything that moves existing work towards completion (fetch, lease, status
 updates, completion, routing, GC lock) is therefore a script rendered with that line,
-and the plain commands among them go through :data:`APPLY` (built by :class:`Writes`);
-what adds work (a producer's tasks, an operator's restart) stays refused.  The embedded
+and the plain commands among them are sent as :class:`Writes`: as they are (no cost
+while memory is available) and, when Redis refuses them for memory, as one :data:`APPLY`
+call; what adds work (a producer's tasks, an operator's restart) stays refused.  The embedded
 mode's fakeredis cannot parse the line and has no ``maxmemory``: its scripts are
 rendered without it (``render(..., allow_oom=False)``).
 """
@@ -106,55 +107,72 @@ def compose(subscripts: Sequence[str], *, allow_oom: bool = False) -> str:
 
 
 class Writes:
-    """Commands (and embedded scripts) that :data:`APPLY` runs as one atomic step.
+    """Commands (and plain scripts) to run as one atomic step.
 
-    Replies come back in the order the entries were added, one per entry (``call`` may
-    add several entries for one long command, see :meth:`call_chunked`).
+    ``KartonBackend.commit`` sends them as they are (one MULTI/EXEC) and, if Redis
+    refuses them for memory, as one :data:`APPLY` call (:meth:`flat`); ``apply`` always
+    uses APPLY.  Replies come back one per entry, in order (a long command may be split
+    into several entries, see :meth:`call_chunked`).
     """
 
-    __slots__ = ("args", "count", "subscripts")
+    __slots__ = ("ops",)
 
     def __init__(self) -> None:
-        self.args: list[Any] = []
-        self.subscripts: list[str] = []
-        self.count = 0  # entries so far (= replies to expect)
+        #: A command's words, or ``(None, body, keys, args)`` for a plain script.
+        self.ops: list[tuple[Any, ...]] = []
 
     def __bool__(self) -> bool:
-        return self.count > 0
+        return bool(self.ops)
+
+    @property
+    def count(self) -> int:
+        """Entries so far (= replies to expect)."""
+        return len(self.ops)
 
     def call(self, *words: Any) -> int:
         """Add one command; return its reply's index."""
-        self.args.append(len(words))
-        self.args.extend(words)
-        self.count += 1
-        return self.count - 1
+        self.ops.append(words)
+        return len(self.ops) - 1
 
-    def call_chunked(self, command: str, key: str | None, items: Sequence[Any]) -> None:
-        """Add ``command [key] items...``, split so no entry exceeds :data:`MAX_WORDS`."""
-        head = [command] if key is None else [command, key]
-        step = MAX_WORDS - len(head)
+    def call_chunked(self, head: Sequence[Any], items: Sequence[Any], group: int = 1) -> None:
+        """Add ``*head, *items``, split so no entry exceeds :data:`MAX_WORDS`.
+
+        Each entry repeats ``head`` and carries whole groups of ``group`` items (2 for
+        MSET's key-value pairs and ZADD's score-member pairs).
+        """
+        head = tuple(head)
+        step = (MAX_WORDS - len(head)) // group * group
         for start in range(0, len(items), step):
-            self.call(*head, *items[start : start + step])
+            self.ops.append((*head, *items[start : start + step]))
 
     def mset(self, mapping: dict[str, str]) -> None:
         """Add MSET of ``mapping`` (in chunks of whole key-value pairs)."""
-        words = [word for pair in mapping.items() for word in pair]
-        step = (MAX_WORDS - 1) // 2 * 2
-        for start in range(0, len(words), step):
-            self.call("MSET", *words[start : start + step])
+        self.call_chunked(("MSET",), [word for pair in mapping.items() for word in pair], 2)
 
     def script(self, body: str, keys: Sequence[str], args: Sequence[Any]) -> int:
         """Add a run of the plain script ``body``; return its reply's index."""
-        try:
-            index = self.subscripts.index(body) + 1
-        except ValueError:
-            self.subscripts.append(body)
-            index = len(self.subscripts)
-        self.args.append(f"s:{index}:{len(keys)}:{len(args)}")
-        self.args.extend(keys)
-        self.args.extend(args)
-        self.count += 1
-        return self.count - 1
+        self.ops.append((None, body, tuple(keys), tuple(args)))
+        return len(self.ops) - 1
+
+    @property
+    def subscripts(self) -> list[str]:
+        """The distinct script bodies, in order of first use (``SUB[1]``, ``SUB[2]``...)."""
+        return list(dict.fromkeys(op[1] for op in self.ops if op[0] is None))
+
+    def flat(self, subscripts: Sequence[str]) -> list[Any]:
+        """ARGV of :data:`APPLY` composed with ``subscripts`` (see :func:`compose`)."""
+        index = {body: i for i, body in enumerate(subscripts, 1)}
+        args: list[Any] = []
+        for op in self.ops:
+            if op[0] is None:
+                _, body, keys, values = op
+                args.append(f"s:{index[body]}:{len(keys)}:{len(values)}")
+                args.extend(keys)
+                args.extend(values)
+            else:
+                args.append(len(op))
+                args.extend(op)
+        return args
 
 
 # Pop up to ARGV[1] uids from the queues in KEYS[1..n-1] (strict priority order), lease

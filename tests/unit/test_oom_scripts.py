@@ -7,6 +7,7 @@ What a full Redis does with these scripts is tested on a real server in
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import redis.exceptions
@@ -70,13 +71,27 @@ async def test_a_failing_entry_raises_after_the_others_applied(backend: KartonBa
 async def test_long_commands_are_split_under_lua_unpack_limit(backend: KartonBackend) -> None:
     uids = [f"u{i}" for i in range(3 * scripts.MAX_WORDS)]
     writes = scripts.Writes()
-    writes.call_chunked("RPUSH", "q", uids)
+    writes.call_chunked(("RPUSH", "q"), uids)
     writes.mset({f"k{i}": str(i) for i in range(scripts.MAX_WORDS)})
     assert writes.count == 4 + 3  # RPUSH: 3 x MAX_WORDS uids; MSET: 2 x MAX_WORDS words
     await backend.apply(writes)  # a pair split across two MSETs would fail here
     assert await backend.redis.lrange("q", 0, -1) == uids
     values = await backend.redis.mget([f"k{i}" for i in range(scripts.MAX_WORDS)])
     assert values == [str(i) for i in range(scripts.MAX_WORDS)]
+
+
+async def test_chunks_keep_score_member_pairs_whole(backend: KartonBackend) -> None:
+    members = [word for i in range(scripts.MAX_WORDS) for word in (i, f"m{i}")]
+    await backend.redis.zadd("z", {f"m{i}": -1 for i in range(scripts.MAX_WORDS + 1)})
+    writes = scripts.Writes()
+    writes.call_chunked(("ZADD", "z", "XX"), members, 2)
+    assert all(op[:3] == ("ZADD", "z", "XX") and len(op) % 2 == 1 for op in writes.ops)
+    await backend.apply(writes)  # the fallback path: one APPLY call
+    await backend.commit(writes)  # the plain path: one MULTI/EXEC
+    scores = dict(
+        cast(list[tuple[str, float]], await backend.redis.zrange("z", 0, -1, withscores=True))
+    )
+    assert scores == {**{f"m{i}": i for i in range(scripts.MAX_WORDS)}, f"m{scripts.MAX_WORDS}": -1}
 
 
 async def test_sub_scripts_see_their_own_keys_and_args(backend: KartonBackend) -> None:
