@@ -330,7 +330,7 @@ class BackendCore:
 
     @entry_point("count metrics")
     async def increment_metrics(self, metric: str, counts: Mapping[str, int]) -> None:
-        """HINCRBY ``karton.metrics.<metric>`` for each identity (one script call)."""
+        """HINCRBY ``karton.metrics.<metric>`` for each identity (one transaction)."""
         if not counts:
             return
         writes = scripts.Writes()

@@ -4,9 +4,10 @@ Every method here is called from a service's own loop, which catches the transie
 errors and retries (``_guard.TRANSIENT_ERRORS``), so none is wrapped as an entry point:
 no per-call translation cost on the paths the benchmarks measure.
 
-Every write here moves existing work towards completion, so each one is a script that
-Redis runs even over ``maxmemory`` (see ``_scripts``): a full Redis stops producers,
-never the draining.  The one exception is the router's blocking wait (BLMOVE), which a
+Every write here moves existing work towards completion, so each one also runs when
+Redis is over ``maxmemory``: a flagged script, or plain commands that fall back to one
+(``BackendCore.commit``, see ``_scripts``).  A full Redis stops producers, never the
+draining.  The one exception is the router's blocking wait (BLMOVE), which a
 full Redis refuses; the router then polls (:meth:`QueueBackend.route_pop`).
 """
 
@@ -194,10 +195,11 @@ class QueueBackend(BackendCore):
         return cast(list[str], await self.redis.lrange(keys.routing_key(instance), 0, -1))
 
     async def route_commit(self, instance: str, batch: RoutedBatch, tracking_ttl: int) -> None:
-        """Apply a routed batch atomically and clear the journal (one script).
+        """Apply a routed batch atomically and clear the journal (:meth:`commit`).
 
-        A router killed before the script leaves the journal intact, so the batch is
-        routed again by whoever recovers it; after it nothing is left to repeat.  The
+        One MULTI/EXEC, or one ``allow-oom`` script when Redis is over ``maxmemory``.  A
+        router killed before it leaves the journal intact, so the batch is routed again
+        by whoever recovers it; after it nothing is left to repeat.  The
         concurrency-control scripts of ``batch.scripts`` run inside the same step.
         """
         writes = scripts.Writes()

@@ -6,8 +6,9 @@ The class is assembled in three layers, one concept per module:
   inspection;
 * ``_queues.QueueBackend``: the hot paths, batched: producers write a batch of tasks in
   one transaction, consumers fetch and lease a batch in one script call and complete a
-  batch in another, and the router commits a whole routed batch in one script (all of
-  them but the producers' run over ``maxmemory``, see ``_scripts``);
+  batch in one transaction, and the router commits a whole routed batch in one
+  transaction (all of them but the producers' also run over ``maxmemory``, see
+  ``_scripts``);
 * this module: maintenance, i.e. the garbage collector's lock and checks and the task
   admin's optimistic transactions.
 
