@@ -238,11 +238,11 @@ class BackendCore:
 
     @entry_point("remove a bind")
     async def unregister_bind(self, identity: str) -> None:
-        """Remove ``identity``'s bind and its queues."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(keys.BINDS, identity)
-            pipe.delete(*keys.consumer_queues(identity))
-            await pipe.execute()
+        """Remove ``identity``'s bind and its queues (also over ``maxmemory``: the GC)."""
+        writes = scripts.Writes()
+        writes.call("HDEL", keys.BINDS, identity)
+        writes.call("DEL", *keys.consumer_queues(identity))
+        await self.commit(writes)
 
     @entry_point("list the services online")
     async def online_identities(self) -> dict[str, int]:

@@ -113,5 +113,8 @@ async def test_draining_writes_pass_and_producers_are_refused(
     await backend.increment_metrics("garbage-collected", {IDENTITY: 1})
     await backend.delete_tasks(["t0", "t3"])
     assert await backend.release_gc_lock("gc")
+    await backend.unregister_bind(IDENTITY)  # the GC drops a bind no consumer serves
+    assert not full_redis.hexists("karton.binds", IDENTITY)
+    assert full_redis.llen(f"karton.queue.normal:{IDENTITY}") == 0
     memory = full_redis.info("memory")
     assert memory["used_memory"] > memory["maxmemory"], "the test should stay full"
