@@ -3,7 +3,8 @@
 Handlers hand their task to :class:`Completer` when they start it and when it is finished,
 and move on; the writer task writes everything that accumulated: the Started bodies of
 tasks that have been running for ``STARTED_AFTER`` seconds (one MSET), then the final ones
-in one pipeline (final bodies, lease release, metrics).  A task that finishes sooner is
+in one MULTI/EXEC (final bodies, lease release, metrics; one ``allow-oom`` script when
+Redis is over ``maxmemory``).  A task that finishes sooner is
 written once, in its final state (most tasks: a Started write would cost a serialisation
 and an MSET for a state nobody sees); the one writer keeps a Started write ahead of the
 final one.  Until the final write succeeds the task keeps its lease (renewed like any

@@ -13,23 +13,75 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import redis.asyncio as aredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from .._wire._task import Task
 from . import _keys as keys
 from . import _scripts as scripts
-from ._connect import RedisConnector
+from ._connect import EmbeddedConnector, RedisConnector
 from ._guard import entry_point, entry_point_iter
 from ._records import Bind
 
-__all__ = ["BackendCore"]
+__all__ = ["BackendCore", "Script"]
 
 #: Keys per MGET / DEL / SCAN step: big enough to amortise round trips, small enough
 #: not to block Redis.
 CHUNK = 1000
+
+
+class Script:
+    """A Lua script that carries the ``allow-oom`` flag while the server understands it.
+
+    Redis before 7.0 (and fakeredis) cannot parse the flag line: the first script that
+    fails to load for that reason (nothing ran) turns the flag off for the whole backend
+    and runs its plain text instead.  ``source`` is a template for
+    :func:`~asynckarton.backend._scripts.render`, or the sub-scripts of an ``APPLY``
+    (:func:`~asynckarton.backend._scripts.compose`).
+    """
+
+    __slots__ = ("_backend", "_flagged", "_plain", "_source")
+
+    def __init__(self, backend: BackendCore, source: str | tuple[str, ...]) -> None:
+        self._backend = backend
+        self._source = source
+        self._flagged: AsyncScript | None = None
+        self._plain: AsyncScript | None = None
+
+    def _registered(self, flagged: bool) -> AsyncScript:
+        script = self._flagged if flagged else self._plain
+        if script is None:
+            source = self._source
+            if isinstance(source, str):
+                text = scripts.render(source, allow_oom=flagged)
+            else:
+                text = scripts.compose(source, allow_oom=flagged)
+            script = self._backend.redis.register_script(text)
+            if flagged:
+                self._flagged = script
+            else:
+                self._plain = script
+        return script
+
+    async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+        """Run the script (EVALSHA, loading it first if the server lost it)."""
+        backend = self._backend
+        if backend.allow_oom:
+            try:
+                return await self._registered(True)(keys=keys, args=args)
+            except ResponseError as exc:
+                if _NO_FLAGS not in str(exc):
+                    raise
+                backend.allow_oom = False  # Redis < 7: plain scripts, as before 7.0
+        return await self._registered(False)(keys=keys, args=args)
+
+
+#: How a server without script flags refuses the ``#!lua`` line (Redis 6, fakeredis).
+_NO_FLAGS = "unexpected symbol near '#'"
 
 
 class BackendCore:
@@ -46,16 +98,74 @@ class BackendCore:
         #: Where that address was configured (None when unknown), also for errors.
         self.origin: str | None = getattr(connector, "origin", None)
         self.redis: aredis.Redis = connector.pool()
-        self._fetch = self.redis.register_script(scripts.render(scripts.FETCH))
-        self._lease = self.redis.register_script(scripts.render(scripts.LEASE))
-        self._reclaim = self.redis.register_script(scripts.render(scripts.RECLAIM))
-        self._route_pop = self.redis.register_script(scripts.render(scripts.ROUTE_POP))
-        self._recover = self.redis.register_script(scripts.render(scripts.RECOVER_ROUTING))
-        self._release = self.redis.register_script(scripts.render(scripts.RELEASE_DELAYED))
-        self._orphan = self.redis.register_script(scripts.render(scripts.REQUEUE_ORPHAN))
-        self._publish_many = self.redis.register_script(scripts.render(scripts.PUBLISH_MANY))
-        self._extend_lock = self.redis.register_script(scripts.render(scripts.EXTEND_LOCK))
-        self._release_lock = self.redis.register_script(scripts.render(scripts.RELEASE_LOCK))
+        #: Whether scripts carry ``allow-oom``: a real server, until one cannot parse it
+        #: (Redis < 7; see :class:`Script`).  fakeredis cannot: never for embedded.
+        self.allow_oom: bool = not isinstance(connector, EmbeddedConnector)
+        self._applies: dict[tuple[str, ...], Script] = {}
+        self._fetch = self._script(scripts.FETCH)
+        self._lease = self._script(scripts.LEASE)
+        self._reclaim = self._script(scripts.RECLAIM)
+        self._route_pop = self._script(scripts.ROUTE_POP)
+        self._recover = self._script(scripts.RECOVER_ROUTING)
+        self._release = self._script(scripts.RELEASE_DELAYED)
+        self._orphan = self._script(scripts.REQUEUE_ORPHAN)
+        self._publish_many = self._script(scripts.PUBLISH_MANY)
+        self._extend_lock = self._script(scripts.EXTEND_LOCK)
+        self._release_lock = self._script(scripts.RELEASE_LOCK)
+
+    def _script(self, template: str) -> Script:
+        """Register ``template``, rendered to run even when Redis is over ``maxmemory``."""
+        return Script(self, template)
+
+    async def commit(self, writes: scripts.Writes) -> None:
+        """Run ``writes`` atomically, even when Redis is over ``maxmemory``.
+
+        As plain commands first (one command, or one MULTI/EXEC): what they cost before
+        Redis had to refuse anything.  A full Redis refuses them whole (a refused command
+        inside a MULTI aborts the EXEC), and they then run as one ``allow-oom`` script
+        (:meth:`apply`).  For the paths that move existing work towards completion only;
+        producers keep plain commands, which a full Redis refuses.
+
+        Raises:
+            redis.exceptions.ResponseError: an entry failed (the others were applied, as
+                in a MULTI/EXEC).
+        """
+        ops = writes.ops
+        try:
+            if len(ops) == 1 and ops[0][0] is not None:
+                await self.redis.execute_command(*ops[0])  # type: ignore[no-untyped-call]
+            elif ops:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for op in ops:
+                        if op[0] is None:
+                            _, body, script_keys, script_args = op
+                            pipe.eval(body, len(script_keys), *script_keys, *script_args)
+                        else:
+                            pipe.execute_command(*op)
+                    await pipe.execute()
+        except OutOfMemoryError:
+            await self.apply(writes)
+
+    async def apply(self, writes: scripts.Writes) -> list[Any]:
+        """Run ``writes`` as one atomic script that Redis accepts over ``maxmemory``.
+
+        Returns one reply per entry.
+
+        Raises:
+            redis.exceptions.ResponseError: the first entry that failed (the others
+                were applied, as in a MULTI/EXEC).
+        """
+        if not writes:
+            return []
+        subscripts = tuple(writes.subscripts)
+        script = self._applies.get(subscripts)
+        if script is None:
+            script = self._applies[subscripts] = Script(self, subscripts)
+        replies = cast(list[Any], await script(args=writes.flat(subscripts)))
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
 
     async def aclose(self) -> None:
         """Close the connector's shared pool."""
@@ -99,11 +209,14 @@ class BackendCore:
 
     @entry_point("register a bind")
     async def register_bind(self, bind: Bind) -> Bind | None:
-        """Store ``bind`` and return the bind it replaced, if any (one transaction)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(keys.BINDS, bind.identity)
-            pipe.hset(keys.BINDS, bind.identity, bind.to_json())
-            old, _ = await pipe.execute()
+        """Store ``bind`` and return the bind it replaced, if any (one atomic step).
+
+        Accepted over ``maxmemory``: a consumer must register to drain its queue.
+        """
+        writes = scripts.Writes()
+        writes.call("HGET", keys.BINDS, bind.identity)
+        writes.call("HSET", keys.BINDS, bind.identity, bind.to_json())
+        old, _ = await self.apply(writes)
         return Bind.from_json(bind.identity, cast(str, old)) if old else None
 
     @entry_point("read a bind")
@@ -125,11 +238,11 @@ class BackendCore:
 
     @entry_point("remove a bind")
     async def unregister_bind(self, identity: str) -> None:
-        """Remove ``identity``'s bind and its queues."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(keys.BINDS, identity)
-            pipe.delete(*keys.consumer_queues(identity))
-            await pipe.execute()
+        """Remove ``identity``'s bind and its queues (also over ``maxmemory``: the GC)."""
+        writes = scripts.Writes()
+        writes.call("HDEL", keys.BINDS, identity)
+        writes.call("DEL", *keys.consumer_queues(identity))
+        await self.commit(writes)
 
     @entry_point("list the services online")
     async def online_identities(self) -> dict[str, int]:
@@ -217,13 +330,13 @@ class BackendCore:
 
     @entry_point("count metrics")
     async def increment_metrics(self, metric: str, counts: Mapping[str, int]) -> None:
-        """HINCRBY ``karton.metrics.<metric>`` for each identity (one pipeline)."""
+        """HINCRBY ``karton.metrics.<metric>`` for each identity (one transaction)."""
         if not counts:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for identity, count in counts.items():
-                pipe.hincrby(keys.metrics_key(metric), identity, count)
-            await pipe.execute()
+        writes = scripts.Writes()
+        for identity, count in counts.items():
+            writes.call("HINCRBY", keys.metrics_key(metric), identity, count)
+        await self.commit(writes)
 
     async def publish_logs(self, records: Sequence[tuple[str, str]]) -> int:
         """PUBLISH log records (one script call); return how many reached a subscriber."""

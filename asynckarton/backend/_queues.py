@@ -3,6 +3,12 @@
 Every method here is called from a service's own loop, which catches the transient Redis
 errors and retries (``_guard.TRANSIENT_ERRORS``), so none is wrapped as an entry point:
 no per-call translation cost on the paths the benchmarks measure.
+
+Every write here moves existing work towards completion, so each one also runs when
+Redis is over ``maxmemory``: a flagged script, or plain commands that fall back to one
+(``BackendCore.commit``, see ``_scripts``).  A full Redis stops producers, never the
+draining.  The one exception is the router's blocking wait (BLMOVE), which a
+full Redis refuses; the router then polls (:meth:`QueueBackend.route_pop`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import cast
 
+import anyio
 import redis.asyncio as aredis
+from redis.exceptions import OutOfMemoryError
 
 from .._wire._task import Task, TaskState
 from . import _keys as keys
@@ -20,6 +28,9 @@ from ._core import BackendCore
 from ._records import RoutedBatch
 
 __all__ = ["QueueBackend"]
+
+#: Seconds between a router's polls of ``karton.tasks`` while Redis is over ``maxmemory``.
+OOM_POLL = 0.25
 
 
 def _ms(seconds: float) -> int:
@@ -35,7 +46,9 @@ class QueueBackend(BackendCore):
         """Write whole task documents (last writer wins, as in Karton): e.g. Started."""
         mapping = {keys.task_key(t.uid): t.serialize_state() for t in tasks}
         if mapping:
-            await self.redis.mset(mapping)
+            writes = scripts.Writes()
+            writes.mset(mapping)
+            await self.commit(writes)
 
     async def fetch(self, identity: str, count: int, lease: float) -> list[tuple[str, str]]:
         """Pop and lease up to ``count`` tasks for ``identity`` without blocking.
@@ -82,46 +95,52 @@ class QueueBackend(BackendCore):
     async def renew_leases(self, identity: str, uids: Iterable[str], lease: float) -> None:
         """Push back the lease deadline of every task still being processed (one ZADD)."""
         deadline = _ms(time.time() + lease)
-        mapping = dict.fromkeys(uids, deadline)
-        if mapping:
-            await self.redis.zadd(keys.leases_key(identity), mapping, xx=True)
+        members = [word for uid in uids for word in (deadline, uid)]
+        if members:
+            writes = scripts.Writes()
+            writes.call_chunked(("ZADD", keys.leases_key(identity), "XX"), members, 2)
+            await self.commit(writes)
 
     async def complete(self, identity: str, tasks: Sequence[Task], crashed: int) -> None:
-        """Write final states, release leases and count consumed/crashed: one pipeline."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.mset({keys.task_key(t.uid): t.serialize_state() for t in tasks})
-            pipe.zrem(keys.leases_key(identity), *(t.uid for t in tasks))
-            pipe.hincrby(keys.metrics_key("consumed"), identity, len(tasks))
-            if crashed:
-                pipe.hincrby(keys.metrics_key("crashed"), identity, crashed)
-            await pipe.execute()
+        """Write final states, release leases and count consumed/crashed: one atomic step."""
+        writes = scripts.Writes()
+        writes.mset({keys.task_key(t.uid): t.serialize_state() for t in tasks})
+        writes.call_chunked(("ZREM", keys.leases_key(identity)), [t.uid for t in tasks])
+        writes.call("HINCRBY", keys.metrics_key("consumed"), identity, len(tasks))
+        if crashed:
+            writes.call("HINCRBY", keys.metrics_key("crashed"), identity, crashed)
+        await self.commit(writes)
 
     async def hand_back(self, identity: str, tasks: Sequence[Task]) -> None:
         """Return unfinished tasks to the head of their queue as Spawned (graceful stop)."""
         if not tasks:
             return
         now = time.time()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for task in tasks:
-                task.status, task.last_update = TaskState.SPAWNED, now
-                pipe.set(keys.task_key(task.uid), task.serialize())
-                pipe.lpush(keys.queue_key(task.priority.value, identity), task.uid)
-            pipe.zrem(keys.leases_key(identity), *(t.uid for t in tasks))
-            await pipe.execute()
+        writes = scripts.Writes()
+        for task in tasks:
+            task.status, task.last_update = TaskState.SPAWNED, now
+            writes.call("SET", keys.task_key(task.uid), task.serialize())
+            writes.call("LPUSH", keys.queue_key(task.priority.value, identity), task.uid)
+        writes.call_chunked(("ZREM", keys.leases_key(identity)), [t.uid for t in tasks])
+        await self.commit(writes)
 
     async def schedule_retry(self, identity: str, task: Task, due: float) -> None:
         """Park ``task`` (already updated) until ``due``, releasing its lease."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.task_key(task.uid), task.serialize())
-            pipe.zadd(keys.DELAYED, {task.uid: _ms(due)})
-            pipe.hset(keys.DELAYED_ROUTES, task.uid, keys.queue_key(task.priority.value, identity))
-            pipe.zrem(keys.leases_key(identity), task.uid)
-            await pipe.execute()
+        writes = scripts.Writes()
+        writes.call("SET", keys.task_key(task.uid), task.serialize())
+        writes.call("ZADD", keys.DELAYED, _ms(due), task.uid)
+        writes.call(
+            "HSET", keys.DELAYED_ROUTES, task.uid, keys.queue_key(task.priority.value, identity)
+        )
+        writes.call("ZREM", keys.leases_key(identity), task.uid)
+        await self.commit(writes)
 
     async def dead_letter(self, identity: str, uids: Sequence[str]) -> None:
         """Record tasks that used up their retries."""
         if uids:
-            await self.redis.rpush(keys.dead_key(identity), *uids)
+            writes = scripts.Writes()
+            writes.call_chunked(("RPUSH", keys.dead_key(identity)), list(uids))
+            await self.commit(writes)
 
     async def reclaim(self, identity: str, limit: int = 1000) -> int:
         """Requeue tasks of ``identity`` whose lease expired (their consumer died)."""
@@ -152,14 +171,23 @@ class QueueBackend(BackendCore):
         return uids
 
     async def route_wait(self, client: aredis.Redis, instance: str, timeout: float) -> bool:
-        """Block until one unrouted uid was moved into the journal (BLMOVE)."""
-        moved = await client.blmove(
-            keys.TASKS_QUEUE,
-            keys.routing_key(instance),
-            timeout,  # type: ignore[arg-type]  # Redis takes fractional seconds
-            "LEFT",
-            "RIGHT",
-        )
+        """Block until one unrouted uid was moved into the journal (BLMOVE).
+
+        Over ``maxmemory`` Redis refuses BLMOVE even on an empty queue: this then waits
+        ``OOM_POLL`` seconds and returns False, and the caller polls with
+        :meth:`route_pop` (which a full Redis accepts).
+        """
+        try:
+            moved = await client.blmove(
+                keys.TASKS_QUEUE,
+                keys.routing_key(instance),
+                timeout,  # type: ignore[arg-type]  # Redis takes fractional seconds
+                "LEFT",
+                "RIGHT",
+            )
+        except OutOfMemoryError:  # refused even on an empty queue: the caller polls
+            await anyio.sleep(min(timeout, OOM_POLL))
+            return False
         return moved is not None
 
     async def journal(self, instance: str) -> list[str]:
@@ -167,35 +195,39 @@ class QueueBackend(BackendCore):
         return cast(list[str], await self.redis.lrange(keys.routing_key(instance), 0, -1))
 
     async def route_commit(self, instance: str, batch: RoutedBatch, tracking_ttl: int) -> None:
-        """Apply a routed batch atomically and clear the journal (MULTI/EXEC).
+        """Apply a routed batch atomically and clear the journal (:meth:`commit`).
 
-        A router killed before EXEC leaves the journal intact, so the batch is routed
-        again by whoever recovers it; after EXEC nothing is left to repeat.
+        One MULTI/EXEC, or one ``allow-oom`` script when Redis is over ``maxmemory``.  A
+        router killed before it leaves the journal intact, so the batch is routed again
+        by whoever recovers it; after it nothing is left to repeat.  The
+        concurrency-control scripts of ``batch.scripts`` run inside the same step.
         """
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if batch.bodies:
-                pipe.mset(batch.bodies)
-            for queue, uids in batch.queues.items():
-                pipe.rpush(queue, *uids)
-            for identity, count in batch.assigned.items():
-                pipe.hincrby(keys.metrics_key("assigned"), identity, count)
-            for origin, members in batch.outputs.items():
-                pipe.sadd(keys.outputs_key(origin), *members)
-                pipe.expire(keys.outputs_key(origin), tracking_ttl)
-            if batch.logs:  # one command for the batch's records (PUBLISH each, in Lua)
-                args = [part for record in batch.logs for part in record]
-                pipe.eval(scripts.PUBLISH_MANY, 0, *args)
-            for script, script_keys, script_args in batch.scripts:  # concurrency control
-                pipe.eval(script, len(script_keys), *script_keys, *script_args)
-            if batch.invalid:
-                pipe.rpush(keys.INVALID, *batch.invalid)
-                pipe.hincrby(keys.STATS, "invalid", len(batch.invalid))
-            pipe.delete(keys.routing_key(instance))
-            await pipe.execute()
+        writes = scripts.Writes()
+        if batch.bodies:
+            writes.mset(batch.bodies)
+        for queue, uids in batch.queues.items():
+            writes.call_chunked(("RPUSH", queue), uids)
+        for identity, count in batch.assigned.items():
+            writes.call("HINCRBY", keys.metrics_key("assigned"), identity, count)
+        for origin, members in batch.outputs.items():
+            writes.call_chunked(("SADD", keys.outputs_key(origin)), list(members))
+            writes.call("EXPIRE", keys.outputs_key(origin), tracking_ttl)
+        if batch.logs:
+            args = [part for record in batch.logs for part in record]
+            writes.script(scripts.PUBLISH_MANY, [], args)
+        for script, script_keys, script_args in batch.scripts:  # concurrency control
+            writes.script(script, script_keys, script_args)
+        if batch.invalid:
+            writes.call_chunked(("RPUSH", keys.INVALID), batch.invalid)
+            writes.call("HINCRBY", keys.STATS, "invalid", len(batch.invalid))
+        writes.call("DEL", keys.routing_key(instance))
+        await self.commit(writes)
 
     async def heartbeat_router(self, instance: str, ttl: float) -> None:
         """Tell other routers this instance (and its journal) is alive for ``ttl`` s."""
-        await self.redis.zadd(keys.ROUTERS, {instance: _ms(time.time() + ttl)})
+        writes = scripts.Writes()
+        writes.call("ZADD", keys.ROUTERS, _ms(time.time() + ttl), instance)
+        await self.commit(writes)
 
     async def forget_router(self, instance: str) -> None:
         """Deregister a router that stopped cleanly (its journal is empty)."""
@@ -211,7 +243,7 @@ class QueueBackend(BackendCore):
     async def quarantine(self, uids: Sequence[str]) -> None:
         """Keep uids whose body could not be parsed, for an operator to inspect."""
         if uids:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.rpush(keys.INVALID, *uids)
-                pipe.hincrby(keys.STATS, "invalid", len(uids))
-                await pipe.execute()
+            writes = scripts.Writes()
+            writes.call_chunked(("RPUSH", keys.INVALID), list(uids))
+            writes.call("HINCRBY", keys.STATS, "invalid", len(uids))
+            await self.commit(writes)

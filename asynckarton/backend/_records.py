@@ -72,7 +72,7 @@ class Bind:
 
 @dataclass(slots=True)
 class RoutedBatch:
-    """Everything one routing round writes, committed in a single MULTI/EXEC."""
+    """Everything one routing round writes, committed in one atomic step (``commit``)."""
 
     bodies: dict[str, str] = field(default_factory=dict)  # task key -> JSON (forks + originals)
     queues: dict[str, list[str]] = field(default_factory=dict)  # queue key -> uids
@@ -80,7 +80,7 @@ class RoutedBatch:
     outputs: dict[str, set[str]] = field(default_factory=dict)  # origin -> headers JSON
     logs: list[tuple[str, str]] = field(default_factory=list)  # channel, record JSON
     invalid: list[str] = field(default_factory=list)  # uids with unreadable bodies
-    # concurrency control: (script, keys, args) evaluated inside the commit's MULTI/EXEC
+    # concurrency control: (script, keys, args) run inside the commit's atomic step
     scripts: list[tuple[str, list[str], list[Any]]] = field(default_factory=list)
 
     def add_fork(self, uid: str, body: str, priority: str, identity: str) -> None:

@@ -5,8 +5,10 @@ The class is assembled in three layers, one concept per module:
 * ``_core.BackendCore``: the connection, binds, task documents, producing, metrics and
   inspection;
 * ``_queues.QueueBackend``: the hot paths, batched: producers write a batch of tasks in
-  one pipeline, consumers fetch and lease a batch in one script call and complete a
-  batch in one pipeline, and the router commits a whole routed batch in one MULTI/EXEC;
+  one transaction, consumers fetch and lease a batch in one script call and complete a
+  batch in one transaction, and the router commits a whole routed batch in one
+  transaction (all of them but the producers' also run over ``maxmemory``, see
+  ``_scripts``);
 * this module: maintenance, i.e. the garbage collector's lock and checks and the task
   admin's optimistic transactions.
 
@@ -25,6 +27,7 @@ from redis.exceptions import WatchError
 from .._errors import InvalidTaskError
 from .._wire._task import Task, TaskState
 from . import _keys as keys
+from . import _scripts as scripts
 from ._guard import entry_point
 from ._queues import QueueBackend
 from ._records import TaskRewrite
@@ -50,8 +53,14 @@ class KartonBackend(QueueBackend):
 
     @entry_point("take the GC lock")
     async def take_gc_lock(self, token: str, ttl: float) -> bool:
-        """Take the collectors' lock for ``ttl`` seconds unless someone holds it."""
-        return bool(await self.redis.set(keys.GC_LOCK, token, nx=True, px=int(ttl * 1000)))
+        """Take the collectors' lock for ``ttl`` seconds unless someone holds it.
+
+        Accepted over ``maxmemory``: the collector is what frees memory.
+        """
+        writes = scripts.Writes()
+        writes.call("SET", keys.GC_LOCK, token, "NX", "PX", int(ttl * 1000))
+        (taken,) = await self.apply(writes)
+        return bool(taken)
 
     @entry_point("extend the GC lock")
     async def extend_gc_lock(self, token: str, ttl: float) -> bool:
@@ -80,10 +89,10 @@ class KartonBackend(QueueBackend):
     @entry_point("mark a task crashed")
     async def crash_task(self, task: Task) -> None:
         """Write ``task`` (already marked Crashed) and count it crashed for its receiver."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.task_key(task.uid), task.serialize_state())
-            pipe.hincrby(keys.metrics_key("crashed"), task.receiver or "unknown", 1)
-            await pipe.execute()
+        writes = scripts.Writes()
+        writes.call("SET", keys.task_key(task.uid), task.serialize_state())
+        writes.call("HINCRBY", keys.metrics_key("crashed"), task.receiver or "unknown", 1)
+        await self.commit(writes)
 
     @entry_point("requeue an orphaned task")
     async def requeue_orphan(self, task: Task, body: str) -> bool:
@@ -117,7 +126,8 @@ class KartonBackend(QueueBackend):
         """Apply ``plan`` to tasks ``uids`` atomically; return the plan's ``result``.
 
         WATCH the task keys, read them, let ``plan`` decide what to write from the bodies
-        it sees, and commit that in one MULTI/EXEC.  A task changed meanwhile (deleted by
+        it sees, and commit that in one MULTI/EXEC (refused over ``maxmemory``: a restart
+        adds work).  A task changed meanwhile (deleted by
         the GC, restarted by someone else) makes the commit fail; it is then re-read and
         re-planned, up to ``attempts`` times.
 

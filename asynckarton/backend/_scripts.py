@@ -8,17 +8,37 @@ for a name it only completes, such as a router's journal, as ARGV); a key it der
 from a uid read inside the script is built from a ``_keys`` prefix that :func:`render`
 writes into the text in place of an ``@NAME@`` placeholder.  ``tests/unit/test_backend.py``
 checks that no string in this module holds a key prefix.
+
+**Out of memory.**  With ``maxmemory`` reached (policy ``noeviction``) Redis refuses every
+command flagged ``denyoom`` (SET, RPUSH, ZADD, HINCRBY, BLMOVE...) and, in a MULTI, even
+the queuing of any command; a Lua script whose first line is :data:`ALLOW_OOM` may still
+write.  Everything that moves existing work towards completion (fetch, lease, status
+updates, completion, routing, GC lock) is therefore a script rendered with that line,
+and the plain commands among them are sent as :class:`Writes`: as they are (no cost
+while memory is available) and, when Redis refuses them for memory, as one :data:`APPLY`
+call; what adds work (a producer's tasks, an operator's restart) stays refused.  The embedded
+mode's fakeredis cannot parse the line and has no ``maxmemory``: its scripts are
+rendered without it (``render(..., allow_oom=False)``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 from . import _keys as keys
 
-__all__ = ["render"]
+__all__ = ["ALLOW_OOM", "APPLY", "Writes", "compose", "render"]
+
+#: A script's first line that lets it write while Redis is over ``maxmemory``
+#: (Redis 7 script flags; without it, a script with a shebang is refused whole).
+ALLOW_OOM: Final = "#!lua flags=allow-oom\n"
+
+#: Most words (command name and arguments) one :class:`Writes` command carries: Lua's
+#: ``unpack`` stops near 8000 values.
+MAX_WORDS: Final = 2000
 
 #: Placeholders a script may use, and the ``_keys`` value each one stands for.
 PLACEHOLDERS: Final = {
@@ -27,13 +47,132 @@ PLACEHOLDERS: Final = {
 }
 
 
-def render(template: str) -> str:
-    """Return ``template`` with each ``@NAME@`` replaced by its key prefix as a Lua string."""
+def render(template: str, *, allow_oom: bool = False) -> str:
+    """Return ``template`` with each ``@NAME@`` replaced by its key prefix as a Lua string.
+
+    With ``allow_oom`` the script starts with :data:`ALLOW_OOM` (real servers only).
+    """
 
     def quoted(match: re.Match[str]) -> str:
         return json.dumps(PLACEHOLDERS[match.group(1)])
 
-    return re.sub(r"@([A-Z_]+)@", quoted, template)
+    return (ALLOW_OOM if allow_oom else "") + re.sub(r"@([A-Z_]+)@", quoted, template)
+
+
+# Run a list of commands and embedded scripts in one atomic step; return one reply per
+# entry.  ARGV, per entry: a count n then n words (a command: name and arguments), or
+# "s:<i>:<nkeys>:<nargs>" then the keys and arguments of script SUB[i] (see compose).
+# Each entry runs in pcall: like MULTI/EXEC, a failing entry (a wrong type) leaves the
+# others applied and its error comes back as its reply.
+APPLY: Final = """
+local out, a = {}, 1
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  if n then
+    out[#out + 1] = redis.pcall(unpack(ARGV, a + 1, a + n))
+    a = a + 1 + n
+  else
+    local i, nk, na = string.match(ARGV[a], '^s:(%d+):(%d+):(%d+)$')
+    i, nk, na = tonumber(i), tonumber(nk), tonumber(na)
+    local k, v = {}, {}
+    for j = 1, nk do k[j] = ARGV[a + j] end
+    for j = 1, na do v[j] = ARGV[a + nk + j] end
+    local ok, res = pcall(SUB[i], k, v)
+    if ok then
+      out[#out + 1] = res or false
+    elseif type(res) == 'table' and res.err then
+      out[#out + 1] = res
+    else
+      out[#out + 1] = {err = tostring(res)}
+    end
+    a = a + 1 + nk + na
+  end
+end
+return out
+"""
+
+
+def compose(subscripts: Sequence[str], *, allow_oom: bool = False) -> str:
+    """Return :data:`APPLY` with each of ``subscripts`` inlined as ``SUB[i]`` (1-based).
+
+    A sub-script is a plain script body (no shebang) that reads ``KEYS`` and ``ARGV``;
+    it becomes a function of those two names, so it runs unchanged inside the one step.
+    """
+    parts = ["local SUB = {}"]
+    for i, body in enumerate(subscripts, 1):
+        if body.startswith("#!"):
+            raise ValueError(f"sub-script {i} of an APPLY has its own shebang line")
+        parts.append(f"SUB[{i}] = function(KEYS, ARGV)\n{body}\nend")
+    return render("\n".join(parts) + APPLY, allow_oom=allow_oom)
+
+
+class Writes:
+    """Commands (and plain scripts) to run as one atomic step.
+
+    ``KartonBackend.commit`` sends them as they are (one MULTI/EXEC) and, if Redis
+    refuses them for memory, as one :data:`APPLY` call (:meth:`flat`); ``apply`` always
+    uses APPLY.  Replies come back one per entry, in order (a long command may be split
+    into several entries, see :meth:`call_chunked`).
+    """
+
+    __slots__ = ("ops",)
+
+    def __init__(self) -> None:
+        #: A command's words, or ``(None, body, keys, args)`` for a plain script.
+        self.ops: list[tuple[Any, ...]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    @property
+    def count(self) -> int:
+        """Entries so far (= replies to expect)."""
+        return len(self.ops)
+
+    def call(self, *words: Any) -> int:
+        """Add one command; return its reply's index."""
+        self.ops.append(words)
+        return len(self.ops) - 1
+
+    def call_chunked(self, head: Sequence[Any], items: Sequence[Any], group: int = 1) -> None:
+        """Add ``*head, *items``, split so no entry exceeds :data:`MAX_WORDS`.
+
+        Each entry repeats ``head`` and carries whole groups of ``group`` items (2 for
+        MSET's key-value pairs and ZADD's score-member pairs).
+        """
+        head = tuple(head)
+        step = (MAX_WORDS - len(head)) // group * group
+        for start in range(0, len(items), step):
+            self.ops.append((*head, *items[start : start + step]))
+
+    def mset(self, mapping: dict[str, str]) -> None:
+        """Add MSET of ``mapping`` (in chunks of whole key-value pairs)."""
+        self.call_chunked(("MSET",), [word for pair in mapping.items() for word in pair], 2)
+
+    def script(self, body: str, keys: Sequence[str], args: Sequence[Any]) -> int:
+        """Add a run of the plain script ``body``; return its reply's index."""
+        self.ops.append((None, body, tuple(keys), tuple(args)))
+        return len(self.ops) - 1
+
+    @property
+    def subscripts(self) -> list[str]:
+        """The distinct script bodies, in order of first use (``SUB[1]``, ``SUB[2]``...)."""
+        return list(dict.fromkeys(op[1] for op in self.ops if op[0] is None))
+
+    def flat(self, subscripts: Sequence[str]) -> list[Any]:
+        """ARGV of :data:`APPLY` composed with ``subscripts`` (see :func:`compose`)."""
+        index = {body: i for i, body in enumerate(subscripts, 1)}
+        args: list[Any] = []
+        for op in self.ops:
+            if op[0] is None:
+                _, body, keys, values = op
+                args.append(f"s:{index[body]}:{len(keys)}:{len(values)}")
+                args.extend(keys)
+                args.extend(values)
+            else:
+                args.append(len(op))
+                args.extend(op)
+        return args
 
 
 # Pop up to ARGV[1] uids from the queues in KEYS[1..n-1] (strict priority order), lease

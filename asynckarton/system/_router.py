@@ -4,9 +4,10 @@ One round: take up to ``batch_size`` uids from ``karton.tasks`` into this router
 journal (one Lua call; a blocking BLMOVE when the queue is empty), MGET their bodies,
 match them against the compiled bind index (rebuilt only when ``karton.binds`` changed),
 and commit every fork, queue push, metric, tracking entry and log record of the batch in
-one MULTI/EXEC that also clears the journal.  A router killed mid-batch leaves the
-journal behind; once its heartbeat expires any router gives it back to ``karton.tasks``,
-so a batch is routed exactly once or, after a crash, again from scratch.
+one MULTI/EXEC that also clears the journal (one ``allow-oom`` script instead when
+Redis is over ``maxmemory``, so a full Redis still routes its backlog).  A router killed mid-batch leaves the journal
+behind; once its heartbeat expires any router gives it back to ``karton.tasks``, so a
+batch is routed exactly once or, after a crash, again from scratch.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ deliveries without trusting the library's own bookkeeping:
   when a handler starts,
 * ``HINCRBY faults:done <root_uid> 1`` when it finishes (then the task is Finished).
 
+The bookkeeping is written by an ``allow-oom`` script (on a real server), so it is
+counted while Redis is over ``maxmemory`` too (``test_redis_oom``).
+
 The handler sleeps ``payload["first_sleep"]`` seconds on its first attempt of a root
 (tests use it to have a task "mid-processing"), ``payload["sleep"]`` on later ones, and a
 random 0-20 ms otherwise.  The module is also importable as a service target:
@@ -32,6 +35,7 @@ import anyio
 import redis.exceptions
 
 from asynckarton import Config, Consumer, Task
+from asynckarton.backend import KartonBackend
 from asynckarton.system import SystemService
 
 IDENTITY = "faults.worker"
@@ -62,6 +66,15 @@ async def _patiently(call: Callable[[], Awaitable[T]]) -> T:
             delay = min(delay * 2, 1.0)
 
 
+_RECORD = "return redis.call(ARGV[1], KEYS[1], unpack(ARGV, 2))"
+
+
+async def _record(backend: KartonBackend, command: str, key: str, *args: Any) -> Any:
+    """Run one bookkeeping command, accepted even over ``maxmemory`` on a real server."""
+    script = ("#!lua flags=allow-oom\n" if backend.allow_oom else "") + _RECORD
+    return await _patiently(lambda: backend.redis.eval(script, 1, key, command, *args))
+
+
 class FaultWorker(Consumer):
     """Fault-suite consumer: a little async work, then count the processing in Redis."""
 
@@ -70,24 +83,24 @@ class FaultWorker(Consumer):
     rng = random.Random(int(os.environ.get("FAULTS_SEED", "0")) ^ os.getpid())
 
     async def process(self, task: Task) -> None:
-        redis = self.backend.redis
+        backend = self.backend
         root = task.root_uid
-        await _patiently(lambda: redis.hset("faults:holder", root, os.getpid()))
-        attempt = await _patiently(lambda: redis.hincrby("faults:started", root, 1))
+        await _record(backend, "HSET", "faults:holder", root, os.getpid())
+        attempt = await _record(backend, "HINCRBY", "faults:started", root, 1)
         if "first_sleep" in task.payload and attempt == 1:
             await anyio.sleep(float(task.payload["first_sleep"]))
         elif "sleep" in task.payload:
             await anyio.sleep(float(task.payload["sleep"]))
         else:
             await anyio.sleep(self.rng.uniform(0.0, 0.02))
-        await _patiently(lambda: redis.hincrby("faults:done", root, 1))
+        await _record(backend, "HINCRBY", "faults:done", root, 1)
 
 
 async def _serve(service: Any, grace: float | None, ready_key: str) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with service, anyio.create_task_group() as group:
             await group.start(service.run)
-            await _patiently(lambda: service.backend.redis.sadd("faults:ready", ready_key))
+            await _record(service.backend, "SADD", "faults:ready", ready_key)
             async for signum in signals:
                 log.warning("%s: stopping (grace %s)", signal.Signals(signum).name, grace)
                 service.stop(grace=grace)

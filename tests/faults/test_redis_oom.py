@@ -1,20 +1,26 @@
-"""Redis at ``maxmemory`` (policy ``noeviction``): refuse cleanly, then resume by itself.
+"""Redis at ``maxmemory`` (policy ``noeviction``): producers refused, draining goes on.
 
-A real redis-server; a system service process (router + GC, ``gc_interval`` 2 s) and,
-later, a consumer process.  The test queues 150 tasks of about 20 kB for a bind with no
-consumer yet, writes a 2 MB filler key, and (while a resource uploads) lowers
-``maxmemory`` below what is used, so every write that may grow memory is refused.  Then:
+A real redis-server and worker processes (``_worker.py``: a system service with
+``gc_interval`` 2 s, a consumer).  Filler keys bigger than all the tasks push Redis past
+a small ``maxmemory``, so every plain command that may grow memory is refused.
+
+``test_full_redis_refuses_cleanly_and_resumes`` (150 tasks of about 20 kB routed to a
+bind with no consumer yet; Redis fills up while a resource uploads):
 
 * a task whose resource is uploading when Redis fills up: ``send_tasks`` raises
   :class:`BackendFullError` naming the condition; its Declared key is deleted again,
   nothing is queued, and the uploaded object is an orphan;
 * a plain task: the same error, and nothing of the batch is in Redis (the batch is one
   transaction);
-* the services stay up through the full period (their loops retry the refusal);
-* the filler key is deleted (memory freed), and with no restart: the consumer drains the
+* the services stay up through the full period;
+* the filler is deleted (memory freed), and with no restart: the consumer drains the
   queue, a new ``send_tasks`` succeeds and is delivered, and the GC removes the orphan.
 
-The summary (deliveries, duplicates, seconds) is printed as JSON.
+``test_full_redis_keeps_draining``: Redis stays over ``maxmemory`` for the whole test
+while the router forks a backlog, the consumer finishes every task exactly once and the
+GC deletes them; every ``send_tasks`` meanwhile is refused.
+
+Each test prints its summary (deliveries, duplicates, seconds) as JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import boto3  # type: ignore[import-untyped]
 import pytest
 
@@ -42,6 +49,7 @@ pytestmark = [
 
 TASKS = 150
 PAD = "x" * 20_000
+OLD_FILLER = 10_000_000  # bytes: more than the tasks and their forks (150 x 2 x 20 kB)
 
 
 @pytest.fixture
@@ -102,10 +110,11 @@ async def test_full_redis_refuses_cleanly_and_resumes(
             roots = [t.root_uid for t in tasks]
 
             before = int(client.info("memory")["used_memory"])
-            client.set("faults:filler", "f" * 2_000_000)
+            for i in range(40):  # more than every task holds: the GC cannot free enough
+                client.set(f"faults:filler:{i}", "f" * (OLD_FILLER // 40))
 
             def fill_redis() -> None:  # Redis fills up while the resource uploads
-                # 1 MB less than the data holds with the filler, 1 MB more than without.
+                # far less than the data holds with the filler, 1 MB more than without.
                 client.config_set("maxmemory", before + 1_000_000)
 
             with_file = Task(
@@ -141,7 +150,7 @@ async def test_full_redis_refuses_cleanly_and_resumes(
             memory = client.info("memory")
             still_full = memory["used_memory"] > memory["maxmemory"]
 
-            client.delete("faults:filler")  # memory freed: everything resumes by itself
+            client.delete(*(f"faults:filler:{i}" for i in range(40)))  # memory freed
             freed_at = time.monotonic()
             await env.wait_ready(consumer, timeout=60)
             after = env.make_task(n="after")
@@ -174,6 +183,125 @@ async def test_full_redis_refuses_cleanly_and_resumes(
         assert summary["delivered"] == len(roots), summary
         assert system.alive() and consumer.alive()
         assert not client.exists(f"karton.task:{refused.uid}")
+    finally:
+        env.cleanup()
+        client.close()
+
+
+DRAIN_TASKS = 200
+DRAIN_PAD = "d" * 10_000
+FILLER = 8_000_000  # bytes: more than the tasks and their forks, so deleting them all stays full
+
+
+async def test_full_redis_keeps_draining(
+    oom_redis: RedisServer,
+    tmp_path: Path,
+    s3_srv: S3Server,
+    s3_bucket: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Over ``maxmemory`` the whole time: the backlog is routed, processed and collected.
+
+    A consumer is up and idle; ``DRAIN_TASKS`` tasks wait unrouted in ``karton.tasks``
+    with no router.  Then a filler key pushes Redis ``FILLER`` bytes past a ``maxmemory``
+    that is never raised, and only then does a system service start: the router forks
+    the backlog, the consumer processes and finishes every task exactly once, and the GC
+    deletes them all, while every ``send_tasks`` meanwhile is refused and leaves
+    nothing behind.  (The consumer starts before: its concurrency-policy HSET is still a
+    plain command, refused over ``maxmemory``.)  The filler is bigger than all the tasks, so the
+    GC's deletions free memory without ever bringing Redis back under the limit; the
+    test checks that at every poll.
+    """
+    env = FaultEnv(tmp_path, oom_redis, s3_srv, s3_bucket)
+    client = env.r()
+    roots: list[str] = []
+    refused: list[str] = []
+    over_every_poll = True
+
+    def full() -> bool:
+        nonlocal over_every_poll
+        memory = client.info("memory")
+        over = int(memory["used_memory"]) > int(memory["maxmemory"]) > 0
+        over_every_poll = over_every_poll and over
+        return over
+
+    try:
+        consumer = env.spawn("consumer")
+        await env.wait_ready(consumer, timeout=60)
+        async with Producer(env.config(), identity="faults.producer") as producer:
+            tasks = [env.make_task(n=i, pad=DRAIN_PAD) for i in range(DRAIN_TASKS)]
+            for start in range(0, DRAIN_TASKS, 100):
+                await producer.send_tasks(tasks[start : start + 100])
+            roots = [t.root_uid for t in tasks]
+            assert client.llen("karton.tasks") == DRAIN_TASKS
+
+            memory = client.info("memory")  # the backlog, no filler yet
+            loaded, limit = int(memory["used_memory_dataset"]), int(memory["used_memory"])
+            limit += FILLER // 2
+            for i in range(40):  # small values: no big query buffer counted as used memory
+                client.set(f"faults:filler:{i}", "f" * (FILLER // 40))
+            client.config_set("maxmemory", limit)
+            assert full(), "Redis should be over maxmemory now"
+            full_at = time.monotonic()
+
+            system = env.spawn("system")
+            await env.wait_ready(system, timeout=60)
+
+            async def try_send() -> None:
+                task = env.make_task(n="refused")
+                with pytest.raises(BackendFullError, match="maxmemory"):
+                    await producer.send_tasks([task])
+                refused.append(task.uid)
+
+            def delivered() -> bool:
+                assert full(), "Redis went under maxmemory by itself"
+                return set(roots) <= set(client.hkeys("faults:done"))
+
+            deadline = time.monotonic() + 40
+            while not delivered():
+                assert time.monotonic() < deadline, f"not drained: {env.queue_state()}"
+                await try_send()
+                await anyio.sleep(0.5)
+            drained = time.monotonic() - full_at
+
+            def collected() -> bool:
+                assert full(), "Redis went under maxmemory by itself"
+                return not any(client.scan_iter("karton.task:*", count=1000))
+
+            deadline = time.monotonic() + 20
+            while not collected():
+                assert time.monotonic() < deadline, f"not collected: {env.tasks_by_status()}"
+                await try_send()
+                await anyio.sleep(0.5)
+            gone = time.monotonic() - full_at
+            await try_send()  # still refused after all that work
+
+        after = int(client.info("memory")["used_memory_dataset"])
+        state = env.queue_state()
+        done = {k: int(v) for k, v in client.hgetall("faults:done").items()}
+        started = {k: int(v) for k, v in client.hgetall("faults:started").items()}
+        summary: dict[str, Any] = {
+            "tasks": len(roots),
+            "delivered": sum(1 for r in roots if r in done),
+            "duplicated": sum(1 for r in roots if done.get(r, 0) > 1 or started.get(r, 0) > 1),
+            "refused_sends": len(refused),
+            "over_maxmemory_at_every_poll": over_every_poll,
+            "dataset_bytes": {"with_backlog": loaded, "after_gc": after, "filler": FILLER},
+            "seconds": {"drained": round(drained, 1), "collected": round(gone, 1)},
+            "left": state,
+        }
+        with capsys.disabled():
+            print(f"\nredis out-of-memory drain summary:\n{json.dumps(summary)}")
+        assert summary["delivered"] == len(roots), summary
+        assert summary["duplicated"] == 0, summary
+        assert set(done) == set(roots), "a refused task was delivered"
+        assert over_every_poll, summary
+        # The filler stays; the backlog's memory (tasks and their forks) was freed.
+        assert after - FILLER < loaded, f"the GC freed nothing: {summary}"
+        assert state["karton.tasks"] == 0 and state["leases"] == 0, state
+        assert not any(state[f"queue.{p}"] for p in ("high", "normal", "low")), state
+        assert not any(client.exists(f"karton.task:{uid}") for uid in refused)
+        assert system.alive() and consumer.alive(), "\n".join(p.output()[-3000:] for p in env.procs)
     finally:
         env.cleanup()
         client.close()
