@@ -291,11 +291,16 @@ class Task:
         change; this serialises once per state.  The state key is status, timestamp,
         attempt and error, so only callers that change the task through those (the
         consumer's own transitions) may rely on it; anyone else calls ``serialize``.
+        A task :meth:`unserialize` made from text starts with that text as its
+        serialisation (the document as stored), until its state changes.
         """
-        key = (self.status, self.last_update, self.attempt, id(self.error), self.uid)
+        key = self._state_key()
         if self._wire is None or self._wire[0] != key:
             self._wire = (key, self.serialize())
         return self._wire[1]
+
+    def _state_key(self) -> tuple[Any, ...]:
+        return (self.status, self.last_update, self.attempt, id(self.error), self.uid)
 
     @staticmethod
     def unserialize(
@@ -309,7 +314,10 @@ class Task:
             InvalidTaskError: the text is not JSON or lacks a required field.
         """
         doc = _document.parse(data)
-        return Task.from_dict(doc, storage=storage, parse_resources=parse_resources)
+        task = Task.from_dict(doc, storage=storage, parse_resources=parse_resources)
+        if isinstance(data, str):
+            task._wire = (task._state_key(), data)
+        return task
 
     @staticmethod
     def from_dict(
