@@ -327,13 +327,14 @@ class Consumer(ServiceBase):
         tasks: list[Task] = []
         gone: list[str] = []
         broken: list[str] = []
+        storage = self.storage
         for uid, body in items:
             if not body:
                 self.log.warning("Task %s vanished before it could start; skipped", uid)
                 gone.append(uid)
                 continue
             try:
-                task = Task.unserialize(body, self.storage)
+                task = Task.unserialize(body, storage)
             except InvalidTaskError as exc:
                 self.log.error("Task %s has an unreadable body, quarantined: %s", uid, exc)
                 broken.append(uid)
