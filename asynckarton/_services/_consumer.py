@@ -41,7 +41,14 @@ from .._wire._task import Task, TaskState, current_task
 from ..backend import Bind
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from . import _metrics
-from ._calls import PostHook, PreHook, check_service_class, run_hooks, run_timed
+from ._calls import (
+    PostHook,
+    PreHook,
+    call_process,
+    check_service_class,
+    run_hooks,
+    run_timed,
+)
 from ._completion import Completer
 from ._concurrency import ConcurrencyControlType  # concurrency control
 from ._concurrency_gate import ConcurrencyGate  # concurrency control
@@ -328,13 +335,14 @@ class Consumer(ServiceBase):
         tasks: list[Task] = []
         gone: list[str] = []
         broken: list[str] = []
+        storage = self.storage
         for uid, body in items:
             if not body:
                 self.log.warning("Task %s vanished before it could start; skipped", uid)
                 gone.append(uid)
                 continue
             try:
-                task = Task.unserialize(body, self.storage)
+                task = Task.unserialize(body, storage)
             except InvalidTaskError as exc:
                 self.log.error("Task %s has an unreadable body, quarantined: %s", uid, exc)
                 broken.append(uid)
@@ -376,19 +384,25 @@ class Consumer(ServiceBase):
                 task.status, task.last_update = TaskState.FINISHED, time.time()
                 self._completer_add(task, crashed=False)
                 return
-            task.status, task.last_update = TaskState.STARTED, time.time()
-            self._completer_started(task)
+            # Logged as fetched (Spawned), as Karton does: the line reuses the stored body.
             attempt = f" (attempt {task.attempt + 1})" if task.attempt else ""
             self._log_info("Received new task - %s%s", task.uid, attempt)
-            await run_hooks(self._pre_hooks, self.log, task)
+            task.status, task.last_update = TaskState.STARTED, time.time()
+            self._completer_started(task)
+            if self._pre_hooks:
+                await run_hooks(self._pre_hooks, self.log, task)
             self._lag.enter(task.uid)
             began = time.perf_counter()
             try:
-                error = await self._run_process(task)
+                if self._result_cache is None and not self.task_timeout:
+                    error = await call_process(self.process, task)  # the common case, direct
+                else:
+                    error = await self._run_process(task)
             finally:
                 self._lag.leave(task.uid)
             _metrics.handled(self.identity, time.perf_counter() - began)  # metrics
-            await run_hooks(self._post_hooks, self.log, task, error)
+            if self._post_hooks:
+                await run_hooks(self._post_hooks, self.log, task, error)
             await self._finish(task, error)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):

@@ -291,11 +291,16 @@ class Task:
         change; this serialises once per state.  The state key is status, timestamp,
         attempt and error, so only callers that change the task through those (the
         consumer's own transitions) may rely on it; anyone else calls ``serialize``.
+        A task :meth:`unserialize` made from text starts with that text as its
+        serialisation (the document as stored), until its state changes.
         """
-        key = (self.status, self.last_update, self.attempt, id(self.error), self.uid)
+        key = self._state_key()
         if self._wire is None or self._wire[0] != key:
             self._wire = (key, self.serialize())
         return self._wire[1]
+
+    def _state_key(self) -> tuple[Any, ...]:
+        return (self.status, self.last_update, self.attempt, id(self.error), self.uid)
 
     @staticmethod
     def unserialize(
@@ -308,45 +313,60 @@ class Task:
         Raises:
             InvalidTaskError: the text is not JSON or lacks a required field.
         """
-        doc = _document.parse(data)
-        return Task.from_dict(doc, storage=storage, parse_resources=parse_resources)
+        doc = _document.parse(data)  # checked: no second check_fields in from_dict
+        task = Task._from_checked(doc, storage, parse_resources)
+        if isinstance(data, str):
+            task._wire = (task._state_key(), data)
+        return task
 
     @staticmethod
     def from_dict(
         doc: Mapping[str, Any], storage: Storage | None = None, parse_resources: bool = True
     ) -> Task:
         """Build a task from an already parsed JSON document."""
-        uid = doc.get("uid")
         check_fields(doc)
-        payload_persistent = doc["payload_persistent"]
-        headers = doc["headers"]
-        status = STATES[doc["status"]]
-        root_uid = doc["root_uid"]
-        priority = PRIORITIES[doc.get("priority") or "normal"]
-        payload = doc["payload"]
+        return Task._from_checked(doc, storage, parse_resources)
+
+    @staticmethod
+    def _from_checked(
+        doc: Mapping[str, Any], storage: Storage | None, parse_resources: bool
+    ) -> Task:
+        """:meth:`from_dict` of a document :func:`check_fields` accepted.
+
+        The fields are set directly: ``__init__``'s checks are the ones the document
+        passed already (a consumer builds every task it receives here).
+        """
+        uid = doc["uid"]
         headers_persistent = _document.persistent_headers(doc)
+        payload, payload_persistent = doc["payload"], doc["payload_persistent"]
         if parse_resources:
-            if payload:
-                payload = _decode(payload, storage)
+            payload = _decode(payload, storage) if payload else {}
             payload_persistent = _decode(payload_persistent, storage)
-        try:
-            task = Task(
-                headers,
-                payload=payload,
-                headers_persistent=headers_persistent,
-                payload_persistent=payload_persistent,
-                priority=priority,
-                parent_uid=doc.get("parent_uid"),
-                root_uid=root_uid,
-                orig_uid=doc.get("orig_uid"),
-                uid=uid,
-                error=doc.get("error"),
-                _status=status,
-                _last_update=doc.get("last_update"),
-            )
-        except ValueError as exc:
-            raise InvalidTaskError(str(exc), uid=uid) from None
+        else:
+            payload, payload_persistent = dict(payload), dict(payload_persistent)
+        for value, what in (
+            (payload, "payload"),
+            (payload_persistent, "payload_persistent"),
+            (headers_persistent, "headers_persistent"),
+        ):
+            if type(value) is not dict:  # a resource in place of a bag, a legacy oddity
+                raise InvalidTaskError(
+                    f"{what} must be a dict, not {type(value).__name__}", uid=uid
+                )
+        task = Task.__new__(Task)
+        task.uid, task.root_uid = uid, doc["root_uid"]
+        task.orig_uid = doc.get("orig_uid")
+        task.parent_uid = doc.get("parent_uid")
+        task.error = doc.get("error")
+        task.headers = {**doc["headers"], **headers_persistent}
+        task._headers_persistent_keys = set(headers_persistent)
+        task.status = STATES[doc["status"]]
+        task.last_update = doc.get("last_update") or time.time()
+        task.priority = PRIORITIES[doc.get("priority") or "normal"]
+        task.payload = payload
+        task.payload_persistent = payload_persistent
         task.attempt = _document.attempt_of(doc)
+        task._wire = None
         return task
 
     def __repr__(self) -> str:

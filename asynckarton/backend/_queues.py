@@ -33,6 +33,9 @@ __all__ = ["QueueBackend"]
 OOM_POLL = 0.25
 
 
+_ROUTE_TAKE = scripts.render(scripts.ROUTE_TAKE)  # sent by EVAL inside a pipeline
+
+
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -169,6 +172,22 @@ class QueueBackend(BackendCore):
             keys=[keys.TASKS_QUEUE, keys.routing_key(instance)], args=[count]
         )
         return uids
+
+    async def route_take(
+        self, instance: str, count: int
+    ) -> tuple[list[str], list[str | None], dict[str, str]]:
+        """Top the journal up to ``count`` uids and read what routing them needs.
+
+        One round trip (the ``ROUTE_TAKE`` script and ``HGETALL karton.binds`` in one
+        pipeline) returns the journal's uids, their bodies (None: the key is gone) and
+        every bind as identity -> raw JSON.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.eval(_ROUTE_TAKE, 2, keys.TASKS_QUEUE, keys.routing_key(instance), count)
+            pipe.hgetall(keys.BINDS)
+            flat, binds = await pipe.execute()
+        half = len(flat) // 2
+        return flat[:half], flat[half:], binds
 
     async def route_wait(self, client: aredis.Redis, instance: str, timeout: float) -> bool:
         """Block until one unrouted uid was moved into the journal (BLMOVE).

@@ -264,6 +264,33 @@ end
 return uids
 """
 
+# Top up this router's journal KEYS[2] to ARGV[1] uids from the head of KEYS[1] (the
+# unrouted queue), then return the journal's uids followed by their bodies (nil = gone):
+# what one routing round reads, in one step.  A journal left by a failed round is kept,
+# and routed again, first.
+ROUTE_TAKE: Final = """
+local journal = redis.call('LRANGE', KEYS[2], 0, -1)
+local want = tonumber(ARGV[1]) - #journal
+if want > 0 then
+  local uids = redis.call('LRANGE', KEYS[1], 0, want - 1)
+  if #uids > 0 then
+    redis.call('LTRIM', KEYS[1], #uids, -1)
+    redis.call('RPUSH', KEYS[2], unpack(uids))
+    for _, uid in ipairs(uids) do journal[#journal + 1] = uid end
+  end
+end
+local n = #journal
+local out = {}
+for i = 1, n do out[i] = journal[i] end
+for first = 1, n, 1000 do
+  local keys = {}
+  for i = first, math.min(n, first + 999) do keys[#keys + 1] = @TASK_PREFIX@ .. journal[i] end
+  local bodies = redis.call('MGET', unpack(keys))
+  for j = 1, #keys do out[n + first + j - 1] = bodies[j] end
+end
+return out
+"""
+
 # Give the journals of routers whose heartbeat (zset KEYS[1]) expired before ARGV[1]
 # back to the head of KEYS[2] (the unrouted queue), in their original order; count them
 # in the stats hash KEYS[3].

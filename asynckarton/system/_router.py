@@ -1,13 +1,16 @@
 """Router: fork each unrouted task to every consumer whose bind's filters match.
 
 One round: take up to ``batch_size`` uids from ``karton.tasks`` into this router's
-journal (one Lua call; a blocking BLMOVE when the queue is empty), MGET their bodies,
-match them against the compiled bind index (rebuilt only when ``karton.binds`` changed),
-and commit every fork, queue push, metric, tracking entry and log record of the batch in
-one MULTI/EXEC that also clears the journal (one ``allow-oom`` script instead when
-Redis is over ``maxmemory``, so a full Redis still routes its backlog).  A router killed mid-batch leaves the journal
-behind; once its heartbeat expires any router gives it back to ``karton.tasks``, so a
-batch is routed exactly once or, after a crash, again from scratch.
+journal and read their bodies and the binds (one round trip: a Lua call and an HGETALL
+in one pipeline; a blocking BLMOVE first when the queue is empty), match them against
+the compiled bind index (rebuilt only when ``karton.binds`` changed), and commit every
+fork, queue push, metric, tracking entry and log record of the batch in one MULTI/EXEC
+that also clears the journal (one ``allow-oom`` script instead when Redis is over
+``maxmemory``, so a full Redis still routes its backlog).  A task sent to an idle router
+is routed in three round trips: the BLMOVE that wakes it, the read and the commit.  A
+router killed mid-batch leaves the journal behind; once its heartbeat expires any router
+gives it back to ``karton.tasks``, so a batch is routed exactly once or, after a crash,
+again from scratch.
 """
 
 from __future__ import annotations
@@ -117,9 +120,9 @@ class Router:
         while True:
             try:
                 with anyio.CancelScope(shield=True):
-                    uids = await self._take(blocking)
+                    uids, bodies = await self._take(blocking)
                     if uids:
-                        await self.route(uids)
+                        await self._route(uids, bodies)
                 backoff = 0.5
                 await anyio.lowlevel.checkpoint()
             except TRANSIENT_ERRORS as exc:
@@ -131,23 +134,23 @@ class Router:
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
-    async def _take(self, blocking: Any) -> list[str]:
-        pending = await self.backend.journal(self.instance)
-        if pending:  # a previous round failed before its commit: route it again
-            return pending
-        uids = await self.backend.route_pop(self.instance, self.batch_size)
-        if uids:
-            return uids
-        if not await self.backend.route_wait(blocking, self.instance, 1.0):
-            return []
-        return await self.backend.journal(self.instance) + await self.backend.route_pop(
-            self.instance, self.batch_size - 1
-        )
+    async def _take(self, blocking: Any) -> tuple[list[str], list[str | None]]:
+        """The journal (a failed round's batch first) topped up, and the uids' bodies."""
+        uids, bodies, binds = await self.backend.route_take(self.instance, self.batch_size)
+        if not uids:
+            if not await self.backend.route_wait(blocking, self.instance, 1.0):
+                return [], []
+            uids, bodies, binds = await self.backend.route_take(self.instance, self.batch_size)
+        self._use_binds(binds)
+        return uids, bodies
 
     async def route(self, uids: list[str]) -> None:
         """Route the journalled ``uids`` and commit the result in one transaction."""
         bodies = await self.backend.get_task_bodies(uids)
-        await self._refresh_binds()
+        self._use_binds(await self.backend.get_binds_raw())
+        await self._route(uids, bodies)
+
+    async def _route(self, uids: list[str], bodies: list[str | None]) -> None:
         await self._registration.refresh(self.backend, self._binds_raw or {})  # concurrency
         batch = RoutedBatch()
         now = time.time()
@@ -214,8 +217,8 @@ class Router:
             line = self._line = site_line_maker(self.log, logging.INFO)
         return self._log_channel, line(message, now)
 
-    async def _refresh_binds(self) -> None:
-        raw = await self.backend.get_binds_raw()
+    def _use_binds(self, raw: dict[str, str]) -> None:
+        """Rebuild the bind index if ``raw`` (``karton.binds`` as read) changed."""
         if raw == self._binds_raw:
             return
         filters: dict[str, Any] = {}

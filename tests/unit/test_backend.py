@@ -271,6 +271,32 @@ async def test_route_pop_journal_and_commit(backend: KartonBackend) -> None:
     assert await backend.stats() == {"invalid": 1}
 
 
+async def test_route_take_tops_up_the_journal_and_reads_bodies_and_binds(
+    backend: KartonBackend,
+) -> None:
+    tasks = [Task({"type": "sample", "n": str(n)}) for n in range(3)]
+    await backend.enqueue_unrouted({t.uid: t.serialize() for t in tasks}, "p")
+    await backend.redis.rpush(keys.TASKS_QUEUE, "gone")  # a uid whose body was deleted
+    await backend.redis.rpush(keys.routing_key("r1"), "left")  # a failed round's batch
+    await backend.redis.set(keys.task_key("left"), "{left}")
+    await backend.register_bind(Bind(identity="svc", filters=[{"type": "sample"}]))
+
+    uids, bodies, binds = await backend.route_take("r1", 3)
+    assert uids == ["left", tasks[0].uid, tasks[1].uid] == await backend.journal("r1")
+    assert bodies == ["{left}", tasks[0].serialize(), tasks[1].serialize()]
+    assert set(binds) == {"svc"} and json.loads(binds["svc"])["filters"] == [{"type": "sample"}]
+    assert await backend.redis.lrange(keys.TASKS_QUEUE, 0, -1) == [tasks[2].uid, "gone"]
+
+    assert (await backend.route_take("r1", 2))[0] == uids  # a full journal takes nothing
+    await backend.redis.delete(keys.routing_key("r1"))
+    assert (await backend.route_take("r1", 10))[:2] == (
+        [tasks[2].uid, "gone"],
+        [tasks[2].serialize(), None],
+    )
+    await backend.redis.delete(keys.routing_key("r1"))
+    assert await backend.route_take("r1", 10) == ([], [], binds)
+
+
 async def test_dead_routers_journal_goes_back_in_order(backend: KartonBackend) -> None:
     await backend.redis.rpush(keys.TASKS_QUEUE, "a", "b", "c", "d")
     assert await backend.route_pop("dead", 2) == ["a", "b"]

@@ -201,3 +201,35 @@ async def test_per_task_lines_carry_the_consumers_real_line(tmp_path: Path) -> N
         assert filename == "_consumer.py"
         assert source.splitlines()[lineno - 1].strip().startswith(f'self._log_info("{message}')
         assert func != "_log_info"
+
+
+@pytest.mark.anyio
+async def test_per_task_lines_carry_the_task_as_karton_logs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "Received new task" carries the task as fetched (Spawned), "Task done" as finished."""
+    published: list[dict[str, Any]] = []
+    append = KartonLogHandler._append
+
+    def keep(self: KartonLogHandler, item: tuple[str, str]) -> None:
+        published.append(json.loads(item[1]))
+        append(self, item)
+
+    monkeypatch.setattr(KartonLogHandler, "_append", keep)
+    log = logging.getLogger(Quiet.identity)
+    level, log.level = log.level, logging.INFO
+    try:
+        async with testing.pipeline(Quiet, data_dir=tmp_path) as p:
+            await p.send(Task({"type": "quiet"}))
+            await p.wait_idle()
+            [done] = await p.tasks(receiver=Quiet.identity)
+    finally:
+        log.setLevel(level)
+    lines = {
+        line["message"].split(" - ")[0]: line for line in published if " - " in line["message"]
+    }
+    received = json.loads(lines["Received new task"]["task"])
+    finished = json.loads(lines["Task done"]["task"])
+    assert received["uid"] == finished["uid"] == done.uid
+    assert (received["status"], finished["status"]) == ("Spawned", "Finished")
+    assert finished == json.loads(done.serialize())

@@ -259,3 +259,32 @@ async def test_forks_carry_the_retry_count_and_the_document_module_reads_them(
     await route_all(make_router(backend), backend)
     [fork] = await queue(backend, "svc.a")
     assert _document.attempt_of(await body(backend, fork)) == 2
+
+
+async def test_a_round_reads_uids_bodies_and_binds_in_one_round_trip(
+    backend: KartonBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each round is one read (``route_take``) and, with tasks, one commit; nothing else."""
+    calls: list[str] = []
+    for name in (
+        "route_take", "route_wait", "route_commit", "route_pop", "get_task_bodies",
+        "get_binds_raw",
+    ):  # fmt: skip
+        method = getattr(backend, name)
+
+        def recorded(*args: Any, _method: Any = method, _name: str = name) -> Any:
+            calls.append(_name)
+            return _method(*args)
+
+        monkeypatch.setattr(backend, name, recorded)
+    await bind(backend, "svc.a", [{"type": "sample"}])
+    router = make_router(backend)
+    async with anyio.create_task_group() as group:
+        await group.start(router.run)
+        await send(backend, Task({"type": "sample"}))
+        with anyio.fail_after(5):
+            while not await queue(backend, "svc.a"):
+                await anyio.sleep(0.01)
+        group.cancel_scope.cancel()
+    assert set(calls) == {"route_take", "route_wait", "route_commit"}, calls
+    assert calls[calls.index("route_commit") - 1] == "route_take"

@@ -198,6 +198,17 @@ def test_payload_access() -> None:
     assert dict(task.walk_payload_items())["payload.nested.list.1"] == "a"
 
 
+def test_a_read_task_serialises_as_the_text_it_was_read_from_until_its_state_changes() -> None:
+    stored = KTask({"type": "a"}, payload={"x": [1, 2]}).serialize()  # json.dumps' spaces
+    task = Task.unserialize(stored)
+    assert task.serialize_state() is stored  # e.g. Karton's "Received new task" line
+    task.status, task.last_update = TaskState.STARTED, task.last_update + 1
+    started = task.serialize_state()
+    assert started == task.serialize() and json.loads(started)["status"] == "Started"
+    from_bytes = Task.unserialize(stored.encode())  # bytes: serialised afresh
+    assert from_bytes.serialize_state() == from_bytes.serialize() != stored
+
+
 def test_attempt_travels_in_our_own_field() -> None:
     task = make_task()
     task.attempt = 2
