@@ -268,6 +268,9 @@ return uids
 # unrouted queue), then return the journal's uids followed by their bodies (nil = gone):
 # what one routing round reads, in one step.  A journal left by a failed round is kept,
 # and routed again, first.
+# It carries no allow-oom flag (it is sent by EVAL inside a pipeline): it drains a full
+# Redis because its first write is the LTRIM, which Redis never refuses for memory, and
+# a script that has written is allowed to finish (tests/faults/test_redis_oom.py).
 ROUTE_TAKE: Final = """
 local journal = redis.call('LRANGE', KEYS[2], 0, -1)
 local want = tonumber(ARGV[1]) - #journal
