@@ -43,6 +43,9 @@ def _ms(seconds: float) -> int:
 class QueueBackend(BackendCore):
     """Queue transitions of consumers and routers (see the module docstring)."""
 
+    #: False once BLMOVE answered "nothing" without waiting (fakeredis): see route_wait.
+    _blmove_blocks: bool = True
+
     # -- consumer side ------------------------------------------------------------------
 
     async def set_tasks(self, tasks: Iterable[Task]) -> None:
@@ -196,6 +199,9 @@ class QueueBackend(BackendCore):
         ``OOM_POLL`` seconds and returns False, and the caller polls with
         :meth:`route_pop` (which a full Redis accepts).
         """
+        if not self._blmove_blocks:
+            return await self._route_wait_blpop(client, timeout)
+        started = time.monotonic()
         try:
             moved = await client.blmove(
                 keys.TASKS_QUEUE,
@@ -207,7 +213,25 @@ class QueueBackend(BackendCore):
         except OutOfMemoryError:  # refused even on an empty queue: the caller polls
             await anyio.sleep(min(timeout, OOM_POLL))
             return False
+        if moved is None and time.monotonic() - started < timeout / 2:
+            # The server answered "nothing" without waiting: fakeredis (the embedded
+            # default, also when served over TCP) does not block on BLMOVE.  Waiting on
+            # BLPOP from now on keeps an idle router from spinning.
+            self._blmove_blocks = False
         return moved is not None
+
+    async def _route_wait_blpop(self, client: aredis.Redis, timeout: float) -> bool:
+        """Wait with BLPOP and put the uid back at the head of ``karton.tasks``.
+
+        For servers whose BLMOVE does not block.  The uid is out of the queue only
+        between the two commands, and the push back is shielded from cancellation.
+        """
+        popped = await client.blpop([keys.TASKS_QUEUE], timeout=timeout)
+        if popped is None:
+            return False
+        with anyio.CancelScope(shield=True):
+            await client.lpush(keys.TASKS_QUEUE, popped[1])
+        return True
 
     async def journal(self, instance: str) -> list[str]:
         """Return the uids in this router's journal (a batch taken but not committed)."""

@@ -311,17 +311,25 @@ async def test_dead_routers_journal_goes_back_in_order(backend: KartonBackend) -
     assert await backend.redis.zcard(keys.ROUTERS) == 0
 
 
-async def test_route_wait_moves_one_uid_into_the_journal(
+async def test_route_wait_blocks_on_the_embedded_server_and_keeps_the_order(
     backend: KartonBackend, connector: EmbeddedConnector
 ) -> None:
+    # fakeredis answers BLMOVE at once: the first wait finds that out, later waits block
+    # on BLPOP and put the uid back at the head, so an idle router does not spin.
     blocking = connector.blocking()
     try:
-        assert not await backend.route_wait(blocking, "r1", 0.05)
+        assert not await backend.route_wait(blocking, "r1", 0.3)
+        started = time.monotonic()
+        assert not await backend.route_wait(blocking, "r1", 0.3)
+        assert time.monotonic() - started >= 0.25, "an empty wait returned early (spins)"
         await backend.redis.rpush(keys.TASKS_QUEUE, "a", "b")
         assert await backend.route_wait(blocking, "r1", 1.0)
     finally:
         await blocking.aclose()
-    assert await backend.journal("r1") == ["a"]
+    assert await backend.journal("r1") == []
+    assert await backend.redis.lrange(keys.TASKS_QUEUE, 0, -1) == ["a", "b"]
+    uids, _bodies, _binds = await backend.route_take("r1", 10)
+    assert uids == ["a", "b"]
 
 
 async def test_quarantine_keeps_uids_and_counts(backend: KartonBackend) -> None:
