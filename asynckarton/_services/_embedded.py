@@ -104,6 +104,7 @@ def serve(data_dir: str | Path, server: Any) -> int:
     with _LOCK:
         if key in _SERVED:
             return _SERVED[key]
+        _slow_down_idle_polls()
         tcp = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
         tcp.fake_server = server  # the very data this process's services use
         tcp.daemon_threads = True  # connected clients never keep the process from exiting
@@ -122,6 +123,22 @@ def serve(data_dir: str | Path, server: Any) -> int:
         atexit.register(_forget, path, port)
         _SERVED[key] = port
         return port
+
+
+#: Seconds each served connection's thread waits for input before it looks for pub/sub
+#: messages to push (fakeredis polls every 10 ms: 100 wake-ups a second per connection,
+#: about 9% of a core for one idle consumer).  Commands are answered as soon as they
+#: arrive either way; only pub/sub deliveries (log tailing) may wait this long.
+EMBEDDED_POLL = 0.05
+
+
+def _slow_down_idle_polls() -> None:
+    """Raise fakeredis's per-connection poll interval to :data:`EMBEDDED_POLL`."""
+    from fakeredis._clients import _tcp_server
+
+    current = getattr(_tcp_server, "_POLL_INTERVAL", None)
+    if isinstance(current, float) and current < EMBEDDED_POLL:
+        _tcp_server._POLL_INTERVAL = EMBEDDED_POLL
 
 
 def _forget(path: Path, port: int) -> None:
