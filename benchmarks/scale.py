@@ -215,13 +215,20 @@ async def system_worker(config_path: Path, count: int, window: float, out_path: 
 
         tg.start_soon(collect_once)
         rates: dict[bool, list[float]] = {False: [], True: []}
-        while not gc_done.is_set() and await rt.backend.routing_backlog() > 4 * service.batch_size:
-            for on in (False, True):
+        order = (False, True)
+        while True:  # pairs in ABBA order (off-on, on-off, ...): a load trend cancels out
+            pair: list[tuple[bool, float]] = []
+            for on in order:
                 gate.set(on)
                 start, routed = time.perf_counter(), router.routed
                 await anyio.sleep(window)
-                if not gc_done.is_set():  # a window after the pass ended is no GC window
-                    rates[on].append((router.routed - routed) / (time.perf_counter() - start))
+                pair.append((on, (router.routed - routed) / (time.perf_counter() - start)))
+            # a pair counts only if the router had work and the pass ran throughout
+            if gc_done.is_set() or await rt.backend.routing_backlog() < 2 * service.batch_size:
+                break
+            for on, rate in pair:
+                rates[on].append(rate)
+            order = order[::-1]
         gate.set(True)
         n = min(len(rates[False]), len(rates[True]))
         if n == 0:
@@ -253,7 +260,7 @@ def run_system(procs: Processes, ctx: Context, count: int, label: str) -> Any:
         f"system.{label}",
         [sys.executable, "-m", "benchmarks.scale", "--worker", "system",
          "--config", str(ctx.config_path), "--route", str(count), "--out", str(out),
-         "--window", str(0.25 if ctx.smoke else 1.0)],
+         "--window", str(0.25 if ctx.smoke else 0.5)],
         finite=True,
     )  # fmt: skip
     wait_until(lambda: worker.process.poll() is not None, timeout=600, what="the system worker",
@@ -451,18 +458,17 @@ def render(empty: dict[str, Any], full: dict[str, Any], command: str, seconds: f
         "",
         *table,
         "",
-        f"Routing: {full['route']:,} tasks pushed to `karton.tasks`, then routed by one",
-        f"`SystemService` in alternating {full['window']:g}-s windows while one GC pass runs in its",
         (
-            'event loop, held between two batches in the "off" windows (medians of'
-            f" {full['windows']} on/off pairs at {full['tasks']:,}, {empty['windows']} empty);"
+            f"Routing: {full['route']:,} tasks are pushed to `karton.tasks`, then routed by one "
+            f"`SystemService` in alternating {full['window']:g}-s windows (ABBA order) while one GC "
+            'pass runs in its event loop, held between two batches in the "off" windows; the rates '
+            f"are medians of {full['windows']} windows each at {full['tasks']:,} "
+            f"({empty['windows']} empty): neighbouring windows see the same machine load. "
+            f"Delivery: {full['consume']:,} tasks drained by one consumer process "
+            "(`concurrency_limit = 64`, log publishing on). Status: the `status` command's wall "
+            "time minus `asynckarton version`'s (Python and package start-up, the same at any "
+            "size), each the fastest of 3 runs."
         ),
-        (
-            "neighbouring windows see the same machine load. Delivery:"
-            f" {full['consume']:,} tasks drained by one consumer process"
-        ),
-        "(`concurrency_limit = 64`, log publishing on). Status: the `status` command's wall time",
-        "minus `asynckarton version`'s (Python and package start-up, the same at any size); each the fastest of 3 runs.",
         'Peak RSS "bounded": at most 1.5x the empty figure + 50 MiB.',
         "",
         "## Machine and versions",

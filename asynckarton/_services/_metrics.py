@@ -84,7 +84,7 @@ log = logging.getLogger("asynckarton.metrics")
 
 DEFAULT_SCAN_INTERVAL = 0.0
 #: Share of wall time the optional task scan may take while routers have a backlog.
-SCAN_BUSY_SHARE = 0.05
+SCAN_BUSY_SHARE = 0.02
 CACHE_SECONDS = 1.0
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0)
 

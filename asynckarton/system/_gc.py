@@ -4,7 +4,8 @@ Task rules (Karton's, see docs/architecture.md), applied to one SCAN pass:
 
 * the receiver is a non-persistent bind with no consumer online → delete (and the bind
   and its queues go first);
-* Declared, not in ``karton.tasks`` and older than ``task_dispatched_timeout`` → delete;
+* Declared, in neither ``karton.tasks`` nor a router's journal and older than
+  ``task_dispatched_timeout`` → delete;
 * Started and older than ``task_started_timeout`` → delete, or mark Crashed when
   ``crash_started_tasks_on_timeout`` is on;
 * Finished → delete; Crashed older than ``task_crashed_timeout`` → delete;
@@ -14,6 +15,12 @@ Task rules (Karton's, see docs/architecture.md), applied to one SCAN pass:
   no longer Crashed (restarted or cancelled by karton-dashboard, collected by
   karton-system or by this GC) is dropped from the list; each pass checks at most
   ``DEAD_LETTER_CHECKS`` uids per list, resuming where the previous pass stopped.
+
+At a million tasks (docs/architecture.md, "At a million tasks"): the pass holds one
+batch of bodies at a time, decides the list-dependent rules (the Declared and Spawned
+ones) for a bounded sample of candidates after the scan, gives way to a router with a
+backlog (``busy_share``), and ends by publishing the surviving tasks' counts by
+receiver, priority and status, which ``status`` and the metrics serve.
 
 Resources: every object version in the default bucket (and in the buckets listed in
 ``[system] gc_extra_buckets``) not referenced by a surviving task (or by the outputs a
@@ -66,7 +73,7 @@ DEAD_LETTER_CHECKS = 1000
 #: over the passes.
 CANDIDATES = 10_000
 #: Share of wall time a pass may use while routers have a backlog (see ``scan_tasks``).
-BUSY_SHARE = 0.05
+BUSY_SHARE = 0.02
 
 
 class _Sample:
