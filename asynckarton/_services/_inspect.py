@@ -4,7 +4,10 @@
 the router and GC heartbeats, Karton's counters and Redis' memory in three round trips,
 whatever the number of tasks: queue depths come from LLEN / ZCARD.  Counting tasks by
 status (Karton's pending / started / crashed) needs every task read, because Karton keeps
-no index by status; :func:`count_tasks` does it on request and says so.
+no index by status: the GC pass, which reads every task anyway, publishes the counts,
+and :attr:`DeploymentState.tasks` carries the last ones with their age (None before
+the first asynckarton GC pass); :func:`count_tasks` counts afresh on request, O(all
+tasks), and says so.
 
 ``asynckarton list``, ``status``, ``delete`` and the metrics exporter are built on this.
 """
@@ -19,6 +22,7 @@ from typing import Any
 from .._errors import BindInUseError, UnknownBindError
 from ..backend import Bind, KartonBackend
 from ..backend._inspect import (
+    StatusCounts,
     parse_client_name,
     queue_counts,
     raw_state,
@@ -128,6 +132,7 @@ class DeploymentState:
     metrics: dict[str, dict[str, int]]  # karton.metrics.<name> -> identity -> counter
     stats: dict[str, int]  # asynckarton.stats (redelivered, rerouted, invalid...)
     redis: RedisState | None = None
+    tasks: TaskCounts | None = None  # by status, as the last GC pass counted them
 
     @classmethod
     async def load(cls, backend: KartonBackend) -> DeploymentState:
@@ -156,6 +161,7 @@ class DeploymentState:
             metrics=raw.metrics,
             stats=raw.stats,
             redis=_redis_state(raw.redis_info),
+            tasks=_task_counts(raw.task_counts),
         )
 
     @property
@@ -172,6 +178,8 @@ class DeploymentState:
             doc["routers"][index]["alive"] = router.alive
         if self.gc is not None:
             doc["gc"]["age"] = self.gc.age
+        doc["task_counts"] = self.tasks.to_json() if self.tasks is not None else None
+        del doc["tasks"]
         return doc
 
 
@@ -181,6 +189,21 @@ class TaskCounts:
 
     counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     duration: float = 0.0  # seconds the scan took
+    counted_at: float = 0.0  # unix time the scan finished
+
+    @property
+    def age(self) -> float:
+        """Seconds since the count finished."""
+        return max(0.0, time.time() - self.counted_at)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"counted_at", "age", "duration", "by_identity": {receiver: {status: n}}}``."""
+        return {
+            "counted_at": self.counted_at,
+            "age": self.age,
+            "duration": self.duration,
+            "by_identity": {ident: dict(c) for ident, c in self.by_identity().items()},
+        }
 
     def by_identity(self) -> dict[str, Counter[str]]:
         """Receiver -> status -> count (unrouted tasks under ``""``)."""
@@ -190,15 +213,20 @@ class TaskCounts:
         return out
 
 
-async def count_tasks(backend: KartonBackend) -> TaskCounts:
+async def count_tasks(backend: KartonBackend, *, busy_share: float | None = None) -> TaskCounts:
     """Count every task by receiver, priority and status: **O(all tasks)**.
 
     It reads each task once (SCAN + MGET + a JSON parse), like one GC pass; use it on
-    demand, not per request.
+    demand, not per request (:attr:`DeploymentState.tasks` has the GC's last count).
+
+    Args:
+        backend: where the tasks are.
+        busy_share: pace the scan while routers have a backlog (see
+            :meth:`~asynckarton.backend.KartonBackend.scan_tasks`); None: full speed.
     """
     started = time.perf_counter()
-    counts = await scan_task_statuses(backend)
-    return TaskCounts(counts, time.perf_counter() - started)
+    counts = await scan_task_statuses(backend, busy_share=busy_share)
+    return TaskCounts(counts, time.perf_counter() - started, time.time())
 
 
 async def delete_bind(backend: KartonBackend, identity: str, *, force: bool = False) -> Bind:
@@ -251,6 +279,12 @@ def _bind_state(identity: str, raw: str, replicas: int) -> BindState:
         filters=bind.filters,
         replicas=replicas,
     )
+
+
+def _task_counts(raw: StatusCounts | None) -> TaskCounts | None:
+    if raw is None:
+        return None
+    return TaskCounts(raw.counts, raw.duration, raw.counted_at)
 
 
 def _gc_state(raw: dict[str, str]) -> GCState | None:

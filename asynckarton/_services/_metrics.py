@@ -17,10 +17,14 @@ one read) and reports:
   ``asynckarton_gc_passes_total``, ``asynckarton_gc_duration_seconds``).
 
 ``karton_tasks`` (tasks by status: pending, started, crashed...) needs every task read,
-because Karton keeps no index by status.  It is therefore **not** computed per scrape: a
-background loop counts the tasks every ``[system] metrics_scan_interval`` seconds
-(default 60; 0 turns it off), at the cost of one SCAN + MGET + JSON parse of every task,
-the same as one GC pass.  ``asynckarton_task_scan_duration_seconds`` reports what it cost.
+because Karton keeps no index by status.  It is therefore **not** computed per scrape:
+it is the count the last GC pass published (``asynckarton.gc.counts``, read with the
+rest of the state: O(1) whatever the number of tasks), and
+``asynckarton_task_counts_age_seconds`` says how old it is (up to ``gc_interval``).
+``[system] metrics_scan_interval`` (default 0: off) adds a count of this process's own
+every that many seconds, for fresher numbers than the GC's: one SCAN + MGET + JSON parse
+of every task, paced while routers have a backlog; the newer of the two is served, and
+``asynckarton_task_scan_duration_seconds`` reports what the served one cost.
 
 **Consumer exporter** (``[karton] metrics_port``, one per process, shared by its
 consumers): ``asynckarton_handlers_in_flight{identity}``,
@@ -78,7 +82,9 @@ __all__ = [
 
 log = logging.getLogger("asynckarton.metrics")
 
-DEFAULT_SCAN_INTERVAL = 60.0
+DEFAULT_SCAN_INTERVAL = 0.0
+#: Share of wall time the optional task scan may take while routers have a backlog.
+SCAN_BUSY_SHARE = 0.02
 CACHE_SECONDS = 1.0
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0)
 
@@ -308,8 +314,8 @@ class SystemMetrics(Collector):
         """Count every task by status every ``interval`` seconds (O(all tasks) each)."""
         while True:
             try:
-                self.counts = await count_tasks(self.service.backend)
-                self.counted_at = time.time()
+                self.counts = await count_tasks(self.service.backend, busy_share=SCAN_BUSY_SHARE)
+                self.counted_at = self.counts.counted_at
             except TRANSIENT_ERRORS as exc:
                 log.warning("metrics: task scan skipped, Redis unavailable: %s", exc)
             await anyio.sleep(interval)
@@ -326,7 +332,7 @@ class SystemMetrics(Collector):
         if state is None:
             return
         yield from self._state_families(state)
-        yield from self._task_families()
+        yield from self._task_families(state)
 
     def _state_families(self, state: DeploymentState) -> Iterator[Metric]:
         replicas = GaugeMetricFamily("karton_replicas", "Replicas", labels=["name", "version"])
@@ -384,8 +390,12 @@ class SystemMetrics(Collector):
             family.add_metric([], state.stats.get(field, 0))
             yield family
 
-    def _task_families(self) -> Iterator[Metric]:
+    def _task_families(self, state: DeploymentState) -> Iterator[Metric]:
         counts = self.counts
+        if state.tasks is not None and (
+            counts is None or state.tasks.counted_at > counts.counted_at
+        ):
+            counts = state.tasks  # the GC's count is newer
         if counts is None:
             return
         tasks = GaugeMetricFamily(
@@ -397,13 +407,18 @@ class SystemMetrics(Collector):
         yield tasks
         yield GaugeMetricFamily(
             "asynckarton_task_scan_duration_seconds",
-            "What the last count of every task by status cost (O(all tasks)).",
+            "What the count of every task by status served here cost (O(all tasks)).",
             value=counts.duration,
         )
         yield GaugeMetricFamily(
             "asynckarton_task_scan_timestamp_seconds",
-            "When the tasks were last counted by status.",
-            value=self.counted_at,
+            "When the tasks were last counted by status (by a GC pass or this exporter).",
+            value=counts.counted_at,
+        )
+        yield GaugeMetricFamily(
+            "asynckarton_task_counts_age_seconds",
+            "Seconds since the task counts by status (karton_tasks) were taken.",
+            value=counts.age,
         )
 
 

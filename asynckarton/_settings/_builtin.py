@@ -161,8 +161,9 @@ SYSTEM = (
            "on this port", "--metrics-port", minimum=0),
     Option("system", "metrics_host", str, "0.0.0.0", "address the metrics port listens on",
            flag=""),
-    Option("system", "metrics_scan_interval", float, 60.0, "seconds between task counts by "
-           "status for the metrics (each reads every task; 0: off)", flag="", minimum=0),
+    Option("system", "metrics_scan_interval", float, 0.0, "seconds between the metrics' own "
+           "task counts by status (each reads every task; 0: off, use the GC pass's count)",
+           flag="", minimum=0),
 )
 ASYNCKARTON = (
     Option("asynckarton", "embedded", bool, None, "in-process Redis and local storage "

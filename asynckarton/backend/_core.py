@@ -11,6 +11,7 @@ docstring for the rule); the others are called only from the services' retry loo
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
@@ -32,6 +33,12 @@ __all__ = ["BackendCore", "Script"]
 #: Keys per MGET / DEL / SCAN step: big enough to amortise round trips, small enough
 #: not to block Redis.
 CHUNK = 1000
+#: Uids per LRANGE when a list is searched for members (see ``unrouted_among``).
+LIST_SLICE = 10_000
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class Script:
@@ -278,14 +285,25 @@ class BackendCore:
         return out
 
     @entry_point_iter("scan the tasks")
-    async def scan_tasks(self) -> AsyncIterator[list[tuple[str, str]]]:
+    async def scan_tasks(
+        self, *, busy_share: float | None = None
+    ) -> AsyncIterator[list[tuple[str, str]]]:
         """Yield every task as batches of ``(uid, body)`` (SCAN then MGET, never KEYS).
 
         A task deleted between the two steps is left out; one written meanwhile may or
-        may not be seen (SCAN's guarantee).
+        may not be seen (SCAN's guarantee).  At most :data:`CHUNK` bodies are held at
+        once, whatever the number of tasks.
+
+        Args:
+            busy_share: when set (0 < share <= 1), the scan gives way to routing: while
+                ``karton.tasks`` has a backlog and a router is alive, it sleeps after
+                each batch so that fetching the batch and the caller's work on it take
+                at most this share of the wall time.  The routers (in this event loop
+                or on this Redis) keep the rest.
         """
         cursor = 0
         while True:
+            began = anyio.current_time()
             cursor, found = await self.redis.scan(cursor, match=keys.TASK_PREFIX + "*", count=CHUNK)
             if found:
                 bodies = cast(list[str | None], await self.redis.mget(found))
@@ -298,6 +316,64 @@ class BackendCore:
                     yield batch
             if cursor == 0:
                 return
+            if busy_share is not None and 0 < busy_share < 1 and await self.routing_backlog():
+                spent = anyio.current_time() - began
+                await anyio.sleep(min(spent * (1 / busy_share - 1), 5.0))
+
+    @entry_point("read the routing backlog")
+    async def routing_backlog(self) -> int:
+        """Unrouted tasks waiting while a router is alive (0 when no router is alive).
+
+        Two O(1)/O(log n) commands: what a long scan checks to decide whether to pace
+        itself.
+        """
+        now_ms = _now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(keys.TASKS_QUEUE)
+            pipe.zcount(keys.ROUTERS, now_ms, "+inf")
+            unrouted, alive = await pipe.execute()
+        return int(unrouted) if int(alive) else 0
+
+    @entry_point("look for tasks waiting to be routed")
+    async def unrouted_among(self, uids: Iterable[str]) -> set[str]:
+        """Which of ``uids`` wait in ``karton.tasks`` or in a router's journal.
+
+        Reads the lists in slices of :data:`LIST_SLICE` (memory bounded by ``uids``, not
+        by the backlog): O(unrouted) Redis work, once per GC pass.
+        """
+        wanted = set(uids)
+        if not wanted:
+            return set()
+        routers = cast(list[str], await self.redis.zrange(keys.ROUTERS, 0, -1))
+        return await self._members_of(
+            [keys.TASKS_QUEUE, *(keys.routing_key(r) for r in routers)], wanted
+        )
+
+    @entry_point("look for queued tasks")
+    async def queued_among(self, identity: str, uids: Iterable[str]) -> set[str]:
+        """Which of ``uids`` wait in one of ``identity``'s queues (read in slices)."""
+        wanted = set(uids)
+        if not wanted:
+            return set()
+        return await self._members_of(keys.consumer_queues(identity), wanted)
+
+    async def _members_of(self, lists: Sequence[str], wanted: set[str]) -> set[str]:
+        """Members of ``wanted`` found in ``lists``, each read tail first in slices.
+
+        Producers and routers push at the tail and consumers and routers pop at the head,
+        so negative indices never skip an element that stays in the list while it is
+        read (a push only makes a slice seen twice).
+        """
+        found: set[str] = set()
+        for name in lists:
+            end = -1
+            while True:
+                chunk = cast(list[str], await self.redis.lrange(name, end - LIST_SLICE + 1, end))
+                found.update(wanted.intersection(chunk))
+                if len(chunk) < LIST_SLICE or found >= wanted:
+                    break
+                end -= LIST_SLICE
+        return found
 
     @entry_point("declare tasks")
     async def declare_tasks(self, tasks: Iterable[Task]) -> None:

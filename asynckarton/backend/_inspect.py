@@ -4,7 +4,15 @@ Every query here costs O(binds) or O(identities) commands, batched in one or two
 pipelines, except :func:`scan_task_statuses`, which reads every task (SCAN + MGET) and
 says so.  Queue depths come from LLEN / ZCARD, never from reading the tasks.
 
-The one write, :func:`record_gc_pass`, keeps the GC's heartbeat (Karton has none).
+Tasks by status (Karton keeps no index of them) are counted by the GC pass, which reads
+every task anyway, and published with :func:`publish_task_counts` as one small JSON
+string (``asynckarton.gc.counts``); :func:`raw_state` reads it back with everything
+else, so ``status`` and a metrics scrape show them in O(1) with their age.  Each pass
+replaces the whole snapshot, so a crash leaves the previous one, older, never a wrong
+partial count.
+
+The writes, :func:`record_gc_pass` and :func:`publish_task_counts`, keep the GC's
+heartbeat and counts (Karton has neither).
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ __all__ = [
     "KARTON_METRICS",
     "QueueCounts",
     "RawState",
+    "StatusCounts",
     "parse_client_name",
+    "publish_task_counts",
     "queue_counts",
     "raw_state",
     "record_gc_pass",
@@ -53,6 +63,15 @@ class QueueCounts:
     dead: int
 
 
+@dataclass(frozen=True, slots=True)
+class StatusCounts:
+    """Tasks by (receiver, priority, status) and when they were counted."""
+
+    counts: Counter[tuple[str, str, str]]
+    counted_at: float  # unix time the count finished
+    duration: float  # seconds the count took
+
+
 @dataclass(slots=True)
 class RawState:
     """Everything :func:`raw_state` read, unparsed beyond Redis' own replies."""
@@ -65,6 +84,7 @@ class RawState:
     gc_last: dict[str, str] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, dict[str, int]] = field(default_factory=dict)
+    task_counts: StatusCounts | None = None  # the last GC pass's count
     redis_info: dict[str, Any] | None = None
 
 
@@ -89,10 +109,11 @@ async def raw_state(backend: KartonBackend) -> RawState:
         pipe.zrange(keys.ROUTERS, 0, -1, withscores=True)
         pipe.hgetall(GC_LAST)
         pipe.hgetall(keys.STATS)
+        pipe.get(keys.GC_COUNTS)
         for metric in KARTON_METRICS:
             pipe.hgetall(keys.metrics_key(metric))
         replies = await pipe.execute()
-    binds, clients, unrouted, delayed, routers, gc_last, stats, *metrics = replies
+    binds, clients, unrouted, delayed, routers, gc_last, stats, counts, *metrics = replies
     state = RawState(
         binds=cast(dict[str, str], binds),
         client_names=[c.get("name") or "" for c in clients if c.get("name")],
@@ -105,6 +126,7 @@ async def raw_state(backend: KartonBackend) -> RawState:
             name: {k: _int(v) for k, v in raw.items()}
             for name, raw in zip(KARTON_METRICS, metrics, strict=True)
         },
+        task_counts=_parse_counts(counts),
     )
     try:
         state.redis_info = await client.info("memory")
@@ -134,17 +156,21 @@ async def queue_counts(backend: KartonBackend, identities: Iterable[str]) -> dic
     return out
 
 
-async def scan_task_statuses(backend: KartonBackend) -> Counter[tuple[str, str, str]]:
+async def scan_task_statuses(
+    backend: KartonBackend, *, busy_share: float | None = None
+) -> Counter[tuple[str, str, str]]:
     """Count every task by (receiver, priority, status): **O(all tasks)**.
 
     One SCAN of ``karton.task:*`` plus one MGET per 1000 keys, and a JSON parse of every
-    body: the cost of one GC pass over the tasks.  Karton keeps no index of tasks by
-    status, so nothing cheaper can give these numbers; callers run it on demand
-    (``status --scan``) or at most every few seconds in the background (the metrics).
+    body: the cost of one GC pass over the tasks (memory: one batch at a time).  Karton
+    keeps no index of tasks by status; the GC publishes this count after each pass
+    (:func:`publish_task_counts`), so callers need this only for a fresh count on
+    demand (``status --scan``) or the metrics' optional scan, paced with ``busy_share``
+    (see :meth:`~asynckarton.backend.KartonBackend.scan_tasks`).
     Unrouted tasks count under receiver ``""``.
     """
     counts: Counter[tuple[str, str, str]] = Counter()
-    async for batch in backend.scan_tasks():
+    async for batch in backend.scan_tasks(busy_share=busy_share):
         for _uid, body in batch:
             try:
                 doc = orjson.loads(body)
@@ -173,6 +199,30 @@ async def record_gc_pass(
         "deleted_objects": deleted_objects,
     }
     await backend.redis.hset(GC_LAST, mapping=mapping)  # type: ignore[arg-type]
+
+
+async def publish_task_counts(backend: KartonBackend, counts: StatusCounts) -> None:
+    """Replace the published task counts with ``counts`` (one SET: all or nothing)."""
+    document = {
+        "counted_at": counts.counted_at,
+        "duration": counts.duration,
+        "counts": [[*key, n] for key, n in sorted(counts.counts.items())],
+    }
+    await backend.redis.set(keys.GC_COUNTS, orjson.dumps(document))
+
+
+def _parse_counts(raw: object) -> StatusCounts | None:
+    """The published counts, or None when absent or unreadable (never a partial one)."""
+    if not raw:
+        return None
+    try:
+        doc = orjson.loads(cast(str, raw))
+        counts: Counter[tuple[str, str, str]] = Counter()
+        for receiver, priority, status, n in doc["counts"]:
+            counts[str(receiver), str(priority), str(status)] = int(n)
+        return StatusCounts(counts, float(doc["counted_at"]), float(doc["duration"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _int(value: object) -> int:

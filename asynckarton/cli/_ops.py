@@ -121,8 +121,8 @@ def status(
         bool,
         typer.Option(
             "--scan",
-            help="Also count tasks by status (pending/started/crashed): reads EVERY task "
-            "once, O(all tasks), like a GC pass.",
+            help="Count tasks by status afresh: reads EVERY task once, O(all tasks), like "
+            "a GC pass. Without it, status shows the last GC pass's count and its age.",
         ),
     ] = False,
 ) -> None:
@@ -134,10 +134,12 @@ def status(
 
     with startup_errors():
         state, counts = _with_backend(config_file, load)
+    scanned = counts is not None
+    counts = counts if counts is not None else state.tasks  # else: the GC's last count
     by_identity = counts.by_identity() if counts is not None else None
     if as_json:
         doc = state.to_json()
-        if counts is not None and by_identity is not None:
+        if scanned and counts is not None and by_identity is not None:
             doc["tasks"] = {ident: dict(c) for ident, c in by_identity.items()}
             doc["tasks_scan_seconds"] = counts.duration
         typer.echo(json.dumps(doc, default=str))
@@ -164,10 +166,10 @@ def status(
             row += [str(found.get(s, 0)) for s in ("Spawned", "Started", "Crashed")]
         table.add_row(*row)
     console.print(table)
-    console.print(_system_table(state, counts))
+    console.print(_system_table(state, counts, scanned=scanned))
 
 
-def _system_table(state: DeploymentState, counts: TaskCounts | None) -> Table:
+def _system_table(state: DeploymentState, counts: TaskCounts | None, *, scanned: bool) -> Table:
     table = Table(title="system", show_header=False)
     table.add_column("what")
     table.add_column("value")
@@ -196,9 +198,14 @@ def _system_table(state: DeploymentState, counts: TaskCounts | None) -> Table:
         limit = f" of {state.redis.maxmemory} bytes" if state.redis.maxmemory else ""
         table.add_row("Redis memory", memory + limit)
     if counts is not None:
+        total = sum(counts.counts.values())
         table.add_row(
-            "task scan", f"{sum(counts.counts.values())} task(s) in {counts.duration:.2f}s"
+            "task counts",
+            f"{total} task(s) read in {counts.duration:.2f}s"
+            + ("" if scanned else f" by the GC pass {_ago(counts.age)} (--scan: count now)"),
         )
+    else:
+        table.add_row("task counts", "none yet (no asynckarton GC pass; --scan counts now)")
     return table
 
 

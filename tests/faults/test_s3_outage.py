@@ -336,9 +336,9 @@ async def test_gc_outage_deletes_nothing_and_the_next_pass_resumes(
             # Down between the listing and the deletes (while the GC scans the tasks).
             scan = system.backend.scan_tasks
 
-            def scan_then_stop() -> AsyncIterator[list[tuple[str, str]]]:
+            def scan_then_stop(**kwargs: Any) -> AsyncIterator[list[tuple[str, str]]]:
                 env.s3.stop()
-                return scan()
+                return scan(**kwargs)
 
             monkeypatch.setattr(system.backend, "scan_tasks", scan_then_stop)
             with pytest.raises(StorageError, match=env.bucket):
