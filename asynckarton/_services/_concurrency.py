@@ -231,6 +231,8 @@ class ConcurrencyPolicy:
 
 def _canonical(value: Any) -> Any:
     """Replace resources by their sha256 (wire dicts and objects alike), recursively."""
+    if value is None or isinstance(value, (str, int, float)):  # most key values
+        return value
     if isinstance(value, ResourceBase):
         return {RESOURCE_KEY: value.sha256 or value.uid}
     if isinstance(value, dict):
@@ -283,10 +285,25 @@ def argument_fields(
 _MISSING = object()
 
 
-def _lookup(headers: Mapping[str, Any], payload: dict[str, Any], path: str) -> Any:
+def _lookup(
+    headers: Mapping[str, Any],
+    payload: Mapping[str, Any],
+    persistent: Mapping[str, Any],
+    path: str,
+) -> Any:
+    """The canonical value at ``path``; payload paths look in payload, then persistent."""
     head, _, rest = path.partition(".")
-    node: Any = headers if head == "headers" else payload
-    for part in rest.split("."):
+    parts = rest.split(".")
+    node: Any = headers
+    if head != "headers":
+        first = parts[0]
+        if first in payload:
+            node = payload
+        elif first != _HEADERS_COPY and first in persistent:
+            node = persistent
+        else:
+            return _MISSING
+    for part in parts:
         if not isinstance(node, Mapping) or part not in node:
             return _MISSING
         node = node[part]
@@ -308,14 +325,14 @@ def scope_digest(
     """
     if mode is ConcurrencyControlType.TASK or mode is ConcurrencyControlType.DISABLED:
         return "task"
-    merged = _payload(payload, payload_persistent)
     if mode is ConcurrencyControlType.KEYS:
         picked = {}
         for path in key_arguments:
-            value = _lookup(headers, merged, path)
+            value = _lookup(headers, payload, payload_persistent, path)
             if value is not _MISSING:  # absent paths are left out: equal to each other
                 picked[path] = value
         return "k" + _hash(_dumps(picked))
+    merged = _payload(payload, payload_persistent)
     doc = {
         "headers": {k: _canonical(v) for k, v in headers.items() if k not in ROUTING_HEADERS},
         "payload": _canonical(merged),
