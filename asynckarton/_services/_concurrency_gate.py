@@ -41,6 +41,8 @@ __all__ = ["ConcurrencyGate"]
 #: Tasks of one scope that may wait in a process behind the one running under its slot;
 #: more are parked in Redis (``reroute_on_concurrency_control``).  Waiting here costs no
 #: Redis command and no handler runner: the runner that ends a task runs the next one.
+#: It is also how many tasks a process runs under a slot, since taking it, ahead of tasks
+#: of the scope that other processes parked (then newcomers are parked behind those).
 LOCAL_WAITERS_PER_SCOPE = 16
 #: Tasks waiting in a process in all, at least (``ConcurrencyGate.local_cap``).
 LOCAL_WAITERS_MIN = 16
@@ -58,6 +60,7 @@ class _Scope:
     listed: str = ""  # the holders this process last wrote in Redis ("" = none)
     asking: int = 0  # tasks of the scope in an ACQUIRE call now
     releasing: bool = False  # a release is queued
+    streak: int = 0  # tasks admitted under the slot since this process took it
 
     @property
     def idle(self) -> bool:
@@ -82,8 +85,9 @@ class ConcurrencyGate:
     that ended the first runs it (:meth:`ready`).  Only when a scope has nothing left to
     run here is its slot released in Redis (in batches, by :meth:`run`), which also moves
     one task parked by another process back to its queue.  Beyond
-    ``LOCAL_WAITERS_PER_SCOPE`` per scope or ``local_cap`` in all, and behind tasks of the
-    scope already parked, newcomers are parked in Redis instead.  Without
+    ``LOCAL_WAITERS_PER_SCOPE`` per scope or ``local_cap`` in all, newcomers are parked in
+    Redis instead; so are they, once that many ran under the slot here, while tasks of
+    the scope parked by other processes wait (no process keeps a busy key to itself).  Without
     ``reroute_on_concurrency_control`` nothing waits: a task meeting a holder, here or
     elsewhere, ends Crashed (counted ``blocked``).
 
@@ -208,8 +212,9 @@ class ConcurrencyGate:
             elif not reroute or (
                 room > 0 and len(scope.waiting) + scope.asking < LOCAL_WAITERS_PER_SCOPE
             ):
-                how = "join"  # without reroute ACQUIRE refuses it (blocked) if ours
-                room -= 1
+                # Ahead of tasks of the scope parked by other processes only for a while.
+                how = "stay" if scope.streak < LOCAL_WAITERS_PER_SCOPE else "join"
+                room -= 1  # (without reroute, ACQUIRE refuses it: blocked)
             else:
                 how = "park"
             scope.asking += 1
@@ -231,6 +236,7 @@ class ConcurrencyGate:
         for (task, request, scope), result in zip(asked, results, strict=True):
             if result.outcome in ("run", "wait"):
                 scope.listed = result.holder
+                scope.streak += 1
                 self._of[task.uid] = request.digest
                 if scope.running is None and not scope.waiting:
                     scope.running = task.uid  # nothing runs under it here: this one does
@@ -307,12 +313,19 @@ class ConcurrencyGate:
         self._stopping = True
 
     def leftovers(self) -> list[Task]:
-        """Take every task still waiting here (to hand back at the end of a run)."""
+        """Take every task still waiting here, to hand back (the end of a run).
+
+        They leave their scopes (whose slots are then released) and :meth:`release` no
+        longer knows them; the gate is ready for a later run.
+        """
+        self._stopping = True  # no waiter takes over while they leave
         tasks = list(self._ready)
-        self._ready.clear()
         for scope in self._scopes.values():
             tasks.extend(scope.waiting)
-        self._stopping = False  # for a later run
+        for task in tasks:
+            self.release(task)
+        self._ready.clear()
+        self._stopping = False
         return tasks
 
     def release(self, task: Task) -> None:

@@ -104,12 +104,16 @@ end
 """
 
 # Liveness of a slot entry: its holders (the comma-separated uids before the first space)
-# count while any of them has a live lease.  Returns the first live one, or nil.
+# count while any of them has a live lease, except those in ``skip`` (uids being admitted
+# right now: fetched again after their process died, so running nowhere).  Returns the
+# first live one, or nil.
 _LIVE: Final = """
-local function live_holder(leases, holders, now)
+local function live_holder(leases, holders, now, skip)
   for uid in string.gmatch(holders, '[^,]+') do
-    local deadline = redis.call('ZSCORE', leases, uid)
-    if deadline and tonumber(deadline) >= now then return uid end
+    if not skip[uid] then
+      local deadline = redis.call('ZSCORE', leases, uid)
+      if deadline and tonumber(deadline) >= now then return uid end
+    end
   end
   return nil
 end
@@ -123,14 +127,15 @@ end
 # ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, task key prefix, then per
 # task: uid, digest, info ("<args digest> <fields>" or ""), its queue key, pending digest
 # (""), mode, expect, base.  Modes: "take" (no task of the scope is held in its process),
-# "join" (its process holds the scope: the task waits there, behind the others), "park"
-# (as join, but the task must not wait there: it is parked).  The entry is the process's
+# "join" (its process holds the scope: the task waits there, behind the others, unless
+# tasks of the scope are parked: then it is parked behind them), "stay" (as join, even
+# ahead of parked tasks), "park" (as join, but it must not wait there: it is parked).  The entry is the process's
 # own if its holders equal ``expect`` (what that process last wrote), or what this call
 # wrote for the digest; then a join appends the uid to ``base`` (the scope's running and
 # waiting uids in that process, finished ones left out).  An entry without a live holder
-# is taken.  Otherwise the task is refused: parked when rerouting (its lease dropped, its
-# body back to Spawned), else blocked; with on_diff, "differs" when the holder's
-# arguments differ.  A join with parked tasks of its scope is parked behind them.
+# is taken (holders being admitted in this call do not count: they run nowhere).
+# Otherwise the task is refused: parked when rerouting (its lease dropped, its body back
+# to Spawned), else blocked; with on_diff, "differs" when the holder's arguments differ.
 # Returns per task: outcome (run / wait / parked / blocked / differs), then for run and
 # wait the holders written, else the holder uid and the holder's info.
 ACQUIRE: Final = (
@@ -142,6 +147,8 @@ local prefix, taskp = ARGV[4], ARGV[5]
 local anyparked = redis.call('HLEN', KEYS[3]) > 0
 local written = {}
 local out = {}
+local asking = {}
+for i = 6, #ARGV, 8 do asking[ARGV[i]] = true end
 local function park(uid, digest, queue)
   redis.call('RPUSH', prefix .. digest, uid)
   redis.call('HSET', KEYS[3], uid, digest .. ' ' .. queue)
@@ -172,7 +179,7 @@ for i = 6, #ARGV, 8 do
   local mine = written[digest] or expect
   local ours = holders ~= nil and mine ~= '' and holders == mine
   local live = nil
-  if holders and not ours then live = live_holder(KEYS[2], holders, now) end
+  if holders and not ours then live = live_holder(KEYS[2], holders, now, asking) end
   local differs = ondiff and held ~= '' and info ~= '' and
     string.match(held, '^(%S+)') ~= string.match(info, '^(%S+)')
   if not ours and not live then
@@ -187,14 +194,15 @@ for i = 6, #ARGV, 8 do
     out[#out + 1] = ''
   else
     local holder = live or string.match(holders, '^([^,]+)')
-    local parked_behind = ours and anyparked and redis.call('SISMEMBER', KEYS[4], digest) == 1
+    local parked_behind = ours and mode == 'join' and anyparked and
+      redis.call('SISMEMBER', KEYS[4], digest) == 1
     if differs then
       redis.call('HINCRBY', KEYS[5], 'differing', 1)
       out[#out + 1] = 'differs'
     elseif not reroute then
       redis.call('HINCRBY', KEYS[5], 'blocked', 1)
       out[#out + 1] = 'blocked'
-    elseif ours and mode == 'join' and not parked_behind then
+    elseif ours and (mode == 'join' or mode == 'stay') and not parked_behind then
       local list = (written[digest] or base)
       list = list == '' and uid or (list .. ',' .. uid)
       redis.call('HSET', KEYS[1], digest, list .. (held ~= '' and (' ' .. held) or ''))
@@ -248,7 +256,7 @@ SWEEP: Final = (
     + """
 local now = tonumber(ARGV[1])
 local function dead(entry)
-  return live_holder(KEYS[2], string.match(entry, '^(%S+)'), now) == nil
+  return live_holder(KEYS[2], string.match(entry, '^(%S+)'), now, {}) == nil
 end
 if redis.call('HLEN', KEYS[1]) <= tonumber(ARGV[4]) then
   local slots = redis.call('HGETALL', KEYS[1])
@@ -343,7 +351,7 @@ class Admission(NamedTuple):
     info: str  # "<args digest> <fields JSON>" when differing arguments must be named
     queue: str  # key of the queue it goes back to (head) when unparked
     pending: str  # registration digest whose pending entry this fetch clears ("" = none)
-    mode: str = "take"  # "take", "join" (wait behind this process's holders) or "park"
+    mode: str = "take"  # "take", "join"/"stay" (wait behind this process's holders), "park"
     expect: str = ""  # the holders this process last wrote for the digest ("" = none)
     base: str = ""  # this process's running and waiting uids of the scope, comma-separated
 

@@ -512,6 +512,10 @@ async def test_a_join_meets_whoever_holds_the_slot_when_it_is_no_longer_ours(
     [fair] = await store.acquire([_join("z", "y", "y")], reroute=True, on_diff=False)
     assert fair.outcome == "parked"
     assert await backend.redis.lrange(keys.parked_prefix(ID) + "k1", 0, -1) == ["b", "z"]
+    # ... unless its process may still run tasks ahead of them ("stay").
+    await _lease(backend, "s", 30)
+    [ahead] = await store.acquire([_join("s", "y", "y", mode="stay")], reroute=True, on_diff=False)
+    assert (ahead.outcome, ahead.holder) == ("wait", "y,s")
 
 
 @pytest.mark.anyio
@@ -622,6 +626,20 @@ async def test_gate_after_stop_starts_no_waiter_and_gives_them_back(
 
 
 @pytest.mark.anyio
+async def test_gate_leftovers_include_a_task_whose_turn_came_and_nothing_takes_over(
+    backend: KartonBackend,
+) -> None:
+    gate, _, _ = _keyed_gate(backend)
+    a1, a2, a3 = await _keyed(backend, "a", "a", "a")
+    assert await gate.admit([a1, a2, a3]) == [a1]
+    gate.release(a1)  # a cancelled run (no stop()): a2's turn came, nobody ran it
+    assert gate.leftovers() == [a2, a3]
+    assert gate.ready() is None and gate.waiting == 0 and gate._of == {}
+    await gate._flush()
+    assert gate._scopes == {} and await backend.redis.hlen(running_key(ID)) == 0
+
+
+@pytest.mark.anyio
 async def test_gate_forgets_parked_tasks_and_tasks_of_a_failed_admission(
     backend: KartonBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -683,3 +701,17 @@ async def test_stop_hands_back_tasks_waiting_behind_a_holder_and_frees_the_slot(
     assert Holder.ran == [0]  # the holder finished; nothing started after stop()
     assert sorted(t.status.value for t in tasks) == ["Finished"] + ["Spawned"] * 3
     assert len(queued) == 3 and leases == 0 and slots == 0
+
+
+@pytest.mark.anyio
+async def test_holders_fetched_again_after_their_process_died_do_not_block_themselves(
+    backend: KartonBackend,
+) -> None:
+    store = SlotStore(backend, ID)
+    for uid in ("h", "w"):
+        await _lease(backend, uid, 30)
+    await store.acquire([_ask("h"), _join("w", "", "")], reroute=True, on_diff=False)
+    # Their process died; both were requeued and fetched (leased) by another one.
+    out = await store.acquire([_ask("w"), _join("h", "", "")], reroute=True, on_diff=False)
+    assert [(o.outcome, o.holder) for o in out] == [("run", "w"), ("wait", "w,h")]
+    assert (await store.stats())["taken_over"] == 1
