@@ -345,10 +345,10 @@ async def test_a_sigkilled_holder_frees_its_key_within_the_lease(
             if waiter == "parked":
                 if await r.hlen(f"asynckarton.parked.index:{IDENTITY}") >= 1:
                     break
-            elif any(
-                "," in v.split(" ")[0] for v in await r.hvals(f"asynckarton.running:{IDENTITY}")
-            ):
-                break  # listed behind the holder, in its process
+            else:
+                slots = [str(v) for v in await r.hvals(f"asynckarton.running:{IDENTITY}")]
+                if any("," in v.split(" ")[0] for v in slots):
+                    break  # listed behind the holder, in its process
             await anyio.sleep(0.05)
     if waiter == "local":
         deployment.start(with_system=False)
