@@ -310,6 +310,25 @@ def _lookup(
     return _canonical(node)
 
 
+_KEYS_CACHE: dict[tuple[tuple[str, type, Any], ...], str] = {}
+_KEYS_CACHE_SIZE = 4096
+
+
+def _keys_digest(picked: dict[str, Any]) -> str:
+    """``"k"`` + the digest of the picked key values (memoised for scalar values)."""
+    try:  # the type is part of the key: 1, 1.0 and True encode differently
+        memo = tuple((path, type(value), value) for path, value in picked.items())
+        return _KEYS_CACHE[memo]
+    except TypeError:  # a dict or list value: not hashable, not memoised
+        return "k" + _hash(_dumps(picked))
+    except KeyError:
+        pass
+    digest = _KEYS_CACHE[memo] = "k" + _hash(_dumps(picked))
+    if len(_KEYS_CACHE) > _KEYS_CACHE_SIZE:
+        _KEYS_CACHE.clear()
+    return digest
+
+
 def scope_digest(
     mode: ConcurrencyControlType,
     headers: Mapping[str, Any],
@@ -331,7 +350,7 @@ def scope_digest(
             value = _lookup(headers, payload, payload_persistent, path)
             if value is not _MISSING:  # absent paths are left out: equal to each other
                 picked[path] = value
-        return "k" + _hash(_dumps(picked))
+        return _keys_digest(picked)
     merged = _payload(payload, payload_persistent)
     doc = {
         "headers": {k: _canonical(v) for k, v in headers.items() if k not in ROUTING_HEADERS},

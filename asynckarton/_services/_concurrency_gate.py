@@ -219,9 +219,8 @@ class ConcurrencyGate:
                 how = "park"
             scope.asking += 1
             queue = queue_key(task.priority.value, self.identity)
-            request = Admission(
-                task.uid, digest, info, queue, pending, how, scope.listed, scope.active()
-            )
+            base = scope.active() if how != "take" else ""
+            request = Admission(task.uid, digest, info, queue, pending, how, scope.listed, base)
             asked.append((task, request, scope))
         try:
             results = await self._slots().acquire(

@@ -124,9 +124,10 @@ end
 # tasks waiting there behind it, in order), then " <args digest> <fields JSON>" when
 # differing arguments are checked.
 # KEYS: running, leases, parked index, parked digests, stats, pending.
-# ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, task key prefix, then per
-# task: uid, digest, info ("<args digest> <fields>" or ""), its queue key, pending digest
-# (""), mode, expect, base.  Modes: "take" (no task of the scope is held in its process),
+# ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, task key prefix, then one
+# argument per task, its fields joined by tabs (none holds one: JSON escapes them): uid,
+# digest, info ("<args digest> <fields>" or ""), its queue key, pending digest (""),
+# mode, expect, base.  Modes: "take" (no task of the scope is held in its process),
 # "join" (its process holds the scope: the task waits there, behind the others, unless
 # tasks of the scope are parked: then it is parked behind them), "stay" (as join, even
 # ahead of parked tasks), "park" (as join, but it must not wait there: it is parked).  The entry is the process's
@@ -148,7 +149,17 @@ local anyparked = redis.call('HLEN', KEYS[3]) > 0
 local written = {}
 local out = {}
 local asking = {}
-for i = 6, #ARGV, 8 do asking[ARGV[i]] = true end
+local requests = {}
+for i = 6, #ARGV do
+  local r, n = {}, 0
+  for field in string.gmatch(ARGV[i], '([^\t]*)\t?') do
+    n = n + 1
+    if n > 8 then break end
+    r[n] = field
+  end
+  requests[#requests + 1] = r
+  asking[r[1]] = true
+end
 local function park(uid, digest, queue)
   redis.call('RPUSH', prefix .. digest, uid)
   redis.call('HSET', KEYS[3], uid, digest .. ' ' .. queue)
@@ -162,9 +173,9 @@ local function park(uid, digest, queue)
     if n == 1 then redis.call('SET', taskp .. uid, fixed) end
   end
 end
-for i = 6, #ARGV, 8 do
-  local uid, digest, info, queue, pend = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
-  local mode, expect, base = ARGV[i+5], ARGV[i+6], ARGV[i+7]
+for _, r in ipairs(requests) do
+  local uid, digest, info, queue, pend = r[1], r[2], r[3], r[4], r[5]
+  local mode, expect, base = r[6], r[7], r[8]
   if pend ~= '' and string.match(redis.call('HGET', KEYS[6], pend) or '', '^(%S+)') == uid then
     redis.call('HDEL', KEYS[6], pend)
   end
@@ -343,7 +354,7 @@ return dups + diffs
 class Admission(NamedTuple):
     """One fetched task asking for its slot (see ACQUIRE for ``mode``).
 
-    A tuple in ACQUIRE's argument order: it is sent as it is.
+    A tuple in ACQUIRE's field order: it is sent joined by tabs.
     """
 
     uid: str
@@ -405,8 +416,7 @@ class SlotStore:
             self._parked_prefix,
             keys.TASK_PREFIX,
         ]
-        for request in requests:
-            args.extend(request)
+        args.extend(["\t".join(request) for request in requests])
         flat = cast(list[str], await self._acquire(keys=self._acquire_keys, args=args))
         return [Outcome(*flat[i : i + 3]) for i in range(0, len(flat), 3)]
 

@@ -106,6 +106,15 @@ def test_keys_scope_looks_at_key_arguments_only() -> None:
     )
 
 
+def test_keys_digests_are_memoised_by_value_and_type() -> None:
+    paths = ("headers.k",)
+    one, true, real = (scope_digest(KEYS, {"k": v}, {}, {}, paths) for v in (1, True, 1.0))
+    assert len({one, true, real}) == 3  # JSON tells them apart, so must the memo
+    assert scope_digest(KEYS, {"k": 1}, {}, {}, paths) == one
+    nested = scope_digest(KEYS, {"k": {"a": [1]}}, {}, {}, paths)  # not memoised
+    assert nested == scope_digest(KEYS, {"k": {"a": [1]}}, {}, {}, paths) != one
+
+
 def test_a_parsed_task_and_its_wire_document_give_the_same_digest() -> None:
     task = Task({"type": "x", "receiver": "r"}, payload={"f": _resource("a", "u", "cc" * 32)})
     wire = Task.unserialize(task.serialize())
