@@ -48,7 +48,7 @@ LOCAL_WAITERS_PER_SCOPE = 16
 LOCAL_WAITERS_MIN = 16
 #: Seconds a release waits for company.  A scope that takes a task again meanwhile needs
 #: no release (its holders are rewritten instead); only parked tasks wait that long more.
-RELEASE_LINGER = 0.005
+RELEASE_LINGER = 0.02
 
 
 @dataclass(slots=True, eq=False)

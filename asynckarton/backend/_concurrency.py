@@ -151,12 +151,13 @@ local out = {}
 local asking = {}
 local requests = {}
 for i = 6, #ARGV do
-  local r, n = {}, 0
-  for field in string.gmatch(ARGV[i], '([^\t]*)\t?') do
-    n = n + 1
-    if n > 8 then break end
-    r[n] = field
+  local text, r, pos = ARGV[i], {}, 1
+  for n = 1, 7 do
+    local tab = string.find(text, '\t', pos, true)
+    r[n] = string.sub(text, pos, tab - 1)
+    pos = tab + 1
   end
+  r[8] = string.sub(text, pos)
   requests[#requests + 1] = r
   asking[r[1]] = true
 end
@@ -173,16 +174,14 @@ local function park(uid, digest, queue)
     if n == 1 then redis.call('SET', taskp .. uid, fixed) end
   end
 end
-for _, r in ipairs(requests) do
-  local uid, digest, info, queue, pend = r[1], r[2], r[3], r[4], r[5]
-  local mode, expect, base = r[6], r[7], r[8]
-  if pend ~= '' and string.match(redis.call('HGET', KEYS[6], pend) or '', '^(%S+)') == uid then
-    redis.call('HDEL', KEYS[6], pend)
-  end
-  local where = anyparked and redis.call('HGET', KEYS[3], uid)
-  if where then  -- parked, then delivered by another path (GC, operator): unpark it here
-    redis.call('LREM', prefix .. string.match(where, '^(%S+)'), 0, uid)
-    redis.call('HDEL', KEYS[3], uid)
+local function decide(uid, digest, info, queue, mode, expect, base)
+  if mode == 'take' and not written[digest] then  -- the usual case: nobody holds it
+    local value = info ~= '' and (uid .. ' ' .. info) or uid
+    if redis.call('HSETNX', KEYS[1], digest, value) == 1 then
+      written[digest] = uid
+      out[#out + 1] = 'run'; out[#out + 1] = uid; out[#out + 1] = ''
+      return
+    end
   end
   local entry = redis.call('HGET', KEYS[1], digest)
   local holders = entry and string.match(entry, '^(%S+)')
@@ -203,29 +202,41 @@ for _, r in ipairs(requests) do
     written[digest] = list
     out[#out + 1] = mode == 'take' and 'run' or 'wait'; out[#out + 1] = list
     out[#out + 1] = ''
-  else
-    local holder = live or string.match(holders, '^([^,]+)')
-    local parked_behind = ours and mode == 'join' and anyparked and
-      redis.call('SISMEMBER', KEYS[4], digest) == 1
-    if differs then
-      redis.call('HINCRBY', KEYS[5], 'differing', 1)
-      out[#out + 1] = 'differs'
-    elseif not reroute then
-      redis.call('HINCRBY', KEYS[5], 'blocked', 1)
-      out[#out + 1] = 'blocked'
-    elseif ours and (mode == 'join' or mode == 'stay') and not parked_behind then
-      local list = (written[digest] or base)
-      list = list == '' and uid or (list .. ',' .. uid)
-      redis.call('HSET', KEYS[1], digest, list .. (held ~= '' and (' ' .. held) or ''))
-      written[digest] = list
-      out[#out + 1] = 'wait'; out[#out + 1] = list; out[#out + 1] = ''
-      holder = nil
-    else
-      park(uid, digest, queue)
-      out[#out + 1] = 'parked'
-    end
-    if holder then out[#out + 1] = holder; out[#out + 1] = ondiff and held or '' end
+    return
   end
+  local holder = live or string.match(holders, '^([^,]+)')
+  local parked_behind = ours and mode == 'join' and anyparked and
+    redis.call('SISMEMBER', KEYS[4], digest) == 1
+  if differs then
+    redis.call('HINCRBY', KEYS[5], 'differing', 1)
+    out[#out + 1] = 'differs'
+  elseif not reroute then
+    redis.call('HINCRBY', KEYS[5], 'blocked', 1)
+    out[#out + 1] = 'blocked'
+  elseif ours and (mode == 'join' or mode == 'stay') and not parked_behind then
+    local list = (written[digest] or base)
+    list = list == '' and uid or (list .. ',' .. uid)
+    redis.call('HSET', KEYS[1], digest, list .. (held ~= '' and (' ' .. held) or ''))
+    written[digest] = list
+    out[#out + 1] = 'wait'; out[#out + 1] = list; out[#out + 1] = ''
+    return
+  else
+    park(uid, digest, queue)
+    out[#out + 1] = 'parked'
+  end
+  out[#out + 1] = holder; out[#out + 1] = ondiff and held or ''
+end
+for _, r in ipairs(requests) do
+  local uid, digest, pend = r[1], r[2], r[5]
+  if pend ~= '' and string.match(redis.call('HGET', KEYS[6], pend) or '', '^(%S+)') == uid then
+    redis.call('HDEL', KEYS[6], pend)
+  end
+  local where = anyparked and redis.call('HGET', KEYS[3], uid)
+  if where then  -- parked, then delivered by another path (GC, operator): unpark it here
+    redis.call('LREM', prefix .. string.match(where, '^(%S+)'), 0, uid)
+    redis.call('HDEL', KEYS[3], uid)
+  end
+  decide(uid, digest, r[3], r[4], r[6], r[7], r[8])
 end
 return out
 """
