@@ -34,6 +34,7 @@ from ._concurrency import (
     differing_fields,
     task_fields,
     task_scope,
+    task_scoper,
 )
 
 __all__ = ["ConcurrencyGate"]
@@ -120,6 +121,8 @@ class ConcurrencyGate:
     _releases: list[str] = field(default_factory=list)  # digests to release
     _wake: anyio.Event = field(default_factory=anyio.Event)
     _published: float = float("-inf")  # monotonic time the policy was last filed
+    _scope_of: Callable[[Task], str] | None = None  # the running scope digest of a task
+    _queues: dict[Any, str] = field(default_factory=dict)  # priority -> queue key
 
     @classmethod
     def for_consumer(cls, consumer: Any) -> ConcurrencyGate:
@@ -194,6 +197,11 @@ class ConcurrencyGate:
         want_info = (
             policy.on_diff_non_key_args_raise and mode is not ConcurrencyControlType.ARGUMENTS
         )
+        if self._scope_of is None:
+            self._scope_of = task_scoper(mode, policy.key_arguments)
+        scope_of = self._scope_of
+        queues = self._queues
+        scopes = self._scopes
         asked: list[tuple[Task, Admission, _Scope]] = []
         room = self.local_cap - self.waiting
         for task in tasks:
@@ -204,10 +212,11 @@ class ConcurrencyGate:
             pending = ""
             if registration is not ConcurrencyControlType.DISABLED:
                 pending = task_scope(task, registration, policy.key_arguments)
-            digest = task_scope(task, mode, policy.key_arguments)
-            scope = self._scopes.get(digest)
+            digest = scope_of(task)
+            scope = scopes.get(digest)
+            base = ""
             if scope is None:
-                scope = self._scopes[digest] = _Scope()
+                scope = scopes[digest] = _Scope()
                 how = "take"
             elif not reroute or (
                 room > 0 and len(scope.waiting) + scope.asking < LOCAL_WAITERS_PER_SCOPE
@@ -215,11 +224,15 @@ class ConcurrencyGate:
                 # Ahead of tasks of the scope parked by other processes only for a while.
                 how = "stay" if scope.streak < LOCAL_WAITERS_PER_SCOPE else "join"
                 room -= 1  # (without reroute, ACQUIRE refuses it: blocked)
+                base = scope.active()
             else:
                 how = "park"
+                base = scope.active()
             scope.asking += 1
-            queue = queue_key(task.priority.value, self.identity)
-            base = scope.active() if how != "take" else ""
+            priority = task.priority
+            queue = queues.get(priority)
+            if queue is None:
+                queue = queues[priority] = queue_key(priority.value, self.identity)
             request = Admission(task.uid, digest, info, queue, pending, how, scope.listed, base)
             asked.append((task, request, scope))
         try:
@@ -341,12 +354,13 @@ class ConcurrencyGate:
         if scope is None:
             return
         if scope.running == task.uid:
-            scope.running = None
             if scope.waiting and not self._stopping:
                 successor = scope.waiting.popleft()
                 self._waiting -= 1
                 scope.running = successor.uid
                 self._ready.append(successor)
+                return
+            scope.running = None
         else:
             for i, waiter in enumerate(scope.waiting):
                 if waiter is task:

@@ -24,6 +24,7 @@ from asynckarton._services._concurrency import (
     differing_fields,
     scope_digest,
     task_scope,
+    task_scoper,
 )
 from asynckarton._services._concurrency_gate import ConcurrencyGate
 from asynckarton._settings._config import Config
@@ -113,6 +114,27 @@ def test_keys_digests_are_memoised_by_value_and_type() -> None:
     assert scope_digest(KEYS, {"k": 1}, {}, {}, paths) == one
     nested = scope_digest(KEYS, {"k": {"a": [1]}}, {}, {}, paths)  # not memoised
     assert nested == scope_digest(KEYS, {"k": {"a": [1]}}, {}, {}, paths) != one
+
+
+@pytest.mark.parametrize(
+    ("mode", "paths"),
+    [
+        (KEYS, ("headers.k",)),
+        (KEYS, ("headers.k", "headers.j")),
+        (KEYS, ("headers.k", "payload.p")),
+        (KEYS, ("headers.k.deep",)),
+        (ARGS, ()),
+        (ConcurrencyControlType.TASK, ()),
+    ],
+)
+def test_the_fast_scoper_gives_task_scope_digests(
+    mode: ConcurrencyControlType, paths: tuple[str, ...]
+) -> None:
+    scoper = task_scoper(mode, paths)
+    for headers in ({"k": "a"}, {"k": 1}, {"k": True}, {"k": None}, {}, {"k": {"deep": [1]}},
+                    {"k": "a", "j": 2.5}):  # fmt: skip
+        task = Task({"type": "x", **headers}, payload={"p": 1})
+        assert scoper(task) == task_scope(task, mode, paths), headers
 
 
 def test_a_parsed_task_and_its_wire_document_give_the_same_digest() -> None:
