@@ -12,7 +12,8 @@ Policies (class attributes of :class:`~asynckarton.Consumer`, or ``[karton]`` op
     machine; ``arguments``: none with equal arguments at once; ``keys``: none with equal
     ``key_arguments`` at once.  The slot is taken by one Lua call right after the fetch
     (see :mod:`asynckarton.backend._concurrency`), so there is no check-then-act race.
-    A slot belongs to a task uid and counts only while that uid holds a live lease:
+    A slot belongs to task uids (the one running and those waiting behind it in the same
+    process) and counts only while one of them holds a live lease:
     finishing, crashing, scheduling a retry and handing back all drop the lease in the
     same write that records the state, and a SIGKILLed holder's lease expires, so a slot
     frees itself within ``lease_timeout`` with no extra process.
@@ -41,8 +42,10 @@ Policies (class attributes of :class:`~asynckarton.Consumer`, or ``[karton]`` op
     touched once per release of its scope (each release moves at most one parked task),
     and never re-queued in a loop, unlike pynenc's reroute which re-enqueues the blocked
     invocation on every pass.  A periodic sweep unparks tasks whose holder lost its lease.
-    A task blocked by a holder in its own process may instead wait there (a few per
-    scope, see :class:`~._concurrency_gate.ConcurrencyGate`) and get the slot handed over on release.
+    A task whose scope a task of its own process holds is not parked: it waits there, in
+    a per-scope FIFO that holds no runner (up to 16 per scope), listed among the slot's
+    holders in Redis, and runs under the same slot when the one before it ends, with no
+    Redis write (see :class:`~._concurrency_gate.ConcurrencyGate`).
 
 Counters (``asynckarton.concurrency:<identity>``): ``blocked`` (Crashed, not rerouted),
 ``parked``/``unparked``, ``differing`` (on_diff_non_key_args_raise), ``duplicates``
