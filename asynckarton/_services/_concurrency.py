@@ -12,7 +12,8 @@ Policies (class attributes of :class:`~asynckarton.Consumer`, or ``[karton]`` op
     machine; ``arguments``: none with equal arguments at once; ``keys``: none with equal
     ``key_arguments`` at once.  The slot is taken by one Lua call right after the fetch
     (see :mod:`asynckarton.backend._concurrency`), so there is no check-then-act race.
-    A slot belongs to a task uid and counts only while that uid holds a live lease:
+    A slot belongs to task uids (the one running and those waiting behind it in the same
+    process) and counts only while one of them holds a live lease:
     finishing, crashing, scheduling a retry and handing back all drop the lease in the
     same write that records the state, and a SIGKILLed holder's lease expires, so a slot
     frees itself within ``lease_timeout`` with no extra process.
@@ -41,8 +42,10 @@ Policies (class attributes of :class:`~asynckarton.Consumer`, or ``[karton]`` op
     touched once per release of its scope (each release moves at most one parked task),
     and never re-queued in a loop, unlike pynenc's reroute which re-enqueues the blocked
     invocation on every pass.  A periodic sweep unparks tasks whose holder lost its lease.
-    A task blocked by a holder in its own process may instead wait there (a few per
-    scope, see :class:`~._concurrency_gate.ConcurrencyGate`) and get the slot handed over on release.
+    A task whose scope a task of its own process holds is not parked: it waits there, in
+    a per-scope FIFO that holds no runner (up to 16 per scope), listed among the slot's
+    holders in Redis, and runs under the same slot when the one before it ends, with no
+    Redis write (see :class:`~._concurrency_gate.ConcurrencyGate`).
 
 Counters (``asynckarton.concurrency:<identity>``): ``blocked`` (Crashed, not rerouted),
 ``parked``/``unparked``, ``differing`` (on_diff_non_key_args_raise), ``duplicates``
@@ -58,7 +61,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,6 +234,8 @@ class ConcurrencyPolicy:
 
 def _canonical(value: Any) -> Any:
     """Replace resources by their sha256 (wire dicts and objects alike), recursively."""
+    if value is None or isinstance(value, (str, int, float)):  # most key values
+        return value
     if isinstance(value, ResourceBase):
         return {RESOURCE_KEY: value.sha256 or value.uid}
     if isinstance(value, dict):
@@ -283,14 +288,48 @@ def argument_fields(
 _MISSING = object()
 
 
-def _lookup(headers: Mapping[str, Any], payload: dict[str, Any], path: str) -> Any:
+def _lookup(
+    headers: Mapping[str, Any],
+    payload: Mapping[str, Any],
+    persistent: Mapping[str, Any],
+    path: str,
+) -> Any:
+    """The canonical value at ``path``; payload paths look in payload, then persistent."""
     head, _, rest = path.partition(".")
-    node: Any = headers if head == "headers" else payload
-    for part in rest.split("."):
+    parts = rest.split(".")
+    node: Any = headers
+    if head != "headers":
+        first = parts[0]
+        if first in payload:
+            node = payload
+        elif first != _HEADERS_COPY and first in persistent:
+            node = persistent
+        else:
+            return _MISSING
+    for part in parts:
         if not isinstance(node, Mapping) or part not in node:
             return _MISSING
         node = node[part]
     return _canonical(node)
+
+
+_KEYS_CACHE: dict[tuple[tuple[str, type, Any], ...], str] = {}
+_KEYS_CACHE_SIZE = 4096
+
+
+def _keys_digest(picked: dict[str, Any]) -> str:
+    """``"k"`` + the digest of the picked key values (memoised for scalar values)."""
+    try:  # the type is part of the key: 1, 1.0 and True encode differently
+        memo = tuple((path, type(value), value) for path, value in picked.items())
+        return _KEYS_CACHE[memo]
+    except TypeError:  # a dict or list value: not hashable, not memoised
+        return "k" + _hash(_dumps(picked))
+    except KeyError:
+        pass
+    digest = _KEYS_CACHE[memo] = "k" + _hash(_dumps(picked))
+    if len(_KEYS_CACHE) > _KEYS_CACHE_SIZE:
+        _KEYS_CACHE.clear()
+    return digest
 
 
 def scope_digest(
@@ -308,14 +347,14 @@ def scope_digest(
     """
     if mode is ConcurrencyControlType.TASK or mode is ConcurrencyControlType.DISABLED:
         return "task"
-    merged = _payload(payload, payload_persistent)
     if mode is ConcurrencyControlType.KEYS:
         picked = {}
         for path in key_arguments:
-            value = _lookup(headers, merged, path)
+            value = _lookup(headers, payload, payload_persistent, path)
             if value is not _MISSING:  # absent paths are left out: equal to each other
                 picked[path] = value
-        return "k" + _hash(_dumps(picked))
+        return _keys_digest(picked)
+    merged = _payload(payload, payload_persistent)
     doc = {
         "headers": {k: _canonical(v) for k, v in headers.items() if k not in ROUTING_HEADERS},
         "payload": _canonical(merged),
@@ -343,6 +382,41 @@ def differing_fields(
 def task_scope(task: Task, mode: ConcurrencyControlType, key_arguments: Iterable[str]) -> str:
     """:func:`scope_digest` of a parsed task."""
     return scope_digest(mode, task.headers, task.payload, task.payload_persistent, key_arguments)
+
+
+def task_scoper(
+    mode: ConcurrencyControlType, key_arguments: Iterable[str]
+) -> Callable[[Task], str]:
+    """A fast :func:`task_scope` for one policy (a consumer's admission runs it per task).
+
+    With ``keys`` on top-level headers only, a scalar value is looked up directly and its
+    digest memoised; anything else takes the general path.  The digests are the same.
+    """
+    paths = tuple(key_arguments)
+    names = [path.partition(".") for path in paths]
+    if mode is not ConcurrencyControlType.KEYS or any(
+        head != "headers" or "." in rest for head, _, rest in names
+    ):
+        return lambda task: task_scope(task, mode, paths)
+    pairs = [(path, rest) for path, (_, _, rest) in zip(paths, names, strict=True)]
+    scalar = (str, int, float, bool, type(None))
+
+    def scope(task: Task) -> str:
+        headers = task.headers
+        memo = []
+        for path, name in pairs:
+            value = headers.get(name, _MISSING)
+            if value is _MISSING:
+                continue
+            if type(value) not in scalar:
+                return task_scope(task, mode, paths)
+            memo.append((path, type(value), value))
+        digest = _KEYS_CACHE.get(tuple(memo))
+        if digest is None:
+            digest = _keys_digest({path: value for path, _, value in memo})
+        return digest
+
+    return scope
 
 
 def task_fields(task: Task) -> dict[str, str]:

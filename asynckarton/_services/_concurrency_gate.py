@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -25,9 +25,8 @@ from ..backend._concurrency import (
     Outcome,
     SlotStore,
     queue_key,
-    task_key,
 )
-from ..backend._guard import TRANSIENT_ERRORS, until_done
+from ..backend._guard import TRANSIENT_ERRORS
 from ._concurrency import (
     ConcurrencyControlType,
     ConcurrencyPolicy,
@@ -35,50 +34,63 @@ from ._concurrency import (
     differing_fields,
     task_fields,
     task_scope,
+    task_scoper,
 )
 
 __all__ = ["ConcurrencyGate"]
 
-RELEASE_LINGER = (
-    0.0  # seconds a release waits for company (releases made during a write share the next)
-)
-#: Tasks of one scope that may wait in a process behind a local holder (0: park them all).
-#: Off: measured with the keys benchmark, tasks waiting inside runners made the consumer
-#: slower (its dispatch treats them as slow handlers) than parking them in Redis.
-LOCAL_WAITERS_PER_SCOPE = 0
-
-
-@dataclass(slots=True)
-class _Held:
-    digest: str
-    pending: str  # registration digest to clear, or ""
+#: Tasks of one scope that may wait in a process behind the one running under its slot;
+#: more are parked in Redis (``reroute_on_concurrency_control``).  Waiting here costs no
+#: Redis command and no handler runner: the runner that ends a task runs the next one.
+#: It is also how many tasks a process runs under a slot, since taking it, ahead of tasks
+#: of the scope that other processes parked (then newcomers are parked behind those).
+LOCAL_WAITERS_PER_SCOPE = 16
+#: Tasks waiting in a process in all, at least (``ConcurrencyGate.local_cap``).
+LOCAL_WAITERS_MIN = 16
+#: Seconds a release waits for company.  A scope that takes a task again meanwhile needs
+#: no release (its holders are rewritten instead); only parked tasks wait that long more.
+RELEASE_LINGER = 0.02
 
 
 @dataclass(slots=True, eq=False)
-class _Waiter:
-    """A fetched task queued in this process behind a local holder of its slot."""
+class _Scope:
+    """A slot this process holds or asks for: the task running under it, those waiting."""
 
-    task: Task
-    digest: str
-    info: str
-    done: anyio.Event = field(default_factory=anyio.Event)
-    transferred: bool = False  # the holder's slot was handed to this task in Redis
-    abandoned: bool = False  # handed back (shutdown) while queued or in transfer
+    running: str | None = None  # uid admitted to run under the slot (buffered or running)
+    waiting: collections.deque[Task] = field(default_factory=collections.deque)
+    listed: str = ""  # the holders this process last wrote in Redis ("" = none)
+    asking: int = 0  # tasks of the scope in an ACQUIRE call now
+    releasing: bool = False  # a release is queued
+    streak: int = 0  # tasks admitted under the slot since this process took it
+
+    @property
+    def idle(self) -> bool:
+        return self.running is None and not self.waiting and not self.asking
+
+    def active(self) -> str:
+        """The uids of the scope's running and waiting tasks, comma-separated."""
+        uids = [self.running] if self.running is not None else []
+        uids.extend(task.uid for task in self.waiting)
+        return ",".join(uids)
 
 
 @dataclass(slots=True)
 class ConcurrencyGate:
     """Admits fetched tasks through their slots and releases the slots afterwards.
 
-    With ``reroute_on_concurrency_control`` and ``LOCAL_WAITERS_PER_SCOPE`` > 0, a
-    fetched task whose slot is held by a task of this same process waits here instead
-    of being parked in Redis (up to that many per scope and ``local_cap`` in all; the
-    others are parked): when the holder ends, its release hands the slot to the waiter
-    in the same script call (the holder's uid must still hold it), and the waiter runs
-    only once Redis confirmed.  It saves the park/unpark round trips but holds a runner
-    per waiter, which measured slower, so it is off by default.  Either way a task whose
-    scope its own process holds is parked without looking at the holder's lease: the
-    holder may have written its final state before its release.
+    A fetched task whose scope no task of this process holds asks Redis for the slot
+    (ACQUIRE, one call per fetched batch).  One whose scope this process already holds
+    joins it there: it is listed among the slot's holders in the same call and waits in a
+    per-scope FIFO here, holding no runner.  When the running task ends (:meth:`release`),
+    the next waiter takes over under the same slot, with no Redis write, and the runner
+    that ended the first runs it (:meth:`ready`).  Only when a scope has nothing left to
+    run here is its slot released in Redis (in batches, by :meth:`run`), which also moves
+    one task parked by another process back to its queue.  Beyond
+    ``LOCAL_WAITERS_PER_SCOPE`` per scope or ``local_cap`` in all, newcomers are parked in
+    Redis instead; so are they, once that many ran under the slot here, while tasks of
+    the scope parked by other processes wait (no process keeps a busy key to itself).  Without
+    ``reroute_on_concurrency_control`` nothing waits: a task meeting a holder, here or
+    elsewhere, ends Crashed (counted ``blocked``).
 
     Args:
         backend: returns the service's backend (it exists only inside ``async with``).
@@ -86,7 +98,8 @@ class ConcurrencyGate:
         policy: the resolved policy.
         log: the consumer's logger.
         crash: records a task as Crashed (the consumer's completion path).
-        forget: stops tracking a task that was parked (its lease is gone).
+        forget: stops tracking a task that left this process (parked, or an admission
+            that failed: its lease expires and it is redelivered).
         instance: this replica's id (its published policy is filed under it).
         local_cap: most tasks waiting in this process at once.
     """
@@ -98,16 +111,18 @@ class ConcurrencyGate:
     crash: Callable[[Task], None]
     instance: str
     forget: Callable[[Task], None] = lambda task: None
-    local_cap: int = 0
+    local_cap: int = LOCAL_WAITERS_MIN
     _store: SlotStore | None = None
-    _held: dict[str, _Held] = field(default_factory=dict)  # uid -> slot it holds
-    _local: dict[str, str] = field(default_factory=dict)  # digest -> local holder uid
-    _infos: dict[str, str] = field(default_factory=dict)  # digest -> local holder's info
-    _queues: dict[str, collections.deque[_Waiter]] = field(default_factory=dict)
-    _waiting: dict[str, _Waiter] = field(default_factory=dict)  # uid -> its waiter
-    _releases: list[tuple[str, str]] = field(default_factory=list)  # (uid, digest) to write
+    _scopes: dict[str, _Scope] = field(default_factory=dict)  # digest -> scope held here
+    _of: dict[str, str] = field(default_factory=dict)  # uid (running/waiting) -> digest
+    _ready: collections.deque[Task] = field(default_factory=collections.deque)
+    _waiting: int = 0  # tasks waiting in all scopes
+    _stopping: bool = False
+    _releases: list[str] = field(default_factory=list)  # digests to release
     _wake: anyio.Event = field(default_factory=anyio.Event)
     _published: float = float("-inf")  # monotonic time the policy was last filed
+    _scope_of: Callable[[Task], str] | None = None  # the running scope digest of a task
+    _queues: dict[Any, str] = field(default_factory=dict)  # priority -> queue key
 
     @classmethod
     def for_consumer(cls, consumer: Any) -> ConcurrencyGate:
@@ -130,7 +145,7 @@ class ConcurrencyGate:
             crash=lambda task: consumer._completer_add(task, crashed=True),
             forget=lambda task: consumer._leased.pop(task.uid, None),
             instance=consumer.instance_id,
-            local_cap=max(1, (consumer.concurrency_limit or 1) // 2),
+            local_cap=max(LOCAL_WAITERS_MIN, 4 * (consumer.concurrency_limit or 1)),
         )
 
     @property
@@ -138,45 +153,57 @@ class ConcurrencyGate:
         """Whether running concurrency is on (admission costs a script call)."""
         return self.policy.running_concurrency is not ConcurrencyControlType.DISABLED
 
+    @property
+    def waiting(self) -> int:
+        """Tasks waiting in this process behind a holder of their scope (or ready)."""
+        return self._waiting + len(self._ready)
+
     def _slots(self) -> SlotStore:
         store = self._store
         if store is None or store.backend is not self.backend():
             store = self._store = SlotStore(self.backend(), self.identity)
         return store
 
-    async def start(self, tasks: list[Task]) -> list[Task]:
-        """Write fetched tasks as Started and admit them (see :meth:`admit`).
+    async def admit(self, tasks: list[Task]) -> list[Task]:
+        """Return the tasks to run now; keep those that wait here; record the others.
 
-        With running concurrency both go in one round trip (the Started bodies, then the
-        slot script); without it this is the plain batch write.
-        """
-        if not self.running:
-            await self.backend().set_tasks(tasks)
-            return await self.admit(tasks)
-        return await self.admit(tasks, start=True)
-
-    async def admit(self, tasks: list[Task], *, start: bool = False) -> list[Task]:
-        """Return the tasks this process keeps; record the others (Crashed or parked).
-
-        Kept tasks either hold their slot or wait in this process behind a local holder
-        (:meth:`turn` tells a runner when).  One script call takes the slots of the rest
-        (reporting who holds them, parking refused ones when rerouting); a second one is
-        needed only when a task that others were to wait behind was refused.  Fetching a
-        task also clears the registration entry that kept equal copies from being queued.
+        One script call takes the slots of tasks whose scope this process does not hold,
+        lists the others among their scope's holders (they wait here, see the class
+        docstring), and parks or refuses what another process holds.  Fetching a task
+        also clears the registration entry that kept equal copies from being queued.
+        Should the call fail, the tasks are forgotten (their leases expire and they are
+        redelivered) and the error propagates.
         """
         policy = self.policy
         if not tasks or not policy.enabled:
             return tasks
+        try:
+            return await self._admit(tasks)
+        except BaseException:
+            for task in tasks:
+                if task.uid not in self._of:
+                    self.forget(task)
+            raise
+
+    async def _admit(self, tasks: list[Task]) -> list[Task]:
+        policy = self.policy
         registration = policy.registration_concurrency
         if not self.running:
             pairs = [(t.uid, task_scope(t, registration, policy.key_arguments)) for t in tasks]
             await self._slots().forget_pending(pairs)
             return tasks
         mode = policy.running_concurrency
+        reroute = policy.reroute_on_concurrency_control
         want_info = (
             policy.on_diff_non_key_args_raise and mode is not ConcurrencyControlType.ARGUMENTS
         )
-        requests: dict[str, tuple[Task, Admission]] = {}
+        if self._scope_of is None:
+            self._scope_of = task_scoper(mode, policy.key_arguments)
+        scope_of = self._scope_of
+        queues = self._queues
+        scopes = self._scopes
+        asked: list[tuple[Task, Admission, _Scope]] = []
+        room = self.local_cap - self.waiting
         for task in tasks:
             info = ""
             if want_info:
@@ -185,75 +212,74 @@ class ConcurrencyGate:
             pending = ""
             if registration is not ConcurrencyControlType.DISABLED:
                 pending = task_scope(task, registration, policy.key_arguments)
-            digest = task_scope(task, mode, policy.key_arguments)
-            queue = queue_key(task.priority.value, self.identity)
-            requests[task.uid] = (task, Admission(task.uid, digest, info, queue, pending))
-        kept: set[str] = set()
-        todo = list(requests.values())
-        bodies = {task_key(t.uid): t.serialize_state() for t in tasks} if start else None
-        while todo:
-            asked: list[tuple[Task, Admission]] = []
-            later: list[tuple[Task, Admission]] = []
-            first: dict[str, str] = {}  # digest -> uid asked for it in this round
-            behind: collections.Counter[str] = collections.Counter()
-            for task, request in todo:
-                digest = request.digest
-                if digest in first and self._may_wait(digest, len(later), behind[digest]):
-                    later.append((task, request))  # waits behind ``first`` if it runs
-                    behind[digest] += 1
-                elif digest in self._local and self._may_wait(digest):
-                    self._queue(task, request)
-                    kept.add(task.uid)
-                    asked.append((task, replace(request, digest="")))  # clears pending only
-                elif digest in self._local:  # no room to wait here: parked behind ours
-                    asked.append((task, replace(request, strict=True)))
-                else:
-                    first.setdefault(digest, task.uid)
-                    asked.append((task, request))
+            digest = scope_of(task)
+            scope = scopes.get(digest)
+            base = ""
+            if scope is None:
+                scope = scopes[digest] = _Scope()
+                how = "take"
+            elif not reroute or (
+                room > 0 and len(scope.waiting) + scope.asking < LOCAL_WAITERS_PER_SCOPE
+            ):
+                # Ahead of tasks of the scope parked by other processes only for a while.
+                how = "stay" if scope.streak < LOCAL_WAITERS_PER_SCOPE else "join"
+                room -= 1  # (without reroute, ACQUIRE refuses it: blocked)
+                base = scope.active()
+            else:
+                how = "park"
+                base = scope.active()
+            scope.asking += 1
+            priority = task.priority
+            queue = queues.get(priority)
+            if queue is None:
+                queue = queues[priority] = queue_key(priority.value, self.identity)
+            request = Admission(task.uid, digest, info, queue, pending, how, scope.listed, base)
+            asked.append((task, request, scope))
+        try:
             results = await self._slots().acquire(
-                [request for _, request in asked],
-                reroute=policy.reroute_on_concurrency_control,
-                on_diff=want_info,
-                bodies=bodies,
+                [request for _, request, _ in asked], reroute=reroute, on_diff=want_info
             )
-            bodies = None  # written with the first round
-            for (task, request), result in zip(asked, results, strict=True):
-                if request.digest and self._settle(task, request, result):
-                    kept.add(task.uid)
-            todo = []
-            for task, request in later:
-                if request.digest in self._local:
-                    self._queue(task, request)
-                    kept.add(task.uid)
-                else:  # the one it was to wait behind was refused: ask on its own
-                    todo.append((task, request))
-        return [task for task in tasks if task.uid in kept]
+        except BaseException:
+            self._asked(asked)
+            self._tidy(asked)
+            raise
+        self._asked(asked)
+        kept: list[Task] = []
+        for (task, request, scope), result in zip(asked, results, strict=True):
+            if result.outcome in ("run", "wait"):
+                scope.listed = result.holder
+                scope.streak += 1
+                self._of[task.uid] = request.digest
+                if scope.running is None and not scope.waiting:
+                    scope.running = task.uid  # nothing runs under it here: this one does
+                    kept.append(task)
+                else:
+                    scope.waiting.append(task)
+                    self._waiting += 1
+            else:
+                self._settle(task, request, result)
+        self._tidy(asked)
+        return kept
 
-    def _may_wait(self, digest: str, tentative: int = 0, same: int = 0) -> bool:
-        """Whether one more task may wait here for ``digest`` (``tentative`` not queued yet)."""
-        if not self.policy.reroute_on_concurrency_control:
-            return False
-        if len(self._waiting) + tentative >= self.local_cap:
-            return False
-        return len(self._queues.get(digest, ())) + same < LOCAL_WAITERS_PER_SCOPE
+    @staticmethod
+    def _asked(asked: list[tuple[Task, Admission, _Scope]]) -> None:
+        for _, _, scope in asked:
+            scope.asking -= 1
 
-    def _queue(self, task: Task, request: Admission) -> None:
-        """Queue ``task`` behind the local holder of its slot (or refuse it: on_diff)."""
-        held = self._infos.get(request.digest, "")
-        if request.info and held and request.info.split(" ", 1)[0] != held.split(" ", 1)[0]:
-            self._differs(task, request, Outcome("differs", self._local[request.digest], held))
-            return
-        waiter = _Waiter(task, request.digest, request.info)
-        self._queues.setdefault(request.digest, collections.deque()).append(waiter)
-        self._waiting[task.uid] = waiter
+    def _tidy(self, asked: list[tuple[Task, Admission, _Scope]]) -> None:
+        """Drop (or release) the scopes an admission left with nothing to run here."""
+        for _, request, scope in asked:
+            if scope.idle and self._scopes.get(request.digest) is scope:
+                if scope.listed:
+                    self._queue_release(request.digest, scope)
+                else:
+                    del self._scopes[request.digest]
 
-    def _settle(self, task: Task, request: Admission, result: Outcome) -> bool:
-        """Apply one ACQUIRE outcome; True if the task runs (holds its slot)."""
+    def _settle(self, task: Task, request: Admission, result: Outcome) -> None:
+        """Apply a refusal: parked (it left this process), or Crashed."""
         mode = self.policy.running_concurrency
-        if result.outcome == "run":
-            self._hold(task.uid, request.digest, request.info)
-            return True
         if result.outcome == "parked":
+            self.forget(task)
             self.log.debug(
                 "Task %s parked: %s concurrency held by %s; it runs once that one ends",
                 task.uid, mode.value, result.holder,
@@ -267,12 +293,6 @@ class ConcurrencyGate:
                 f"(scope {request.digest}); not rerouted (reroute_on_concurrency_control "
                 "is off)",
             )
-        return False
-
-    def _hold(self, uid: str, digest: str, info: str) -> None:
-        self._held[uid] = _Held(digest, "")
-        self._local[digest] = uid
-        self._infos[digest] = info
 
     def _differs(self, task: Task, request: Admission, result: Outcome) -> None:
         theirs = json.loads(result.info.split(" ", 1)[1]) if " " in result.info else {}
@@ -291,74 +311,78 @@ class ConcurrencyGate:
         task.error = [f"{ConcurrencyControlled.__name__}: {message}\n"]
         self.crash(task)
 
-    async def turn(self, task: Task) -> bool:
-        """Wait until ``task`` holds its slot; False if it must not run after all.
+    def ready(self) -> Task | None:
+        """A task whose turn came (its scope's previous task ended here), or None.
 
-        Immediate for tasks admitted directly.  A local waiter runs once its holder's
-        slot was handed to it in Redis; if that hand-over failed (the slot was taken by
-        another process meanwhile) it asks for the slot like a fetched task, and may end
-        parked or Crashed instead (then False: the caller skips it).
+        The runner that ended a task runs it next; none is handed out after :meth:`stop`.
         """
-        waiter = self._waiting.get(task.uid)
-        if waiter is None:
-            return True
-        await waiter.done.wait()
-        del self._waiting[task.uid]
-        if waiter.transferred:
-            self._held[task.uid] = _Held(waiter.digest, "")
-            return True
-        request = Admission(
-            task.uid, waiter.digest, waiter.info, queue_key(task.priority.value, self.identity), ""
-        )
-        [result] = await until_done(
-            lambda: self._slots().acquire(
-                [request],
-                reroute=self.policy.reroute_on_concurrency_control,
-                on_diff=bool(waiter.info),
-            ),
-            log=self.log,
-            what=f"take the concurrency slot of {task.uid}",
-        )
-        if self._settle(task, request, result):
-            return True
-        if result.outcome == "parked":
-            self.forget(task)
-        self._pass_on(waiter.digest, task.uid)
-        return False
+        if self._ready and not self._stopping:
+            return self._ready.popleft()
+        return None
+
+    def stop(self) -> None:
+        """Start no waiting task any more (the consumer is stopping)."""
+        self._stopping = True
+
+    def leftovers(self) -> list[Task]:
+        """Take every task still waiting here, to hand back (the end of a run).
+
+        They leave their scopes (whose slots are then released) and :meth:`release` no
+        longer knows them; the gate is ready for a later run.
+        """
+        self._stopping = True  # no waiter takes over while they leave
+        tasks = list(self._ready)
+        for scope in self._scopes.values():
+            tasks.extend(scope.waiting)
+        for task in tasks:
+            self.release(task)
+        self._ready.clear()
+        self._stopping = False
+        return tasks
 
     def release(self, task: Task) -> None:
-        """Give back ``task``'s slot (no-op if it holds none); written in batches.
+        """``task`` ended (or was handed back): the next waiter of its scope takes over.
 
-        Safe to call twice and safe to lose: the slot already stopped counting when the
-        task's lease was dropped with its final state; this also hands the slot to a
-        local waiter or wakes a parked task.  A waiter handed back (shutdown) leaves its
-        queue; if a slot was already on its way to it, the slot is released on arrival.
+        Safe to call twice and for tasks that hold nothing.  When a scope has nothing
+        left to run here, its slot is released in Redis (batched by :meth:`run`); losing
+        that write is safe: the slot stops counting once its holders' leases are gone.
         """
-        waiter = self._waiting.pop(task.uid, None)
-        if waiter is not None:
-            waiter.abandoned = True
-            queue = self._queues.get(waiter.digest)
-            if queue is not None and waiter in queue:
-                queue.remove(waiter)
+        digest = self._of.pop(task.uid, None)
+        if digest is None:
             return
-        held = self._held.pop(task.uid, None)
-        if held is not None:
-            self._release(task.uid, held.digest)
+        scope = self._scopes.get(digest)
+        if scope is None:
+            return
+        if scope.running == task.uid:
+            if scope.waiting and not self._stopping:
+                successor = scope.waiting.popleft()
+                self._waiting -= 1
+                scope.running = successor.uid
+                self._ready.append(successor)
+                return
+            scope.running = None
+        else:
+            for i, waiter in enumerate(scope.waiting):
+                if waiter is task:
+                    del scope.waiting[i]
+                    self._waiting -= 1
+                    break
+        if scope.idle:
+            self._queue_release(digest, scope)
 
-    def _release(self, uid: str, digest: str) -> None:
-        # The slot stays "local" until the release is written: tasks of its scope fetched
-        # meanwhile queue behind it and get it handed over, instead of meeting a holder
-        # that still looks alive in Redis (its lease goes with its final state).
-        self._releases.append((uid, digest))
-        self._wake.set()
+    def _queue_release(self, digest: str, scope: _Scope) -> None:
+        if not scope.releasing:
+            scope.releasing = True
+            self._releases.append(digest)
+            self._wake.set()
 
     async def run(self) -> None:
         """Write releases as they accumulate, until cancelled (then flush, shielded)."""
         try:
             while True:
                 await self._wake.wait()
-                self._wake = anyio.Event()
                 await anyio.sleep(RELEASE_LINGER)
+                self._wake = anyio.Event()
                 await self._flush()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
@@ -367,61 +391,30 @@ class ConcurrencyGate:
     async def _flush(self) -> None:
         while self._releases:
             batch, self._releases = self._releases, []
-            entries: list[tuple[str, str, _Waiter | None]] = []
-            for uid, digest in batch:  # the successor is chosen now, not at release time
-                queue = self._queues.get(digest)
-                successor = queue.popleft() if queue else None
-                if queue is not None and not queue:
-                    del self._queues[digest]
-                if successor is not None:
-                    self._local[digest] = successor.task.uid
-                    self._infos[digest] = successor.info
-                entries.append((uid, digest, successor))
+            sent: list[tuple[str, _Scope, str]] = []
+            for digest in batch:
+                scope = self._scopes.get(digest)
+                if scope is None or not scope.releasing:
+                    continue
+                scope.releasing = False
+                if not scope.idle:  # it took tasks again meanwhile: they release it
+                    continue
+                if not scope.listed:
+                    del self._scopes[digest]
+                    continue
+                sent.append((digest, scope, scope.listed))
+            if not sent:
+                continue
             try:
-                moved = await self._slots().release(
-                    [(u, d, w.task.uid if w else "", w.info if w else "") for u, d, w in entries]
-                )
+                await self._slots().release([(digest, listed) for digest, _, listed in sent])
             except TRANSIENT_ERRORS as exc:
-                # Slots already count as free (their leases are gone) and any replica's
-                # sweep unparks waiters; local waiters ask for their slot themselves.
-                self.log.warning("Redis unavailable to release %d slot(s): %s", len(batch), exc)
-                moved = [False] * len(entries)
-            for (uid, digest, waiter), transferred in zip(entries, moved, strict=True):
-                if waiter is not None:
-                    self._arrive(waiter, digest, transferred)
-                elif self._local.get(digest) == uid:
-                    if self._queues.get(digest):  # queued during the write: hand it over
-                        self._releases.append((uid, digest))  # (the slot is free now)
-                    else:
-                        del self._local[digest]
-                        self._infos.pop(digest, None)
-
-    def _arrive(self, waiter: _Waiter, digest: str, transferred: bool) -> None:
-        if waiter.abandoned:  # handed back meanwhile: pass the slot on (or let it go)
-            if transferred:
-                self._release(waiter.task.uid, digest)
-            else:
-                self._pass_on(digest, waiter.task.uid)
-            return
-        waiter.transferred = transferred  # if not, it asks for the slot itself (turn)
-        waiter.done.set()
-
-    def _pass_on(self, digest: str, uid: str) -> None:
-        """``uid`` will not hold ``digest`` after all: the next local waiter asks alone."""
-        if self._local.get(digest) != uid:
-            return
-        queue = self._queues.get(digest)
-        if queue:
-            waiter = queue.popleft()
-            if not queue:
-                del self._queues[digest]
-            self._local[digest] = waiter.task.uid
-            self._infos[digest] = waiter.info
-            waiter.done.set()
-        else:
-            del self._local[digest]
-            self._infos.pop(digest, None)
-            self._queues.pop(digest, None)
+                # The slots stop counting once their holders' leases are gone (they went
+                # with the final states), and any replica's sweep unparks waiters.
+                self.log.warning("Redis unavailable to release %d slot(s): %s", len(sent), exc)
+            for digest, scope, listed in sent:
+                # Unless tasks of the scope were admitted meanwhile (they wrote new holders).
+                if self._scopes.get(digest) is scope and scope.idle and scope.listed == listed:
+                    del self._scopes[digest]
 
     async def sweep(self) -> None:
         """Unpark tasks whose slot's holder lost its lease; refresh the published policy.

@@ -201,6 +201,7 @@ class Consumer(ServiceBase):
             return
         lifetime, dispatcher = self._scopes
         dispatcher.stop()
+        self._gate.stop()  # concurrency control: tasks waiting behind a holder stay unstarted
         if self._background is not None and self._blocking_id is not None:
             self._background.start_soon(self._unblock, self._blocking_id)
         grace = self.shutdown_grace if grace is None else grace
@@ -288,7 +289,12 @@ class Consumer(ServiceBase):
         )
         with anyio.CancelScope() as lifetime:
             self._scopes = lifetime, dispatcher
-            await dispatcher.run(self._fetch, self._release, task_status=task_status)
+            try:
+                await dispatcher.run(self._fetch, self._release, task_status=task_status)
+            finally:  # concurrency control: tasks still waiting behind a holder go back
+                if leftovers := self._gate.leftovers():
+                    with anyio.CancelScope(shield=True):
+                        await self._release(leftovers)
         self.log.info("Service %s stopped", self.identity)
 
     async def _fetch(self, count: int) -> list[Task]:
@@ -375,10 +381,15 @@ class Consumer(ServiceBase):
     # -- one task -------------------------------------------------------------------------
 
     async def _handle(self, task: Task) -> None:
+        """Run ``task``, then those whose turn came when it ended (concurrency control)."""
+        next_task: Task | None = task
+        while next_task is not None:
+            await self._handle_one(next_task)
+            next_task = self._gate.ready()
+
+    async def _handle_one(self, task: Task) -> None:
         token = current_task.set(task)
         try:
-            if not await self._gate.turn(task):  # concurrency control: parked or refused
-                return
             if not self._match(task.headers):
                 self.log.info("Task rejected because binds are no longer valid.")
                 task.status, task.last_update = TaskState.FINISHED, time.time()

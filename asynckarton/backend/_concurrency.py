@@ -3,8 +3,10 @@
 Keys (all under ``asynckarton.``, which Karton ignores; see the key functions below):
 
 =====================================  ====  ================================================
-``asynckarton.running:<id>``           hash  scope digest -> uid of the task holding it
-                                             (then " <args digest> <fields JSON>" with
+``asynckarton.running:<id>``           hash  scope digest -> uids holding it, "a,b,c": the
+                                             task running under it in one process, then
+                                             those waiting there behind it (then
+                                             " <args digest> <fields JSON>" with
                                              on_diff_non_key_args_raise)
 ``asynckarton.parked:<id>:<digest>``   list  uids waiting for that slot, oldest first
 ``asynckarton.parked.index:<id>``      hash  parked uid -> "<digest> <queue key>"
@@ -18,20 +20,22 @@ Keys (all under ``asynckarton.``, which Karton ignores; see the key functions be
                                              differing, taken_over, duplicates
 =====================================  ====  ================================================
 
-A slot counts only while its holder's uid has a live lease in ``asynckarton.leases:<id>``
-(the same sorted set the consumer renews): every path that ends a task's run (final
-state, retry schedule, hand-back) drops the lease in the write that records it, and a
-SIGKILLed consumer's leases expire.  So a slot never outlives its holder by more than the
-lease timeout, even if the release below is never sent.  Scripts never re-encode task
+A slot counts only while one of its holders' uids has a live lease in
+``asynckarton.leases:<id>`` (the same sorted set the consumer renews): every path that
+ends a task's run (final state, retry schedule, hand-back) drops the lease in the write
+that records it, and a SIGKILLed consumer's leases expire.  So a slot never outlives its
+holders by more than the lease timeout, even if the release below is never sent.  The
+tasks waiting in a process behind its holder are holders too (listed when they are
+admitted, in the same call): when the running one ends, the next one runs under the
+same slot with no Redis write, and the slot stays held while it does.  Scripts never re-encode task
 bodies (see ``_scripts.py``); they only move uids and compare strings.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, cast
+from collections.abc import Sequence
+from typing import Any, Final, NamedTuple, cast
 
 from . import _keys as keys
 from ._keys import (
@@ -99,26 +103,131 @@ local function unpark(prefix, index, digests, stats, taskp, digest)
 end
 """
 
-# Take or refuse the slot of each fetched task, in one atomic step.  A slot's value is the
-# holder's uid, then " <args digest> <fields JSON>" when differing arguments are checked.
+# Liveness of a slot entry: its holders (the comma-separated uids before the first space)
+# count while any of them has a live lease, except those in ``skip`` (uids being admitted
+# right now: fetched again after their process died, so running nowhere).  Returns the
+# first live one, or nil.
+_LIVE: Final = """
+local function live_holder(leases, holders, now, skip)
+  for uid in string.gmatch(holders, '[^,]+') do
+    if not skip[uid] then
+      local deadline = redis.call('ZSCORE', leases, uid)
+      if deadline and tonumber(deadline) >= now then return uid end
+    end
+  end
+  return nil
+end
+"""
+
+# Take, join or refuse the slot of each fetched task, in one atomic step.  A slot's value
+# is its holders, "uid1,uid2,..." (the task running under it in one process, then the
+# tasks waiting there behind it, in order), then " <args digest> <fields JSON>" when
+# differing arguments are checked.
 # KEYS: running, leases, parked index, parked digests, stats, pending.
-# ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, task key prefix, then per
-# task: uid, digest, info ("<args digest> <fields>" or ""), its queue key, pending digest
-# (""), strict (1: any holder counts as alive; its process says it is still at work).
-# A parked task's body goes back from Started to Spawned (string rewrite of the sorted
-# JSON's tail, as RECLAIM does).  ``taken_over`` counts slots whose holder had no live
-# lease any more (finished or dead, its release not written yet).
-# Returns per task: outcome (run / blocked / parked / differs), holder uid, holder info.
-# An empty digest only clears the pending entry (outcome skip).
-ACQUIRE: Final = """
+# ARGV: now (ms), reroute (0/1), on_diff (0/1), parked prefix, task key prefix, then one
+# argument per task, its fields joined by tabs (none holds one: JSON escapes them): uid,
+# digest, info ("<args digest> <fields>" or ""), its queue key, pending digest (""),
+# mode, expect, base.  Modes: "take" (no task of the scope is held in its process),
+# "join" (its process holds the scope: the task waits there, behind the others, unless
+# tasks of the scope are parked: then it is parked behind them), "stay" (as join, even
+# ahead of parked tasks), "park" (as join, but it must not wait there: it is parked).  The entry is the process's
+# own if its holders equal ``expect`` (what that process last wrote), or what this call
+# wrote for the digest; then a join appends the uid to ``base`` (the scope's running and
+# waiting uids in that process, finished ones left out).  An entry without a live holder
+# is taken (holders being admitted in this call do not count: they run nowhere).
+# Otherwise the task is refused: parked when rerouting (its lease dropped, its body back
+# to Spawned), else blocked; with on_diff, "differs" when the holder's arguments differ.
+# Returns per task: outcome (run / wait / parked / blocked / differs), then for run and
+# wait the holders written, else the holder uid and the holder's info.
+ACQUIRE: Final = (
+    _LIVE
+    + """
 local now = tonumber(ARGV[1])
 local reroute, ondiff = ARGV[2] == '1', ARGV[3] == '1'
 local prefix, taskp = ARGV[4], ARGV[5]
 local anyparked = redis.call('HLEN', KEYS[3]) > 0
+local written = {}
 local out = {}
-for i = 6, #ARGV, 6 do
-  local uid, digest, info, queue, pend = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
-  local strict = ARGV[i+5] == '1'
+local asking = {}
+local requests = {}
+for i = 6, #ARGV do
+  local text, r, pos = ARGV[i], {}, 1
+  for n = 1, 7 do
+    local tab = string.find(text, '\t', pos, true)
+    r[n] = string.sub(text, pos, tab - 1)
+    pos = tab + 1
+  end
+  r[8] = string.sub(text, pos)
+  requests[#requests + 1] = r
+  asking[r[1]] = true
+end
+local function park(uid, digest, queue)
+  redis.call('RPUSH', prefix .. digest, uid)
+  redis.call('HSET', KEYS[3], uid, digest .. ' ' .. queue)
+  redis.call('SADD', KEYS[4], digest)
+  redis.call('ZREM', KEYS[2], uid)
+  redis.call('HINCRBY', KEYS[5], 'parked', 1)
+  local body = redis.call('GET', taskp .. uid)  -- waiting again: Started -> Spawned
+  if body then
+    local fixed, n = string.gsub(
+      body, '("status":%s*)"Started"(,%s*"uid":%s*"[^"]*"%s*}%s*)$', '%1"Spawned"%2')
+    if n == 1 then redis.call('SET', taskp .. uid, fixed) end
+  end
+end
+local function decide(uid, digest, info, queue, mode, expect, base)
+  if mode == 'take' and not written[digest] then  -- the usual case: nobody holds it
+    local value = info ~= '' and (uid .. ' ' .. info) or uid
+    if redis.call('HSETNX', KEYS[1], digest, value) == 1 then
+      written[digest] = uid
+      out[#out + 1] = 'run'; out[#out + 1] = uid; out[#out + 1] = ''
+      return
+    end
+  end
+  local entry = redis.call('HGET', KEYS[1], digest)
+  local holders = entry and string.match(entry, '^(%S+)')
+  local held = entry and (string.match(entry, '^%S+ (.*)$') or '') or ''
+  local mine = written[digest] or expect
+  local ours = holders ~= nil and mine ~= '' and holders == mine
+  local live = nil
+  if holders and not ours then live = live_holder(KEYS[2], holders, now, asking) end
+  local differs = ondiff and held ~= '' and info ~= '' and
+    string.match(held, '^(%S+)') ~= string.match(info, '^(%S+)')
+  if not ours and not live then
+    if holders then redis.call('HINCRBY', KEYS[5], 'taken_over', 1) end
+    local list = uid
+    local before = written[digest] or base
+    if mode ~= 'take' and before ~= '' then list = before .. ',' .. uid end
+    if info ~= '' then redis.call('HSET', KEYS[1], digest, list .. ' ' .. info)
+    else redis.call('HSET', KEYS[1], digest, list) end
+    written[digest] = list
+    out[#out + 1] = mode == 'take' and 'run' or 'wait'; out[#out + 1] = list
+    out[#out + 1] = ''
+    return
+  end
+  local holder = live or string.match(holders, '^([^,]+)')
+  local parked_behind = ours and mode == 'join' and anyparked and
+    redis.call('SISMEMBER', KEYS[4], digest) == 1
+  if differs then
+    redis.call('HINCRBY', KEYS[5], 'differing', 1)
+    out[#out + 1] = 'differs'
+  elseif not reroute then
+    redis.call('HINCRBY', KEYS[5], 'blocked', 1)
+    out[#out + 1] = 'blocked'
+  elseif ours and (mode == 'join' or mode == 'stay') and not parked_behind then
+    local list = (written[digest] or base)
+    list = list == '' and uid or (list .. ',' .. uid)
+    redis.call('HSET', KEYS[1], digest, list .. (held ~= '' and (' ' .. held) or ''))
+    written[digest] = list
+    out[#out + 1] = 'wait'; out[#out + 1] = list; out[#out + 1] = ''
+    return
+  else
+    park(uid, digest, queue)
+    out[#out + 1] = 'parked'
+  end
+  out[#out + 1] = holder; out[#out + 1] = ondiff and held or ''
+end
+for _, r in ipairs(requests) do
+  local uid, digest, pend = r[1], r[2], r[5]
   if pend ~= '' and string.match(redis.call('HGET', KEYS[6], pend) or '', '^(%S+)') == uid then
     redis.call('HDEL', KEYS[6], pend)
   end
@@ -127,80 +236,31 @@ for i = 6, #ARGV, 6 do
     redis.call('LREM', prefix .. string.match(where, '^(%S+)'), 0, uid)
     redis.call('HDEL', KEYS[3], uid)
   end
-  local entry = digest ~= '' and redis.call('HGET', KEYS[1], digest)
-  local holder = entry and string.match(entry, '^(%S+)')
-  local live = false
-  if holder and holder ~= uid then
-    local deadline = strict or redis.call('ZSCORE', KEYS[2], holder)
-    live = strict or (deadline ~= false and tonumber(deadline) >= now)
-  end
-  if digest == '' then  -- waits in its process behind a local holder: pending cleared only
-    out[#out + 1] = 'skip'; out[#out + 1] = ''; out[#out + 1] = ''
-  elseif not live then
-    if holder and holder ~= uid then redis.call('HINCRBY', KEYS[5], 'taken_over', 1) end
-    if info ~= '' then redis.call('HSET', KEYS[1], digest, uid .. ' ' .. info)
-    else redis.call('HSET', KEYS[1], digest, uid) end
-    out[#out + 1] = 'run'; out[#out + 1] = ''; out[#out + 1] = ''
-  else
-    local held = string.match(entry, '^%S+ (.*)$') or ''
-    if ondiff and held ~= '' and info ~= '' and
-        string.match(held, '^(%S+)') ~= string.match(info, '^(%S+)') then
-      redis.call('HINCRBY', KEYS[5], 'differing', 1)
-      out[#out + 1] = 'differs'
-    elseif reroute then
-      redis.call('RPUSH', prefix .. digest, uid)
-      redis.call('HSET', KEYS[3], uid, digest .. ' ' .. queue)
-      redis.call('SADD', KEYS[4], digest)
-      redis.call('ZREM', KEYS[2], uid)
-      redis.call('HINCRBY', KEYS[5], 'parked', 1)
-      local body = redis.call('GET', taskp .. uid)  -- waiting again: Started -> Spawned
-      if body then
-        local fixed, n = string.gsub(
-          body, '("status":%s*)"Started"(,%s*"uid":%s*"[^"]*"%s*}%s*)$', '%1"Spawned"%2')
-        if n == 1 then redis.call('SET', taskp .. uid, fixed) end
-      end
-      out[#out + 1] = 'parked'
-    else
-      redis.call('HINCRBY', KEYS[5], 'blocked', 1)
-      out[#out + 1] = 'blocked'
-    end
-    out[#out + 1] = holder; out[#out + 1] = ondiff and held or ''
-  end
+  decide(uid, digest, r[3], r[4], r[6], r[7], r[8])
 end
 return out
 """
+)
 
-# Release slots, or hand them to a successor waiting in the releasing process.
-# KEYS: running, parked index, parked digests, stats, leases.  ARGV: now (ms), parked
-# prefix, task key prefix, then per slot: uid, digest, successor uid ("" = none),
-# successor info.  A slot moves only if that uid still holds it, or nobody alive does
-# (the holder's lease went with its final state and a sweep freed it).  Without a
-# successor, the first parked task of the digest goes back to the head of its queue.
-# Returns 1 per slot handed to its successor, else 0.
+# Release slots whose holders in one process have all ended.
+# KEYS: running, parked index, parked digests, stats.  ARGV: parked prefix, task key
+# prefix, then per slot: digest, holders (what that process last wrote).  A slot is
+# deleted only if its holders are still those (else another process took it meanwhile,
+# or this one wrote newer holders): then the first parked task of the digest goes back to
+# the head of its queue.  Returns 1 per slot released, else 0.
 RELEASE: Final = (
     _UNPARK
     + """
-local now = tonumber(ARGV[1])
 local out = {}
-for i = 4, #ARGV, 4 do
-  local uid, digest, succ, info = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local holder = string.match(redis.call('HGET', KEYS[1], digest) or '', '^(%S+)')
-  local ours = holder == uid
-  if not ours and succ ~= '' then
-    if not holder then ours = true else
-      local deadline = redis.call('ZSCORE', KEYS[5], holder)
-      ours = deadline == false or tonumber(deadline) < now
-    end
-  end
-  if ours and succ ~= '' then
-    if info ~= '' then redis.call('HSET', KEYS[1], digest, succ .. ' ' .. info)
-    else redis.call('HSET', KEYS[1], digest, succ) end
+local anyparked = redis.call('EXISTS', KEYS[3]) == 1
+for i = 3, #ARGV, 2 do
+  local digest, expect = ARGV[i], ARGV[i + 1]
+  local holders = string.match(redis.call('HGET', KEYS[1], digest) or '', '^(%S+)')
+  if holders == expect then
+    redis.call('HDEL', KEYS[1], digest)
+    if anyparked then unpark(ARGV[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], digest) end
     out[#out + 1] = 1
   else
-    if ours then
-      redis.call('HDEL', KEYS[1], digest)
-      unpark(ARGV[2], KEYS[2], KEYS[3], KEYS[4], ARGV[3], digest)
-    end
     out[#out + 1] = 0
   end
 end
@@ -214,11 +274,11 @@ return out
 # most slots inspected.  Returns how many tasks were unparked.
 SWEEP: Final = (
     _UNPARK
+    + _LIVE
     + """
 local now = tonumber(ARGV[1])
 local function dead(entry)
-  local deadline = redis.call('ZSCORE', KEYS[2], string.match(entry, '^(%S+)'))
-  return deadline == false or tonumber(deadline) < now
+  return live_holder(KEYS[2], string.match(entry, '^(%S+)'), now, {}) == nil
 end
 if redis.call('HLEN', KEYS[1]) <= tonumber(ARGV[4]) then
   local slots = redis.call('HGETALL', KEYS[1])
@@ -302,24 +362,27 @@ return dups + diffs
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """One fetched task asking for its slot."""
+class Admission(NamedTuple):
+    """One fetched task asking for its slot (see ACQUIRE for ``mode``).
+
+    A tuple in ACQUIRE's field order: it is sent joined by tabs.
+    """
 
     uid: str
     digest: str  # running scope digest
     info: str  # "<args digest> <fields JSON>" when differing arguments must be named
     queue: str  # key of the queue it goes back to (head) when unparked
     pending: str  # registration digest whose pending entry this fetch clears ("" = none)
-    strict: bool = False  # any holder blocks (its own process knows it is still at work)
+    mode: str = "take"  # "take", "join"/"stay" (wait behind this process's holders), "park"
+    expect: str = ""  # the holders this process last wrote for the digest ("" = none)
+    base: str = ""  # this process's running and waiting uids of the scope, comma-separated
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What ACQUIRE decided for one task."""
 
-    outcome: str  # "run", "blocked", "parked" or "differs"
-    holder: str  # uid holding the slot ("" when run)
+    outcome: str  # "run", "wait", "parked", "blocked" or "differs"
+    holder: str  # run/wait: the holders written; else the uid holding the slot
     info: str  # the holder's "<args digest> <fields JSON>" ("" when unknown)
 
 
@@ -337,32 +400,7 @@ class SlotStore:
         self._acquire = redis.register_script(ACQUIRE)
         self._release = redis.register_script(RELEASE)
         self._sweep = redis.register_script(SWEEP)
-
-    async def acquire(
-        self,
-        requests: Sequence[Admission],
-        *,
-        reroute: bool,
-        on_diff: bool,
-        bodies: Mapping[str, str] | None = None,
-    ) -> list[Outcome]:
-        """Take or refuse each slot (ACQUIRE); parks refused ones when ``reroute``.
-
-        ``bodies`` (task key -> JSON, the fetched tasks marked Started) are written in
-        the same round trip, just before the script; a task parked by it goes back to
-        Spawned there.
-        """
-        identity = self.identity
-        args: list[Any] = [
-            _ms(time.time()),
-            int(reroute),
-            int(on_diff),
-            parked_prefix(identity),
-            keys.TASK_PREFIX,
-        ]
-        for r in requests:
-            args += [r.uid, r.digest, r.info, r.queue, r.pending, int(r.strict)]
-        script_keys = [
+        self._acquire_keys = [
             running_key(identity),
             keys.leases_key(identity),
             parked_index_key(identity),
@@ -370,40 +408,37 @@ class SlotStore:
             concurrency_stats_key(identity),
             pending_key(identity),
         ]
-        if bodies:
-            async with self.backend.redis.pipeline(transaction=False) as pipe:
-                pipe.mset(dict(bodies))
-                await self._acquire(keys=script_keys, args=args, client=pipe)
-                _, reply = await pipe.execute()
-            flat = cast(list[str], reply)
-        else:
-            flat = cast(list[str], await self._acquire(keys=script_keys, args=args))
+        self._release_keys = [
+            running_key(identity),
+            parked_index_key(identity),
+            parked_digests_key(identity),
+            concurrency_stats_key(identity),
+        ]
+        self._parked_prefix = parked_prefix(identity)
+
+    async def acquire(
+        self, requests: Sequence[Admission], *, reroute: bool, on_diff: bool
+    ) -> list[Outcome]:
+        """Take, join or refuse each slot (ACQUIRE); parks refused ones when ``reroute``."""
+        args: list[Any] = [
+            _ms(time.time()),
+            int(reroute),
+            int(on_diff),
+            self._parked_prefix,
+            keys.TASK_PREFIX,
+        ]
+        args.extend(["\t".join(request) for request in requests])
+        flat = cast(list[str], await self._acquire(keys=self._acquire_keys, args=args))
         return [Outcome(*flat[i : i + 3]) for i in range(0, len(flat), 3)]
 
-    async def release(self, held: Sequence[tuple[str, str, str, str]]) -> list[bool]:
-        """Release ``(uid, digest, successor, successor info)`` slots (see RELEASE).
-
-        Returns, per slot, whether it was handed to its successor.
-        """
+    async def release(self, held: Sequence[tuple[str, str]]) -> list[bool]:
+        """Release ``(digest, holders)`` slots (see RELEASE); True per slot released."""
         if not held:
             return []
-        identity = self.identity
-        args: list[Any] = [_ms(time.time()), parked_prefix(identity), keys.TASK_PREFIX]
+        args: list[Any] = [self._parked_prefix, keys.TASK_PREFIX]
         for entry in held:
             args += entry
-        flags = cast(
-            list[int],
-            await self._release(
-                keys=[
-                    running_key(identity),
-                    parked_index_key(identity),
-                    parked_digests_key(identity),
-                    concurrency_stats_key(identity),
-                    keys.leases_key(identity),
-                ],
-                args=args,
-            ),
-        )
+        flags = cast(list[int], await self._release(keys=self._release_keys, args=args))
         return [bool(flag) for flag in flags]
 
     async def sweep(self, limit: int = 5000) -> int:

@@ -82,9 +82,11 @@ def make_tasks(mode: str, count: int, scopes: int, sleep: float) -> list[Task]:
     return tasks
 
 
-def karton_section(mode: str, *, reroute: bool, lease: float = 3.0) -> dict[str, Any]:
+def karton_section(
+    mode: str, *, reroute: bool, lease: float = 3.0, limit: int = 6
+) -> dict[str, Any]:
     section: dict[str, Any] = {
-        "concurrency_limit": 6,
+        "concurrency_limit": limit,
         "lease_timeout": lease,
         "shutdown_grace": 1,
         "running_concurrency": mode,
@@ -92,6 +94,8 @@ def karton_section(mode: str, *, reroute: bool, lease: float = 3.0) -> dict[str,
     }
     if mode == "keys":
         section["key_arguments"] = "headers.key"
+    if limit == 1:
+        section["prefetch"] = 0  # a busy process fetches nothing
     return section
 
 
@@ -187,13 +191,18 @@ async def start_two(dep: Deployment, r: aredis.Redis) -> None:
     """Start the two processes and wait until both hold their presence connection."""
     dep.start(with_system=True)
     dep.start(with_system=False)
+    await wait_started(dep, r, 2)
+
+
+async def wait_started(dep: Deployment, r: aredis.Redis, count: int) -> None:
+    """Wait until ``count`` worker processes hold their presence connection."""
     with anyio.move_on_after(STARTUP_TIMEOUT):
         while True:
             for proc in dep.procs:
                 if proc.poll() is not None:
                     pytest.fail(f"a worker exited early:\n{dep.output()}")
             names = [c.get("name", "") for c in await r.client_list()]
-            if sum(1 for n in names if n.split("?", 1)[0] == IDENTITY) >= 2:
+            if sum(1 for n in names if n.split("?", 1)[0] == IDENTITY) >= count:
                 return
             await anyio.sleep(0.1)
     pytest.fail(f"workers did not start:\n{dep.output()}")
@@ -262,6 +271,33 @@ async def test_no_two_tasks_of_a_scope_overlap_across_processes(
     assert await r.hlen(f"asynckarton.parked.index:{IDENTITY}") == 0
 
 
+async def test_many_tasks_per_key_wait_in_their_process_without_overlapping(
+    deployment: Deployment, r: aredis.Redis
+) -> None:
+    """Load: 600 short tasks on 20 keys, two processes; tasks of a key a process holds
+    wait there (no park/unpark), the others are parked; still no overlap."""
+    count, scopes = 600, 20
+    deployment.write_ini(karton_section("keys", reroute=True))
+    await start_two(deployment, r)
+    await send(deployment, make_tasks("keys", count, scopes, sleep=0.005))
+    await wait_settled(r, count, 150, deployment)
+
+    worst = {k: int(v) for k, v in (await r.hgetall("conc:max")).items()}
+    runs = {k: int(v) for k, v in (await r.hgetall("conc:runs")).items()}
+    pids = await r.smembers("conc:pids")
+    stats = await r.hgetall(f"asynckarton.concurrency:{IDENTITY}")
+    print(f"LOAD: tasks={count} keys={scopes} processes=2 ran_in={len(pids)} "
+          f"max={max(worst.values())} stats={stats}")  # fmt: skip
+    assert max(worst.values()) == 1, f"overlapping runs: {worst}"
+    assert sum(runs.values()) == count and len(pids) == 2
+    assert await statuses(r) == {"Finished": count}
+    assert int(stats.get("parked", 0)) < count  # some waited where their key was held
+    with anyio.fail_after(10):  # the last releases are written in the background
+        while await r.hlen(f"asynckarton.running:{IDENTITY}"):
+            await anyio.sleep(0.05)
+    assert await r.hlen(f"asynckarton.parked.index:{IDENTITY}") == 0
+
+
 async def test_blocked_tasks_end_crashed_and_counted_without_reroute(
     deployment: Deployment, r: aredis.Redis
 ) -> None:
@@ -281,22 +317,42 @@ async def test_blocked_tasks_end_crashed_and_counted_without_reroute(
     assert states.get("Finished", 0) + states["Crashed"] == 60
 
 
+@pytest.mark.parametrize("waiter", ["parked", "local"])
 async def test_a_sigkilled_holder_frees_its_key_within_the_lease(
-    deployment: Deployment, r: aredis.Redis
+    deployment: Deployment, r: aredis.Redis, waiter: str
 ) -> None:
+    """The waiter is parked by the other process (one task at a time each, so the busy one
+    fetches nothing), or waits in the holder's own process (started alone, the other one
+    only once the waiter is listed among the slot's holders); then the holder's process is
+    SIGKILLed."""
     lease = 3.0
-    deployment.write_ini(karton_section("keys", reroute=True, lease=lease))
-    await start_two(deployment, r)
+    limit = 1 if waiter == "parked" else 6
+    deployment.write_ini(karton_section("keys", reroute=True, lease=lease, limit=limit))
+    if waiter == "parked":
+        await start_two(deployment, r)
+    else:
+        deployment.start(with_system=True)
+        await wait_started(deployment, r, 1)
     holder_task = make_tasks("keys", 1, 1, sleep=120)[0]
     await send(deployment, [holder_task])
     with anyio.fail_after(30):
         while not await r.hget("conc:holder", "s0"):
             await anyio.sleep(0.05)
-    waiter = make_tasks("keys", 1, 1, sleep=0.01)[0]
-    await send(deployment, [waiter])
-    with anyio.fail_after(30):  # the waiter is parked, not run
-        while await r.hlen(f"asynckarton.parked.index:{IDENTITY}") < 1:
+    waiting = make_tasks("keys", 1, 1, sleep=0.01)[0]
+    await send(deployment, [waiting])
+    with anyio.fail_after(30):  # the waiter is held back, not run
+        while True:
+            if waiter == "parked":
+                if await r.hlen(f"asynckarton.parked.index:{IDENTITY}") >= 1:
+                    break
+            else:
+                slots = [str(v) for v in await r.hvals(f"asynckarton.running:{IDENTITY}")]
+                if any("," in v.split(" ")[0] for v in slots):
+                    break  # listed behind the holder, in its process
             await anyio.sleep(0.05)
+    if waiter == "local":
+        deployment.start(with_system=False)
+        await wait_started(deployment, r, 2)
     pid, uid = str(await r.hget("conc:holder", "s0")).split()
     victim = next(p for p in deployment.procs if str(p.pid) == pid)
 
@@ -310,9 +366,9 @@ async def test_a_sigkilled_holder_frees_its_key_within_the_lease(
     for line in await r.lrange("conc:started_at", 0, -1):
         root, _, at = str(line).partition(" ")
         started[root] = at
-    waited = float(started[waiter.root_uid]) - killed
+    waited = float(started[waiting.root_uid]) - killed
     stats = await r.hgetall(f"asynckarton.concurrency:{IDENTITY}")
-    print(f"KILL: waiter ran {waited:.2f}s after the kill; stats={stats}")
+    print(f"KILL ({waiter}): waiter ran {waited:.2f}s after the kill; stats={stats}")
     assert int(await r.hget("conc:max", "s0") or 0) == 1
     assert waited <= lease + 4.0, f"the key stayed held {waited:.1f}s after the kill"
     assert int(await r.hget("conc:started", holder_task.root_uid) or 0) == 2  # redelivered

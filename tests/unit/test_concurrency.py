@@ -24,6 +24,7 @@ from asynckarton._services._concurrency import (
     differing_fields,
     scope_digest,
     task_scope,
+    task_scoper,
 )
 from asynckarton._services._concurrency_gate import ConcurrencyGate
 from asynckarton._settings._config import Config
@@ -104,6 +105,36 @@ def test_keys_scope_looks_at_key_arguments_only() -> None:
     assert scope_digest(ConcurrencyControlType.TASK, {"a": 1}, {}, {}) == scope_digest(
         ConcurrencyControlType.TASK, {"b": 2}, {"c": 3}, {}
     )
+
+
+def test_keys_digests_are_memoised_by_value_and_type() -> None:
+    paths = ("headers.k",)
+    one, true, real = (scope_digest(KEYS, {"k": v}, {}, {}, paths) for v in (1, True, 1.0))
+    assert len({one, true, real}) == 3  # JSON tells them apart, so must the memo
+    assert scope_digest(KEYS, {"k": 1}, {}, {}, paths) == one
+    nested = scope_digest(KEYS, {"k": {"a": [1]}}, {}, {}, paths)  # not memoised
+    assert nested == scope_digest(KEYS, {"k": {"a": [1]}}, {}, {}, paths) != one
+
+
+@pytest.mark.parametrize(
+    ("mode", "paths"),
+    [
+        (KEYS, ("headers.k",)),
+        (KEYS, ("headers.k", "headers.j")),
+        (KEYS, ("headers.k", "payload.p")),
+        (KEYS, ("headers.k.deep",)),
+        (ARGS, ()),
+        (ConcurrencyControlType.TASK, ()),
+    ],
+)
+def test_the_fast_scoper_gives_task_scope_digests(
+    mode: ConcurrencyControlType, paths: tuple[str, ...]
+) -> None:
+    scoper = task_scoper(mode, paths)
+    for headers in ({"k": "a"}, {"k": 1}, {"k": True}, {"k": None}, {}, {"k": {"deep": [1]}},
+                    {"k": "a", "j": 2.5}):  # fmt: skip
+        task = Task({"type": "x", **headers}, payload={"p": 1})
+        assert scoper(task) == task_scope(task, mode, paths), headers
 
 
 def test_a_parsed_task_and_its_wire_document_give_the_same_digest() -> None:
@@ -209,12 +240,12 @@ async def test_reroute_parks_and_release_moves_one_task_to_the_queue_head(
     assert await backend.redis.zscore(keys.leases_key(ID), "b") is None
     assert await backend.redis.hget(parked_index_key(ID), "b") == f"k1 {queue}"
 
-    assert await store.release([("b", "k1", "", "")]) == [False]  # not the holder: no-op
+    assert await store.release([("k1", "b")]) == [False]  # not the holder: no-op
     assert await backend.redis.lrange(queue, 0, -1) == ["other"]
-    assert await store.release([("a", "k1", "", "")]) == [False]
+    assert await store.release([("k1", "a")]) == [True]
     assert await backend.redis.lrange(queue, 0, -1) == ["b", "other"]
     assert await backend.redis.hget(running_key(ID), "k1") is None
-    assert await store.release([("a", "k1", "", "")]) == [False]  # twice is harmless
+    assert await store.release([("k1", "a")]) == [False]  # twice is harmless
     assert await backend.redis.lrange(queue, 0, -1) == ["b", "other"]
     [again] = await store.acquire([_ask("b")], reroute=True, on_diff=False)
     assert again.outcome == "run"
@@ -250,7 +281,7 @@ async def test_on_diff_reports_the_holder_arguments_only_when_they_differ(
         on_diff=True,
     )
     assert [(o.outcome, o.holder, o.info) for o in out] == [
-        ("run", "", ""),
+        ("run", "a", ""),  # run: the holders written
         ("differs", "a", 'd1 {"x":"1"}'),
         ("blocked", "a", 'd1 {"x":"1"}'),
     ]
@@ -314,7 +345,7 @@ async def test_blocked_task_ends_crashed_with_the_holder_named(tmp_path: Path) -
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("local_waiters", [0, 4])
+@pytest.mark.parametrize("local_waiters", [0, 16])
 async def test_rerouted_tasks_all_run_later_one_key_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_waiters: int
 ) -> None:
@@ -334,8 +365,10 @@ async def test_rerouted_tasks_all_run_later_one_key_at_a_time(
     assert RerouteWorker.worst == 1
     assert sorted(RerouteWorker.ran, key=int) == [str(i) for i in range(30)]
     assert all(t.status is TaskState.FINISHED for t in tasks)
-    assert stats["parked"] >= 1 and stats["unparked"] >= 1
-    assert (stats["parked"] < 27) == bool(local_waiters)  # waiting locally spares parks
+    if local_waiters:  # one process: every task waits here behind its key's holder
+        assert "parked" not in stats
+    else:
+        assert stats["parked"] >= 1 and stats["unparked"] >= 1
 
 
 class StrictKeyWorker(KeyWorker):
@@ -457,20 +490,259 @@ async def test_replicas_publish_their_policy_and_warn_when_they_differ(
     assert await published_policies(backend, [ID, "nobody"]) == {ID: ConcurrencyPolicy().to_json()}
 
 
+def _join(uid: str, expect: str, base: str, *, mode: str = "join", info: str = "") -> Admission:
+    return Admission(uid, "k1", info, keys.queue_key("normal", ID), "", mode, expect, base)
+
+
 @pytest.mark.anyio
-async def test_release_hands_the_slot_to_a_local_successor_only_if_still_held(
+async def test_a_join_lists_the_task_among_the_holders_and_keeps_the_slot_live(
+    backend: KartonBackend,
+) -> None:
+    store = SlotStore(backend, ID)
+    for uid in ("a", "b", "c", "x"):
+        await _lease(backend, uid, 30)
+    # One call: "a" takes the slot, "b" joins behind it (the call's own write counts).
+    out = await store.acquire([_ask("a"), _join("b", "", "")], reroute=True, on_diff=False)
+    assert [(o.outcome, o.holder) for o in out] == [("run", "a"), ("wait", "a,b")]
+    # A later join names what this process wrote and the tasks it still has (not "a").
+    [joined] = await store.acquire([_join("c", "a,b", "b")], reroute=True, on_diff=False)
+    assert (joined.outcome, joined.holder) == ("wait", "b,c")
+    assert await backend.redis.hget(running_key(ID), "k1") == "b,c"
+    # "b" ended (its lease went with its final state): "c" keeps the slot live for others.
+    await backend.redis.zrem(keys.leases_key(ID), "b")
+    [other] = await store.acquire([_ask("x")], reroute=False, on_diff=False)
+    assert (other.outcome, other.holder) == ("blocked", "c")
+    # A release naming older holders is a no-op; the current ones release it.
+    assert await store.release([("k1", "a,b")]) == [False]
+    assert await store.release([("k1", "b,c")]) == [True]
+    assert await backend.redis.hget(running_key(ID), "k1") is None
+
+
+@pytest.mark.anyio
+async def test_a_join_meets_whoever_holds_the_slot_when_it_is_no_longer_ours(
     backend: KartonBackend,
 ) -> None:
     store = SlotStore(backend, ID)
     for uid in ("a", "b", "x", "y"):
         await _lease(backend, uid, 30)
-    await store.acquire([_ask("a")], reroute=True, on_diff=False)
-    assert await store.release([("a", "k1", "b", "")]) == [True]
-    assert await backend.redis.hget(running_key(ID), "k1") == "b"
-    # "a" no longer holds it and "b" (alive) does: a stale hand-over fails.
-    assert await store.release([("a", "k1", "x", "")]) == [False]
-    assert await backend.redis.hget(running_key(ID), "k1") == "b"
-    # A holder whose lease is gone does not block a hand-over.
-    await backend.redis.zrem(keys.leases_key(ID), "b")
-    assert await store.release([("a", "k1", "y", "")]) == [True]
-    assert await backend.redis.hget(running_key(ID), "k1") == "y"
+    await store.acquire([_ask("x")], reroute=True, on_diff=False)  # another process
+    [parked] = await store.acquire([_join("a", "old", "")], reroute=True, on_diff=False)
+    assert (parked.outcome, parked.holder) == ("parked", "x")
+    [blocked] = await store.acquire([_join("b", "old", "")], reroute=False, on_diff=False)
+    assert (blocked.outcome, blocked.holder) == ("blocked", "x")
+    # Released meanwhile: a join takes the free slot (its process runs it at once).
+    assert await store.release([("k1", "x")]) == [True]
+    await backend.redis.delete(keys.queue_key("normal", ID))
+    [took] = await store.acquire([_join("y", "old", "")], reroute=True, on_diff=False)
+    assert (took.outcome, took.holder) == ("wait", "y")
+    # Our own slot, but the task may not wait here (cap reached): parked behind it.
+    [behind] = await store.acquire([_join("b", "y", "y", mode="park")], reroute=True, on_diff=False)
+    assert behind.outcome == "parked"
+    # Parked tasks of the scope exist: a join is parked behind them, not ahead.
+    await _lease(backend, "z", 30)
+    [fair] = await store.acquire([_join("z", "y", "y")], reroute=True, on_diff=False)
+    assert fair.outcome == "parked"
+    assert await backend.redis.lrange(keys.parked_prefix(ID) + "k1", 0, -1) == ["b", "z"]
+    # ... unless its process may still run tasks ahead of them ("stay").
+    await _lease(backend, "s", 30)
+    [ahead] = await store.acquire([_join("s", "y", "y", mode="stay")], reroute=True, on_diff=False)
+    assert (ahead.outcome, ahead.holder) == ("wait", "y,s")
+
+
+@pytest.mark.anyio
+async def test_join_without_reroute_or_with_other_arguments_is_refused(
+    backend: KartonBackend,
+) -> None:
+    store = SlotStore(backend, ID)
+    for uid in ("a", "b", "c"):
+        await _lease(backend, uid, 30)
+    out = await store.acquire(
+        [_ask("a", info='d1 {"x":"1"}'), _join("b", "", "", info='d2 {"x":"2"}')],
+        reroute=True,
+        on_diff=True,
+    )
+    assert [(o.outcome, o.holder) for o in out] == [("run", "a"), ("differs", "a")]
+    [blocked] = await store.acquire([_join("c", "a", "a")], reroute=False, on_diff=False)
+    assert (blocked.outcome, blocked.holder) == ("blocked", "a")
+    assert await backend.redis.hget(running_key(ID), "k1") == 'a d1 {"x":"1"}'
+
+
+@pytest.mark.anyio
+async def test_sweep_frees_a_slot_only_once_every_holder_is_gone(backend: KartonBackend) -> None:
+    store = SlotStore(backend, ID)
+    for uid in ("a", "b", "w"):
+        await _lease(backend, uid, 30)
+    await store.acquire([_ask("a"), _join("b", "", "")], reroute=True, on_diff=False)
+    await store.acquire([_ask("w")], reroute=True, on_diff=False)  # parked behind a,b
+    await backend.redis.zrem(keys.leases_key(ID), "a")
+    assert await store.sweep() == 0  # "b" still holds it
+    await backend.redis.zadd(keys.leases_key(ID), {"b": int(time.time() * 1000) - 1})
+    assert await store.sweep() == 1
+    assert await backend.redis.lrange(keys.queue_key("normal", ID), 0, -1) == ["w"]
+
+
+# -- the gate: tasks of a scope this process holds wait here ---------------------------------
+
+
+def _keyed_gate(backend: KartonBackend) -> tuple[ConcurrencyGate, list[Task], list[Task]]:
+    crashed: list[Task] = []
+    forgotten: list[Task] = []
+    gate = ConcurrencyGate(
+        backend=lambda: backend,
+        identity=ID,
+        policy=ConcurrencyPolicy(
+            running_concurrency=KEYS,
+            key_arguments=("headers.k",),
+            reroute_on_concurrency_control=True,
+        ),
+        log=logging.getLogger("test.gate"),
+        crash=crashed.append,
+        forget=forgotten.append,
+        instance="one",
+    )
+    return gate, crashed, forgotten
+
+
+async def _keyed(backend: KartonBackend, *keys_: str) -> list[Task]:
+    tasks = [Task({"type": "x", "k": k}) for k in keys_]
+    for task in tasks:
+        await _lease(backend, task.uid, 30)
+    return tasks
+
+
+@pytest.mark.anyio
+async def test_gate_runs_the_tasks_of_a_held_scope_one_after_another_under_one_slot(
+    backend: KartonBackend,
+) -> None:
+    gate, crashed, forgotten = _keyed_gate(backend)
+    a1, b1, a2, a3 = await _keyed(backend, "a", "b", "a", "a")
+    assert await gate.admit([a1, b1, a2]) == [a1, b1]
+    assert await gate.admit([a3]) == []  # a1 still holds "a": a3 waits here too
+    digest = task_scope(a1, KEYS, ("headers.k",))
+    assert await backend.redis.hget(running_key(ID), digest) == f"{a1.uid},{a2.uid},{a3.uid}"
+    assert gate.waiting == 2 and gate.ready() is None
+    gate.release(a1)
+    assert gate.ready() is a2  # its turn, no Redis write
+    gate.release(a2)
+    assert gate.ready() is a3
+    gate.release(a3)
+    gate.release(b1)
+    assert gate.ready() is None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gate.run)
+        with anyio.fail_after(5):
+            while await backend.redis.hlen(running_key(ID)):
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert gate._scopes == {} and gate.waiting == 0
+    assert crashed == forgotten == []
+
+
+@pytest.mark.anyio
+async def test_gate_after_stop_starts_no_waiter_and_gives_them_back(
+    backend: KartonBackend,
+) -> None:
+    gate, _, _ = _keyed_gate(backend)
+    a1, a2, a3 = await _keyed(backend, "a", "a", "a")
+    assert await gate.admit([a1, a2, a3]) == [a1]
+    gate.stop()
+    gate.release(a1)
+    assert gate.ready() is None
+    assert gate.leftovers() == [a2, a3]
+    gate.release(a2)
+    gate.release(a3)
+    await gate._flush()
+    assert await backend.redis.hlen(running_key(ID)) == 0
+    assert gate._scopes == {}
+
+
+@pytest.mark.anyio
+async def test_gate_leftovers_include_a_task_whose_turn_came_and_nothing_takes_over(
+    backend: KartonBackend,
+) -> None:
+    gate, _, _ = _keyed_gate(backend)
+    a1, a2, a3 = await _keyed(backend, "a", "a", "a")
+    assert await gate.admit([a1, a2, a3]) == [a1]
+    gate.release(a1)  # a cancelled run (no stop()): a2's turn came, nobody ran it
+    assert gate.leftovers() == [a2, a3]
+    assert gate.ready() is None and gate.waiting == 0 and gate._of == {}
+    await gate._flush()
+    assert gate._scopes == {} and await backend.redis.hlen(running_key(ID)) == 0
+
+
+@pytest.mark.anyio
+async def test_gate_forgets_parked_tasks_and_tasks_of_a_failed_admission(
+    backend: KartonBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, _, forgotten = _keyed_gate(backend)
+    other, _, _ = _keyed_gate(backend)
+    x, a1, a2 = await _keyed(backend, "a", "a", "a")
+    assert await other.admit([x]) == [x]  # another process holds "a"
+    assert await gate.admit([a1]) == []
+    assert forgotten == [a1]  # parked: it left this process
+
+    async def down(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("redis is down")
+
+    monkeypatch.setattr(SlotStore, "acquire", down)
+    with pytest.raises(ConnectionError):
+        await gate.admit([a2])
+    assert forgotten == [a1, a2] and gate._scopes == {}
+
+
+class Holder(Consumer):
+    """The first task of a key holds it ``payload["sleep"]`` s; the others are quick."""
+
+    identity = "test.holder"
+    filters: ClassVar[list[dict[str, Any]]] = [{"type": "held"}]
+    running_concurrency = "keys"
+    key_arguments = ("headers.key",)
+    reroute_on_concurrency_control = True
+    concurrency_limit = 4
+    ran: ClassVar[list[int]] = []
+
+    async def process(self, task: Task) -> None:
+        type(self).ran.append(int(task.payload["n"]))
+        await anyio.sleep(float(task.payload.get("sleep", 0)))
+
+
+@pytest.mark.anyio
+async def test_stop_hands_back_tasks_waiting_behind_a_holder_and_frees_the_slot(
+    tmp_path: Path,
+) -> None:
+    Holder.ran = []
+    consumer = Holder(testing.embedded_config(tmp_path))
+    async with testing.pipeline(consumer, data_dir=tmp_path) as p:
+        redis = p.producer.backend.redis
+        await p.send(
+            Task({"type": "held", "key": "k"}, payload={"n": 0, "sleep": 0.5}),
+            *(Task({"type": "held", "key": "k"}, payload={"n": n}) for n in (1, 2, 3)),
+        )
+        with anyio.fail_after(5):
+            while consumer._gate.waiting < 3:
+                await anyio.sleep(0.01)
+        consumer.stop(grace=10)
+        with anyio.fail_after(10):
+            while consumer._scopes is not None:
+                await anyio.sleep(0.01)
+        tasks = await p.tasks(receiver=Holder.identity)
+        queued = await redis.lrange(keys.queue_key("normal", Holder.identity), 0, -1)
+        leases = await redis.zcard(keys.leases_key(Holder.identity))
+        slots = await redis.hlen(running_key(Holder.identity))
+    assert Holder.ran == [0]  # the holder finished; nothing started after stop()
+    assert sorted(t.status.value for t in tasks) == ["Finished"] + ["Spawned"] * 3
+    assert len(queued) == 3 and leases == 0 and slots == 0
+
+
+@pytest.mark.anyio
+async def test_holders_fetched_again_after_their_process_died_do_not_block_themselves(
+    backend: KartonBackend,
+) -> None:
+    store = SlotStore(backend, ID)
+    for uid in ("h", "w"):
+        await _lease(backend, uid, 30)
+    await store.acquire([_ask("h"), _join("w", "", "")], reroute=True, on_diff=False)
+    # Their process died; both were requeued and fetched (leased) by another one.
+    out = await store.acquire([_ask("w"), _join("h", "", "")], reroute=True, on_diff=False)
+    assert [(o.outcome, o.holder) for o in out] == [("run", "w"), ("wait", "w,h")]
+    assert (await store.stats())["taken_over"] == 1
