@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any, Final, NamedTuple, cast
 
 from . import _keys as keys
+from . import _scripts as scripts
 from ._keys import (
     TASK_PREFIX,
     concurrency_stats_key,
@@ -396,10 +397,12 @@ class SlotStore:
     def __init__(self, backend: KartonBackend, identity: str) -> None:
         self.backend = backend
         self.identity = identity
-        redis = backend.redis
-        self._acquire = redis.register_script(ACQUIRE)
-        self._release = redis.register_script(RELEASE)
-        self._sweep = redis.register_script(SWEEP)
+        # Flagged allow-oom (on real servers): admitting, releasing and sweeping slots
+        # moves existing work on, so it keeps running when Redis is over maxmemory.
+        self._acquire = backend._script(ACQUIRE)
+        self._release = backend._script(RELEASE)
+        self._sweep = backend._script(SWEEP)
+        self._forget = backend._script(_FORGET_PENDING)
         self._acquire_keys = [
             running_key(identity),
             keys.leases_key(identity),
@@ -463,7 +466,7 @@ class SlotStore:
             return
         # Compare-and-delete per entry in one script call (ACQUIRE does it for slots).
         flat = [part for pair in pairs for part in pair]
-        await self.backend.redis.eval(_FORGET_PENDING, 1, pending_key(self.identity), *flat)
+        await self._forget(keys=[pending_key(self.identity)], args=flat)
 
     async def publish_policy(
         self, instance: str, policy: str, *, refresh: bool = False
@@ -472,7 +475,9 @@ class SlotStore:
         redis = self.backend.redis
         key = policy_key(self.identity)
         now = time.time()
-        await redis.hset(key, instance, f"{_ms(now)} {policy}")
+        filing = scripts.Writes()  # a full Redis still takes it (a consumer starting then)
+        filing.call("HSET", key, instance, f"{_ms(now)} {policy}")
+        await self.backend.commit(filing)
         if refresh:
             return {}
         others: dict[str, str] = {}

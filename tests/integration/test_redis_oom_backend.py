@@ -118,3 +118,37 @@ async def test_draining_writes_pass_and_producers_are_refused(
     assert full_redis.llen(f"karton.queue.normal:{IDENTITY}") == 0
     memory = full_redis.info("memory")
     assert memory["used_memory"] > memory["maxmemory"], "the test should stay full"
+
+
+async def test_concurrency_control_keeps_working_on_a_full_server(
+    backend: KartonBackend, full_redis: redis.Redis
+) -> None:
+    # A consumer starting with running_concurrency files its policy, admits, parks,
+    # releases and sweeps slots: all of it while Redis refuses plain writes.
+    from asynckarton.backend import _keys as keys
+    from asynckarton.backend._concurrency import Admission, SlotStore
+
+    store = SlotStore(backend, IDENTITY)
+    queue = keys.queue_key("normal", IDENTITY)
+    leases = keys.leases_key(IDENTITY)
+    deadline = int((time.time() + 30) * 1000)
+    for uid in ("a", "b"):  # two fetched tasks with live leases (set up past the limit)
+        full_redis.eval(
+            "#!lua flags=allow-oom\n"
+            "redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) redis.call('SET', KEYS[2], '{}')",
+            2,
+            leases,
+            keys.task_key(uid),
+            deadline,
+            uid,
+        )
+    assert await store.publish_policy("replica-1", "keys=sha") == {}
+    assert full_redis.hlen(keys.policy_key(IDENTITY)) == 1
+    asks = [Admission(uid, "k1", "", queue, "") for uid in ("a", "b")]
+    out = await store.acquire(asks, reroute=True, on_diff=False)
+    assert [o.outcome for o in out] == ["run", "parked"]
+    assert await store.release([("k1", "a")]) == [True]
+    assert full_redis.lrange(queue, 0, -1) == ["b"]  # unparked to the head of its queue
+    assert await store.sweep() >= 0
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        full_redis.set("probe", "x")  # still over maxmemory throughout
