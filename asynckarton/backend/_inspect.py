@@ -28,6 +28,7 @@ import orjson
 import redis.exceptions
 
 from . import _keys as keys
+from . import _scripts as scripts
 from ._redis import KartonBackend
 
 __all__ = [
@@ -198,7 +199,9 @@ async def record_gc_pass(
         "deleted_tasks": deleted_tasks,
         "deleted_objects": deleted_objects,
     }
-    await backend.redis.hset(GC_LAST, mapping=mapping)  # type: ignore[arg-type]
+    writes = scripts.Writes()  # through commit(): a full Redis still takes it
+    writes.call("HSET", GC_LAST, *(word for pair in mapping.items() for word in pair))
+    await backend.commit(writes)
 
 
 async def publish_task_counts(backend: KartonBackend, counts: StatusCounts) -> None:
@@ -208,7 +211,9 @@ async def publish_task_counts(backend: KartonBackend, counts: StatusCounts) -> N
         "duration": counts.duration,
         "counts": [[*key, n] for key, n in sorted(counts.counts.items())],
     }
-    await backend.redis.set(keys.GC_COUNTS, orjson.dumps(document))
+    writes = scripts.Writes()
+    writes.call("SET", keys.GC_COUNTS, orjson.dumps(document).decode())
+    await backend.commit(writes)
 
 
 def _parse_counts(raw: object) -> StatusCounts | None:

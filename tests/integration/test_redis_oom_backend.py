@@ -152,3 +152,25 @@ async def test_concurrency_control_keeps_working_on_a_full_server(
     assert await store.sweep() >= 0
     with pytest.raises(redis.exceptions.OutOfMemoryError):
         full_redis.set("probe", "x")  # still over maxmemory throughout
+
+
+async def test_the_gc_reports_its_pass_and_counts_on_a_full_server(
+    backend: KartonBackend, full_redis: redis.Redis
+) -> None:
+    from collections import Counter
+
+    from asynckarton.backend._inspect import (
+        GC_LAST,
+        StatusCounts,
+        publish_task_counts,
+        raw_state,
+        record_gc_pass,
+    )
+
+    await record_gc_pass(backend, duration=0.5, deleted_tasks=3, deleted_objects=1)
+    counts = StatusCounts(Counter({(IDENTITY, "normal", "Spawned"): 7}), time.time(), 0.1)
+    await publish_task_counts(backend, counts)
+    assert full_redis.hget(GC_LAST, "deleted_tasks") == "3"
+    state = await raw_state(backend)
+    assert state.task_counts is not None
+    assert state.task_counts.counts == counts.counts
