@@ -35,6 +35,7 @@ from asynckarton._services._logging import (
     KartonLogHandler,
     hot_log,
 )
+from asynckarton._services._run import configure_logging
 from asynckarton._wire._task import current_task
 from asynckarton.backend import KartonBackend
 
@@ -414,6 +415,20 @@ def test_hot_lines_respect_levels_filters_and_bad_formats(
             patch.setattr(sys, "stderr", errors)
             hot_log(log, logging.INFO, "bad %d", ("x",))  # reported as logging does, not raised
         assert "--- Logging error ---" in errors.getvalue()
+        console.setFormatter(logging.Formatter("%(name)s: %(message)s"))  # an operator's own
+        _hot(log, 4)
+        assert stream.getvalue().endswith("\ntest.hot.svc: Received new task - u-4\n")
+
+
+def test_configure_logging_keeps_a_programs_own_handlers() -> None:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert configure_logging("warning") == "WARNING"
+        assert root.handlers == handlers and root.level == logging.WARNING
+        assert not any(isinstance(h, ConsoleHandler) for h in root.handlers)
+    finally:
+        root.setLevel(level)
 
 
 def test_a_console_alone_gets_lines_with_no_publisher() -> None:
