@@ -269,6 +269,7 @@ class KartonLogHandler(logging.Handler):
         self._buffer: collections.deque[tuple[str, str]] = collections.deque(maxlen=max_buffer)
         self._warned = False
         self._lines = SiteLines()
+        self._channels: dict[int, str] = {}  # level -> channel, for publish_at
         self._idle: anyio.Event | None = None  # set by _append while run() sleeps
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -309,7 +310,12 @@ class KartonLogHandler(logging.Handler):
     ) -> None:
         """Buffer the line of ``message`` logged at ``frame``, no record made (:func:`hot_log`)."""
         line = self._lines.line_at(frame, logger, level, message, created)
-        self._append((KartonBackend.log_channel(logging.getLevelName(level), self._channel), line))
+        channel = self._channels.get(level)
+        if channel is None:
+            channel = self._channels[level] = KartonBackend.log_channel(
+                logging.getLevelName(level), self._channel
+            )
+        self._append((channel, line))
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "karton_published", False):
