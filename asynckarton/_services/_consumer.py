@@ -53,6 +53,7 @@ from ._completion import Completer
 from ._concurrency import ConcurrencyControlType  # concurrency control
 from ._concurrency_gate import ConcurrencyGate  # concurrency control
 from ._dispatch import Dispatcher
+from ._logging import hot_log
 from ._result_cache import ResultCache
 from ._runtime import Runtime
 from ._service import ServiceBase
@@ -485,10 +486,7 @@ class Consumer(ServiceBase):
 
     def _log_info(self, msg: str, *args: object) -> None:
         """Log a per-task line (twice for every task) as the caller's line."""
-        if self._publisher is None:
-            self.log.info(msg, *args, stacklevel=2)
-        else:  # cheaper, same result (see KartonLogHandler.log)
-            self._publisher.log(self.log, logging.INFO, msg, args, stacklevel=2)
+        hot_log(self.log, logging.INFO, msg, args, stacklevel=2)  # cheaper, same lines
 
     def _completer_started(self, task: Task) -> None:
         assert self._completer is not None

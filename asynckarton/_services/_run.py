@@ -23,11 +23,19 @@ from anyio.abc import TaskStatus
 
 from .._errors import ConfigError, KartonError
 from .._settings._config import Config
+from ._logging import CONSOLE_FORMAT, ConsoleHandler
 from ._runtime import share_runtimes
 
-__all__ = ["Servable", "configure_logging", "describe_error", "serve_forever", "startup_errors"]
+__all__ = [
+    "Servable",
+    "configure_logging",
+    "describe_error",
+    "flush_logs",
+    "serve_forever",
+    "startup_errors",
+]
 
-LOG_FORMAT = "[%(asctime)s][%(levelname)s] %(message)s"  # karton-core's format
+LOG_FORMAT = CONSOLE_FORMAT  # karton-core's format
 log = logging.getLogger("asynckarton.run")
 
 
@@ -52,15 +60,28 @@ class Servable(Protocol):
 def configure_logging(level: str | None) -> str:
     """Set up the root logger in Karton's format; return the level name used.
 
+    As ``logging.basicConfig``: when the root logger has no handler yet, it gets a
+    :class:`~._logging.ConsoleHandler` on stderr (Karton's lines, written once per
+    event-loop turn and at once from WARNING up; see :func:`flush_logs`).  A program
+    that configured logging itself keeps its handlers; only the level is set.
+
     Raises:
         ConfigError: ``level`` is not a logging level name.
     """
     name = (level or "INFO").strip().upper()
     if name not in logging.getLevelNamesMapping():
         raise ConfigError("unknown log level", option="--log-level", value=level)
-    logging.basicConfig(format=LOG_FORMAT, level=name)
-    logging.getLogger().setLevel(name)
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(ConsoleHandler(sys.stderr))
+    root.setLevel(name)
     return name
+
+
+def flush_logs() -> None:
+    """Write what the root logger's handlers hold (the console's lines of this turn)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -88,6 +109,7 @@ def startup_errors(log_level: str | None = None) -> Iterator[None]:
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - the program's edge: any failure is one line
+        flush_logs()  # the lines logged before the failure come first
         if str(log_level or "").upper() == "DEBUG":
             traceback.print_exception(exc)
         print(f"asynckarton: error: {describe_error(exc)}", file=sys.stderr)
@@ -170,6 +192,9 @@ def serve_forever(
         supervisor = _Supervisor(services, grace)
         level = log_level or supervisor.services[0].config.logging_settings().level
         level = configure_logging(level)
-    with startup_errors(level):
-        anyio.run(supervisor.serve)
-    log.info("All services stopped")
+    try:
+        with startup_errors(level):
+            anyio.run(supervisor.serve)
+        log.info("All services stopped")
+    finally:
+        flush_logs()

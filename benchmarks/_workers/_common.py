@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,5 +50,11 @@ COUNTER = "bench.await.counter"
 
 
 def setup_logging() -> None:
-    """INFO to stderr (redirected to a file by the driver), as karton-core services do."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    """INFO to stderr (redirected to a file by the driver), as asynckarton's CLI does.
+
+    ``asynckarton run`` and ``Service.main()`` set logging up with this function: Karton's
+    format on stderr, as karton-core services print it.
+    """
+    from asynckarton._services._run import configure_logging  # not in the kc workers
+
+    configure_logging("INFO")
