@@ -27,7 +27,7 @@ from .._services._health import run_checks
 from .._services._inspect import DeploymentState, TaskCounts, count_tasks, delete_bind
 from .._services._log_consumer import LEVELS, LogPrinter
 from .._services._run import startup_errors
-from .._services._runtime import Runtime
+from .._services._runtime import Runtime, open_backend
 from .._settings._config import Config
 from ..backend import KartonBackend
 from ._tasks import CONFIG_FILE_HELP
@@ -65,10 +65,14 @@ def _with_runtime(config_file: str | None, action: Callable[[Runtime], Awaitable
 
 
 def _with_backend(config_file: str | None, action: Callable[[KartonBackend], Awaitable[T]]) -> T:
-    async def on_runtime(runtime: Runtime) -> T:
-        return await action(runtime.backend)
+    """Run ``await action(backend)`` against the configured Redis (no storage client)."""
+    config = _config(config_file)
 
-    return _with_runtime(config_file, on_runtime)
+    async def go() -> T:
+        async with open_backend(config) as backend:
+            return await action(backend)
+
+    return anyio.run(go)
 
 
 def _console() -> Console:
