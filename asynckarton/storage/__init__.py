@@ -26,6 +26,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
+    """Import ``S3Storage`` (and with it aiobotocore) the first time it is asked for."""
     if name == "S3Storage":
         from asynckarton.storage._s3 import S3Storage
 
@@ -35,4 +36,5 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
+    """The module's names, ``S3Storage`` included before it is imported."""
     return sorted({*globals(), *__all__})
