@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 import anyio
 
+from .._errors import ConfigError
 from .._settings._config import Config
 from ..backend import EmbeddedConnector, KartonBackend, RedisConnector, ServerConnector
-from ..storage import LocalStorage, S3Storage, Storage
+from ..storage import LocalStorage, Storage
 from . import _embedded
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ __all__ = [
     "Runtime",
     "RuntimeUser",
     "embedded_server",
+    "open_backend",
+    "server_connector",
     "setting_origin",
     "share_runtimes",
 ]
@@ -130,9 +133,12 @@ class Runtime:
             runtime.embedded = True
             runtime.data_dir = data_dir
             return runtime
+        # Imported here, not at the top: aiobotocore and botocore are slow to import and
+        # only a runtime with S3 storage needs them (see asynckarton.storage).
+        from ..storage._s3 import S3Storage
+
         s3 = config.s3_settings()
-        connector = ServerConnector.from_settings(config.redis_settings())
-        connector.origin = setting_origin(config, "redis", ("url", "host", "port", "db"))
+        connector = server_connector(config)
         return cls(
             connector,
             S3Storage.from_settings(s3),
@@ -319,6 +325,42 @@ async def share_runtimes(
     finally:
         for service in users:
             service.use_runtime(None)
+
+
+def server_connector(config: Config) -> ServerConnector:
+    """Return a connector to the Redis server ``config``'s ``[redis]`` names (no I/O).
+
+    Its ``origin`` says where those settings were set, for error messages.
+    """
+    connector = ServerConnector.from_settings(config.redis_settings())
+    connector.origin = setting_origin(config, "redis", ("url", "host", "port", "db"))
+    return connector
+
+
+@asynccontextmanager
+async def open_backend(config: Config) -> AsyncIterator[KartonBackend]:
+    """Open a backend on ``config``'s Redis server alone, without a storage client.
+
+    For tools that only read or change Redis (``asynckarton status``, ``list``,
+    ``delete``): they neither build an S3 client nor import aiobotocore, and need no
+    ``[s3]`` settings.  The backend is closed when the block exits.
+
+    Raises:
+        ConfigError: ``config`` is embedded (its Redis lives inside another process) or
+            its ``[redis]`` settings are invalid.
+    """
+    if config.embedded:
+        raise ConfigError(
+            "no Redis server configured: the embedded Redis lives inside the process that "
+            "runs the services",
+            section="redis",
+        )
+    backend = KartonBackend(server_connector(config))
+    try:
+        yield backend
+    finally:
+        with anyio.CancelScope(shield=True):  # a cancelled caller still closes the pool
+            await backend.aclose()
 
 
 def setting_origin(config: Config, section: str, options: Sequence[str]) -> str:

@@ -15,22 +15,24 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import anyio
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from .._errors import ConfigError
 from .._services._health import run_checks
 from .._services._inspect import DeploymentState, TaskCounts, count_tasks, delete_bind
 from .._services._log_consumer import LEVELS, LogPrinter
 from .._services._run import startup_errors
-from .._services._runtime import Runtime
+from .._services._runtime import Runtime, open_backend
 from .._settings._config import Config
 from ..backend import KartonBackend
 from ._tasks import CONFIG_FILE_HELP
+
+if TYPE_CHECKING:  # rich is imported by the commands that draw tables, not at start-up
+    from rich.console import Console
+    from rich.table import Table
 
 __all__ = ["COMMANDS", "check", "delete", "list_binds", "logs", "status"]
 
@@ -65,14 +67,26 @@ def _with_runtime(config_file: str | None, action: Callable[[Runtime], Awaitable
 
 
 def _with_backend(config_file: str | None, action: Callable[[KartonBackend], Awaitable[T]]) -> T:
-    async def on_runtime(runtime: Runtime) -> T:
-        return await action(runtime.backend)
+    """Run ``await action(backend)`` against the configured Redis (no storage client)."""
+    config = _config(config_file)
 
-    return _with_runtime(config_file, on_runtime)
+    async def go() -> T:
+        async with open_backend(config) as backend:
+            return await action(backend)
+
+    return anyio.run(go)
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=False)
+
+
+def _table(title: str, *, show_header: bool = True) -> Table:
+    from rich.table import Table
+
+    return Table(title=title, show_header=show_header)
 
 
 def _ago(seconds: float) -> str:
@@ -99,7 +113,7 @@ def list_binds(config_file: ConfigFile = None, as_json: AsJson = False) -> None:
                 "filters": bind.filters, "info": bind.info,
             }))  # fmt: skip
         return
-    table = Table(title=f"{len(state.binds)} bind(s)")
+    table = _table(f"{len(state.binds)} bind(s)")
     for column in ("identity", "service version", "karton", "replicas", "persistent", "async"):
         table.add_column(column, justify="right" if column == "replicas" else "left")
     for bind in state.binds.values():
@@ -145,7 +159,7 @@ def status(
         typer.echo(json.dumps(doc, default=str))
         return
     console = _console()
-    table = Table(title="queues")
+    table = _table("queues")
     columns = ["identity", "replicas", "high", "normal", "low", "leased", "pending", "dead"]
     if by_identity is not None:
         columns += ["Spawned", "Started", "Crashed"]
@@ -170,7 +184,7 @@ def status(
 
 
 def _system_table(state: DeploymentState, counts: TaskCounts | None, *, scanned: bool) -> Table:
-    table = Table(title="system", show_header=False)
+    table = _table("system", show_header=False)
     table.add_column("what")
     table.add_column("value")
     alive = state.routers_alive

@@ -78,11 +78,15 @@ INTERNALS: dict[str, set[str]] = {
 
 
 def public_names(module: ModuleType) -> set[str]:
-    """Names a module offers: no underscore, not a submodule that happens to be loaded."""
+    """Names a module offers: no underscore, not a submodule that happens to be loaded.
+
+    ``dir``, not ``vars``: a name the module imports on first use (``storage.S3Storage``)
+    is offered before it is loaded.
+    """
     return {
         name
-        for name, value in vars(module).items()
-        if not name.startswith("_") and not inspect.ismodule(value)
+        for name in dir(module)
+        if not name.startswith("_") and not inspect.ismodule(getattr(module, name))
     }
 
 
