@@ -51,6 +51,7 @@ class BackendCore:
         self._reclaim = self.redis.register_script(scripts.render(scripts.RECLAIM))
         self._route_pop = self.redis.register_script(scripts.render(scripts.ROUTE_POP))
         self._recover = self.redis.register_script(scripts.render(scripts.RECOVER_ROUTING))
+        self._heartbeat = self.redis.register_script(scripts.render(scripts.HEARTBEAT_ROUTER))
         self._release = self.redis.register_script(scripts.render(scripts.RELEASE_DELAYED))
         self._orphan = self.redis.register_script(scripts.render(scripts.REQUEUE_ORPHAN))
         self._publish_many = self.redis.register_script(scripts.render(scripts.PUBLISH_MANY))

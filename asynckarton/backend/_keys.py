@@ -35,6 +35,7 @@ STATS: Final = "asynckarton.stats"  # hash: redelivered / rerouted / invalid cou
 INVALID: Final = "asynckarton.invalid"  # list: uids whose body could not be parsed
 GC_LOCK: Final = "asynckarton.gc.lock"  # string: token of the collector running now
 RESULT_CACHE_PREFIX: Final = "asynckarton.cache:"  # string per identity and arguments (TTL)
+HOLD: Final = "asynckarton.hold"  # list nobody writes: a BLPOP on it is a server-side wait
 
 
 def task_key(uid: str) -> str:

@@ -34,6 +34,11 @@ from ._console import ProcessingLines
 __all__ = ["Router"]
 
 HEARTBEAT_TTL = 10.0
+#: Seconds an idle router waits for work per round while it is the only router.
+ROUTE_WAIT = 20.0
+#: ... and while there are others: HEARTBEAT_TTL, so it reads their deadlines again before
+#: a heartbeat renewed after its last read (a router that got busy meanwhile) can expire.
+ROUTE_WAIT_SHARED = HEARTBEAT_TTL
 
 
 class Router:
@@ -47,6 +52,8 @@ class Router:
             router's half of pynenc's ``parallel_batch_size``).
         publish_logs: publish a "Processing task" record per task, as karton-system does.
         tracking_ttl: seconds to keep ``karton.outputs:*`` entries; 0 disables tracking.
+        presence: the service's named connection (a pool of one): the heartbeats and the
+            idle wait run on it, which keeps it open (None: the shared pool).
     """
 
     def __init__(
@@ -58,6 +65,7 @@ class Router:
         batch_size: int = 500,
         publish_logs: bool = True,
         tracking_ttl: int = 2592000,
+        presence: Any = None,
     ) -> None:
         self.backend = backend
         self.log = log
@@ -74,36 +82,50 @@ class Router:
         self._line: Callable[[str, float], str] | None = None  # see _log_record
         self.routed = 0
         self._registration = RegistrationGuard(log)  # concurrency control
+        self._drained = False  # the last round found karton.tasks empty: wait for work
+        self._idle = False  # in the idle wait, whose pipeline renews the heartbeat
+        self._busy = anyio.Event()  # set when the idle wait ends
+        self._other_due: float | None = None  # earliest heartbeat deadline of another router
+        self._presence = presence
+        self._presence_lock = anyio.Lock()  # one call at a time on the one connection
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Route until cancelled; Redis outages are waited out with backoff."""
-        blocking = self.backend.connector.blocking()
         try:
             async with anyio.create_task_group() as group:
-                await until_done(
-                    lambda: self.backend.heartbeat_router(self.instance, HEARTBEAT_TTL),
-                    log=self.log,
-                    what="register the router",
+                self._other_due = await until_done(
+                    self._beat, log=self.log, what="register the router"
                 )
                 group.start_soon(self._heartbeat)
                 task_status.started()
-                await self._loop(blocking)
+                await self._loop()
         finally:
             with anyio.CancelScope(shield=True):
-                await blocking.aclose()
                 await self._deregister()
 
     async def _deregister(self) -> None:
+        """Leave ``asynckarton.routers``; a journal left by a cancelled wait goes back."""
         try:
-            if not await self.backend.journal(self.instance):
-                await self.backend.forget_router(self.instance)
+            if await self.backend.journal(self.instance):  # expire, then recover it now
+                await self.backend.heartbeat_router(self.instance, -1.0)
+                await self.backend.recover_routing()
+            await self.backend.forget_router(self.instance)
         except TRANSIENT_ERRORS:
             pass  # the journal's heartbeat expires; another router recovers it
 
     async def _heartbeat(self) -> None:
+        """Renew the heartbeat and recover dead routers' journals every HEARTBEAT_TTL/4.
+
+        Not while the router waits for work: its idle wait renews the heartbeat itself
+        and ends at the earliest deadline of another router (see :meth:`_wait`).
+        """
         while True:
+            if self._idle:
+                self._busy = anyio.Event()
+                await self._busy.wait()
+                continue
             try:
-                await self.backend.heartbeat_router(self.instance, HEARTBEAT_TTL)
+                self._other_due = await self._beat()
                 moved = await self.backend.recover_routing()
                 if moved:
                     self.log.warning("Recovered %d task(s) from a router that died", moved)
@@ -111,14 +133,56 @@ class Router:
                 self.log.warning("Redis unavailable for the router heartbeat: %s", exc)
             await anyio.sleep(HEARTBEAT_TTL / 4)
 
-    async def _loop(self, blocking: Any) -> None:
+    async def _beat(self) -> float | None:
+        async with self._presence_lock:
+            return await self.backend.heartbeat_router(
+                self.instance, HEARTBEAT_TTL, client=self._presence
+            )
+
+    async def _wait(self) -> bool:
+        """Wait for an unrouted task (renewing the heartbeat); whether one was moved in.
+
+        One round trip per :data:`ROUTE_WAIT` s at most (:data:`ROUTE_WAIT_SHARED` with
+        other routers): a BLMOVE into the journal and the heartbeat in one pipeline.  The
+        wait ends at the earliest heartbeat deadline of another router, and a router
+        found dead then has its journal recovered.  Not
+        shielded: cancelling it (stop) drops its connection, and a uid it moved stays in
+        the journal, which :meth:`_deregister` hands back.
+        """
+        self._idle = True
+        try:
+            now = time.time()
+            if self._other_due is not None and self._other_due <= now:
+                self._other_due = None
+                moved = await self.backend.recover_routing()
+                if moved:
+                    self.log.warning("Recovered %d task(s) from a router that died", moved)
+            wait = ROUTE_WAIT
+            if self._other_due is not None:
+                wait = max(0.05, min(ROUTE_WAIT_SHARED, self._other_due - now + 0.005))
+            async with self._presence_lock:
+                arrived, self._other_due = await self.backend.route_idle(
+                    self.instance, wait, HEARTBEAT_TTL, client=self._presence
+                )
+            return arrived
+        finally:
+            self._idle = False
+            self._busy.set()
+
+    async def _loop(self) -> None:
         backoff = 0.5
         while True:
             try:
+                arrived = False
+                if self._drained:
+                    arrived = await self._wait()
+                    if not arrived:
+                        continue
                 with anyio.CancelScope(shield=True):
-                    uids = await self._take(blocking)
+                    uids = await self._take(arrived)
                     if uids:
                         await self.route(uids)
+                self._drained = not uids
                 backoff = 0.5
                 await anyio.lowlevel.checkpoint()
             except TRANSIENT_ERRORS as exc:
@@ -130,18 +194,15 @@ class Router:
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
-    async def _take(self, blocking: Any) -> list[str]:
+    async def _take(self, arrived: bool) -> list[str]:
+        if arrived:  # the idle wait moved one uid into the journal: add a batch to it
+            return await self.backend.journal(self.instance) + await self.backend.route_pop(
+                self.instance, self.batch_size - 1
+            )
         pending = await self.backend.journal(self.instance)
         if pending:  # a previous round failed before its commit: route it again
             return pending
-        uids = await self.backend.route_pop(self.instance, self.batch_size)
-        if uids:
-            return uids
-        if not await self.backend.route_wait(blocking, self.instance, 1.0):
-            return []
-        return await self.backend.journal(self.instance) + await self.backend.route_pop(
-            self.instance, self.batch_size - 1
-        )
+        return await self.backend.route_pop(self.instance, self.batch_size)
 
     async def route(self, uids: list[str]) -> None:
         """Route the journalled ``uids`` and commit the result in one transaction."""
