@@ -49,7 +49,7 @@ from ._dispatch import Dispatcher
 from ._result_cache import ResultCache
 from ._runtime import Runtime
 from ._service import ServiceBase
-from ._upkeep import LagWatch, keep_up
+from ._upkeep import LagWatch, aligned_wait, idle_round, keep_up
 
 __all__ = ["Consumer"]
 
@@ -322,7 +322,8 @@ class Consumer(ServiceBase):
             return []
         self._waiting = True
         try:
-            wait = self.backend.block_limit(self._blocking, BLOCKING_POP_TIMEOUT)
+            limit = self.backend.block_limit(self._blocking, BLOCKING_POP_TIMEOUT)
+            wait = aligned_wait(idle_round(lease), limit)  # ends with an upkeep round
             return await self.backend.wait_fetch(self._blocking, self.identity, lease, wait)
         finally:
             self._waiting = False

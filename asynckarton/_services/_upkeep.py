@@ -14,6 +14,8 @@ retry due time it read; :func:`keep_presence` is a server-side wait too.
 from __future__ import annotations
 
 import logging
+import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,13 +26,41 @@ from ..backend import Bind, KartonBackend
 from ..backend._guard import TRANSIENT_ERRORS, until_done
 from . import _metrics
 
-__all__ = ["LagWatch", "keep_presence", "keep_up"]
+__all__ = ["LagWatch", "aligned_wait", "idle_round", "keep_presence", "keep_up"]
 
-BIND_CHECK_INTERVAL = 10.0  # seconds between bind checks (at most)
+BIND_CHECK_INTERVAL = 15.0  # seconds between bind checks (at most)
 RETRY_FALLBACK = 1.0  # s after a retry's due time before others release it (its own first)
 PRESENCE_HOLD = 25.0  # s a named connection waits on the server per round (<= 0.8 x timeout)
 LOOP_LAG_PROBE = 0.25  # seconds between event-loop lag probes
 LOOP_LAG_WARNING = 0.5  # lag (seconds) that earns a warning naming the running tasks
+#: This process's offset on its grid of idle rounds (a fraction of a round): rounds end on
+#: the grid, so a consumer's fetch can end its blocking pop in the same wake-up, and the
+#: processes of a deployment do not all wake at the same moment.
+_PHASE = random.random()
+
+
+def idle_round(lease: float) -> float:
+    """Seconds between a consumer's upkeep rounds while it holds no task."""
+    return max(0.2, min(lease / 3, BIND_CHECK_INTERVAL))
+
+
+def aligned_wait(interval: float, at_most: float | None = None) -> float:
+    """Seconds from now to a point of this process's grid of ``interval``-long rounds.
+
+    The next point at least 50 ms away; with ``at_most``, the last point within that
+    many seconds instead (``at_most`` itself when there is none).  Waits that end on the
+    grid end together, in one wake-up of the process.
+    """
+    now = time.time()
+    phase = _PHASE * interval
+    point = (math.floor((now - phase) / interval) + 1) * interval + phase  # next, > now
+    if point - now < 0.05:
+        point += interval
+    if at_most is not None:
+        while point + interval - now <= at_most:
+            point += interval
+        return min(point - now, at_most)
+    return point - now
 
 
 async def keep_up(
@@ -68,7 +98,7 @@ async def keep_up(
     unless that replica's ``lease_timeout`` is shorter than a round.
     """
     period = max(0.2, min(lease / 3, 1.0))
-    idle = max(0.2, min(lease / 3, BIND_CHECK_INTERVAL))
+    idle = idle_round(lease)
     watching = True
     wait = 0.0
     while True:
@@ -105,7 +135,7 @@ async def keep_up(
             await anyio.sleep(period)  # the next round reconnects the presence connection
             wait = 0.0
             continue
-        wait = 0.0 if reread else period if leased else idle
+        wait = 0.0 if reread else period if leased else aligned_wait(idle)
         now = time.time()
         for due in (lease_due, None if retry_due is None else retry_due + RETRY_FALLBACK):
             if due is not None and wait > 0:

@@ -95,12 +95,12 @@ async def test_idle_consumer_and_system_send_almost_no_commands(env: Any) -> Non
         calls = await _calls(client)
         consumer.stop(grace=0)
         system.stop()
-    # At most one upkeep round (10 s apart), one router wait (20 s), one fetch (25 s).
+    # At most one upkeep round (15 s apart), one router wait (20 s), one fetch (25 s).
     assert sum(calls.values()) <= 6, calls
 
 
 async def test_an_expired_lease_is_requeued_when_it_expires(env: Any) -> None:
-    """A dead replica's lease is reclaimed at its deadline, not at the next 10 s round."""
+    """A dead replica's lease is reclaimed at its deadline, not at the next 15 s round."""
     config, client = env
     task = Task({"type": "idle"})
     task.headers["receiver"] = IDENTITY
@@ -119,7 +119,7 @@ async def test_an_expired_lease_is_requeued_when_it_expires(env: Any) -> None:
         consumer.stop(grace=1)
     (uid, at), *_ = Recorder.seen
     assert uid == task.uid
-    assert deadline <= at < deadline + 1.0  # requeued at its deadline (the round is 10 s)
+    assert deadline <= at < deadline + 1.0  # requeued at its deadline (the round is 15 s)
     assert int(await client.hget("asynckarton.stats", "redelivered") or 0) == 1
 
 
