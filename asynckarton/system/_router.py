@@ -84,6 +84,7 @@ class Router:
         self._registration = RegistrationGuard(log)  # concurrency control
         self._drained = False  # the last round found karton.tasks empty: wait for work
         self._idle = False  # in the idle wait, whose pipeline renews the heartbeat
+        self._deadline = 0.0  # when this router's heartbeat expires at the earliest
         self._busy = anyio.Event()  # set when the idle wait ends
         self._other_due: float | None = None  # earliest heartbeat deadline of another router
         self._presence = presence
@@ -134,7 +135,11 @@ class Router:
             await anyio.sleep(HEARTBEAT_TTL / 4)
 
     async def _beat(self) -> float | None:
+        """Renew the heartbeat (HEARTBEAT_TTL); the earliest deadline of another router."""
         async with self._presence_lock:
+            if self._idle:  # the idle wait began meanwhile: its own heartbeat lasts longer
+                return self._other_due
+            self._deadline = time.time() + HEARTBEAT_TTL
             return await self.backend.heartbeat_router(
                 self.instance, HEARTBEAT_TTL, client=self._presence
             )
@@ -144,10 +149,10 @@ class Router:
 
         One round trip per :data:`ROUTE_WAIT` s at most (:data:`ROUTE_WAIT_SHARED` with
         other routers): a BLMOVE into the journal and the heartbeat in one pipeline.  The
-        wait ends at the earliest heartbeat deadline of another router, and a router
-        found dead then has its journal recovered.  Not
-        shielded: cancelling it (stop) drops its connection, and a uid it moved stays in
-        the journal, which :meth:`_deregister` hands back.
+        wait ends at the earliest heartbeat deadline of another router (a router found
+        dead then has its journal recovered), and before this router's own heartbeat
+        lapses.  Not shielded: cancelling it (stop) drops its connection, and a uid it
+        moved stays in the journal, which :meth:`_deregister` hands back.
         """
         self._idle = True
         try:
@@ -159,11 +164,15 @@ class Router:
                     self.log.warning("Recovered %d task(s) from a router that died", moved)
             wait = ROUTE_WAIT
             if self._other_due is not None:
-                wait = max(0.05, min(ROUTE_WAIT_SHARED, self._other_due - now + 0.005))
+                wait = min(ROUTE_WAIT_SHARED, self._other_due - now + 0.005)
+            # The heartbeat is renewed when the wait ends: end it before the last one lapses.
+            wait = max(0.05, min(wait, self._deadline - now - 1.0))
             async with self._presence_lock:
+                sent = time.time()
                 arrived, self._other_due = await self.backend.route_idle(
                     self.instance, wait, HEARTBEAT_TTL, client=self._presence
                 )
+                self._deadline = sent + wait + HEARTBEAT_TTL
             return arrived
         finally:
             self._idle = False

@@ -192,3 +192,27 @@ async def test_a_replaced_bind_stops_the_consumer(
             await client.hset("karton.binds", IDENTITY, json.dumps(newer))
             # run() returns once the upkeep noticed the newer bind (within a round).
     assert json.loads(await client.hget("karton.binds", IDENTITY))["filters"] == [{"type": "newer"}]
+
+
+async def test_an_idle_routers_heartbeat_never_lapses(
+    env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its waits (here longer than the TTL) end before the last heartbeat expires."""
+    from asynckarton.system import _router
+
+    monkeypatch.setattr(_router, "HEARTBEAT_TTL", 1.0)
+    monkeypatch.setattr(_router, "ROUTE_WAIT", 2.5)
+    config, client = env
+    system = SystemService(config())
+    lapses: list[float] = []
+    async with anyio.create_task_group() as group:
+        await group.start(system.run)
+        assert system.router is not None
+        instance = system.router.instance
+        for _ in range(120):  # 6 s: several idle waits
+            score = await client.zscore("asynckarton.routers", instance)
+            if score is None or score / 1000 < time.time():
+                lapses.append(time.time())
+            await anyio.sleep(0.05)
+        system.stop()
+    assert not lapses, f"{len(lapses)} samples saw the heartbeat expired"
