@@ -260,7 +260,7 @@ class QueueBackend(BackendCore):
         One pipeline (one round trip, one wake-up) on ``client`` (e.g. the system
         service's named connection, which this keeps in use) or the shared pool: the
         heartbeat runs when the wait ends, so its deadline (``timeout + ttl`` from now)
-        covers this wait and the next one.  Returns whether a uid was moved, and the
+        covers this wait and, with ``ttl`` longer than the next wait, that one.  Returns whether a uid was moved, and the
         earliest heartbeat deadline of another router (seconds since the epoch) or None.
         Cancelling the call drops the connection: a uid it moved stays in the journal.
         """

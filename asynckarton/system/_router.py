@@ -118,13 +118,21 @@ class Router:
         """Renew the heartbeat and recover dead routers' journals every HEARTBEAT_TTL/4.
 
         Not while the router waits for work: its idle wait renews the heartbeat itself
-        and ends at the earliest deadline of another router (see :meth:`_wait`).
+        and ends at the earliest deadline of another router (see :meth:`_wait`).  Back
+        at work, it beats on the same cadence (at once after a long wait, which set a
+        longer deadline).
         """
+        beaten = float("-inf")
         while True:
             if self._idle:
                 self._busy = anyio.Event()
                 await self._busy.wait()
                 continue
+            delay = beaten + HEARTBEAT_TTL / 4 - anyio.current_time()
+            if delay > 0:
+                await anyio.sleep(delay)
+                continue
+            beaten = anyio.current_time()
             try:
                 self._other_due = await self._beat()
                 moved = await self.backend.recover_routing()
@@ -132,7 +140,6 @@ class Router:
                     self.log.warning("Recovered %d task(s) from a router that died", moved)
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("Redis unavailable for the router heartbeat: %s", exc)
-            await anyio.sleep(HEARTBEAT_TTL / 4)
 
     async def _beat(self) -> float | None:
         """Renew the heartbeat (HEARTBEAT_TTL); the earliest deadline of another router."""
@@ -170,9 +177,9 @@ class Router:
             async with self._presence_lock:
                 sent = time.time()
                 arrived, self._other_due = await self.backend.route_idle(
-                    self.instance, wait, HEARTBEAT_TTL, client=self._presence
+                    self.instance, wait, ROUTE_WAIT + HEARTBEAT_TTL, client=self._presence
                 )
-                self._deadline = sent + wait + HEARTBEAT_TTL
+                self._deadline = sent + wait + ROUTE_WAIT + HEARTBEAT_TTL
             return arrived
         finally:
             self._idle = False
