@@ -34,8 +34,9 @@ from ._console import ProcessingLines
 __all__ = ["Router"]
 
 HEARTBEAT_TTL = 10.0
-#: Seconds an idle router waits for work per round while it is the only router.
-ROUTE_WAIT = 20.0
+#: Seconds an idle router waits for work per round while it is the only router (at most
+#: 0.8 x the connection's socket_timeout).
+ROUTE_WAIT = 24.0
 #: ... and while there are others: HEARTBEAT_TTL, so it reads their deadlines again before
 #: a heartbeat renewed after its last read (a router that got busy meanwhile) can expire.
 ROUTE_WAIT_SHARED = HEARTBEAT_TTL
@@ -169,7 +170,8 @@ class Router:
                 moved = await self.backend.recover_routing()
                 if moved:
                     self.log.warning("Recovered %d task(s) from a router that died", moved)
-            wait = ROUTE_WAIT
+            client = self._presence or self.backend.redis
+            wait = self.backend.block_limit(client, ROUTE_WAIT)
             if self._other_due is not None:
                 wait = min(ROUTE_WAIT_SHARED, self._other_due - now + 0.005)
             # The heartbeat is renewed when the wait ends: end it before the last one lapses.
@@ -177,7 +179,7 @@ class Router:
             async with self._presence_lock:
                 sent = time.time()
                 arrived, self._other_due = await self.backend.route_idle(
-                    self.instance, wait, ROUTE_WAIT + HEARTBEAT_TTL, client=self._presence
+                    self.instance, wait, ROUTE_WAIT + HEARTBEAT_TTL, client=client
                 )
                 self._deadline = sent + wait + ROUTE_WAIT + HEARTBEAT_TTL
             return arrived

@@ -95,7 +95,7 @@ async def test_idle_consumer_and_system_send_almost_no_commands(env: Any) -> Non
         calls = await _calls(client)
         consumer.stop(grace=0)
         system.stop()
-    # At most one upkeep round (15 s apart), one router wait (20 s), one fetch (25 s).
+    # At most one upkeep round (15 s apart), one router wait (24 s), one fetch (25 s).
     assert sum(calls.values()) <= 6, calls
 
 
@@ -140,13 +140,13 @@ async def test_an_idle_router_recovers_a_dead_routers_journal_at_its_deadline(
         await _until(recovered, "the dead router's journal", 10.0)
         at = time.time()
         system.stop()
-    assert deadline <= at < deadline + 1.0  # the idle wait (20 s) ends at the deadline
+    assert deadline <= at < deadline + 1.0  # the idle wait (24 s) ends at the deadline
     assert await client.zscore("asynckarton.routers", "dead") is None
     assert int(await client.hget("asynckarton.stats", "rerouted") or 0) == 1
 
 
 async def test_stop_is_prompt_while_idle(env: Any) -> None:
-    """The consumer's pop (25 s) is unblocked, the router's wait (20 s) cancelled."""
+    """The consumer's pop (25 s) is unblocked, the router's wait (24 s) cancelled."""
     config, client = env
     consumer, system = Recorder(config()), SystemService(config())
     async with anyio.create_task_group() as group:

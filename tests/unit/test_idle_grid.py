@@ -34,3 +34,15 @@ def test_idle_rounds_follow_the_lease_and_the_bind_check() -> None:
     assert idle_round(60.0) == BIND_CHECK_INTERVAL
     assert idle_round(3.0) == pytest.approx(1.0)  # a third of a short lease
     assert idle_round(0.3) == 0.2
+
+
+def test_blocking_waits_stay_within_the_socket_timeout() -> None:
+    """A wait longer than the read timeout would end in a TimeoutError, not a reply."""
+    from asynckarton.backend import KartonBackend, ServerConnector
+
+    short = ServerConnector(port=1, socket_timeout=5.0).named("x")
+    default = ServerConnector(port=1).named("x")
+    unbounded = ServerConnector(port=1, socket_timeout=None).named("x")
+    assert KartonBackend.block_limit(short, 24.0) == pytest.approx(4.0)
+    assert KartonBackend.block_limit(default, 24.0) == pytest.approx(24.0)
+    assert KartonBackend.block_limit(unbounded, 24.0) == 24.0
