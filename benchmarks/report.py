@@ -141,7 +141,7 @@ def _idle_targets(results: Sequence[Result]) -> list[Target]:
         else:
             mine, base = ours.extra["system_cpu_pct"], theirs.extra["system_cpu_pct"]
         out.append(Target(
-            name, wanted, f"{mine:.2f}% vs {base:.2f}% of a core over {ours.seconds:.0f} s",
+            name, wanted, f"{mine:.3f}% vs {base:.3f}% of a core over {ours.seconds:.0f} s",
             mine <= base,
         ))  # fmt: skip
     return out
@@ -299,7 +299,7 @@ def results_table(results: Sequence[Result]) -> list[str]:
             continue
         lines.append(
             f"| {r.scenario} | {label} | {r.tasks:,} | {r.deliveries:,} | "
-            f"{_num(r.rate, '.2f' if r.scenario == 'idle' else ',.0f')} | "
+            f"{_num(r.rate, '.3f' if r.scenario == 'idle' else ',.0f')} | "
             f"{r.unit} | {_ratio(results, r)} | {_num(r.p50_ms, '.1f')} | "
             f"{_num(r.p99_ms, '.1f')} | {_num(r.commands_per, '.2f')} | "
             f"{_mib(r.consumer_rss_kib)} | {_mib(r.router_rss_kib)} | "
@@ -377,8 +377,8 @@ def extras(results: Sequence[Result]) -> list[str]:
             )
         if "system_cpu_pct" in r.extra:
             lines.append(
-                f"- idle / {SYSTEM_LABELS[r.system]}: consumer {r.rate:.2f}% of a core, "
-                f"router {r.extra['system_cpu_pct']:.2f}% over {r.seconds:.0f} s"
+                f"- idle / {SYSTEM_LABELS[r.system]}: consumer {r.rate:.3f}% of a core, "
+                f"router {r.extra['system_cpu_pct']:.3f}% over {r.seconds:.0f} s"
             )
         if "unrouted_bytes_per_task" in r.extra:
             lines.append(

@@ -37,6 +37,7 @@ from benchmarks._harness import (
     Worker,
     bind_json,
     cpu_seconds,
+    cpu_seconds_exact,
     peak_rss_kib,
     percentile,
     processes,
@@ -625,13 +626,14 @@ def run_idle(ctx: Context) -> list[Result]:
 
         wait_until(ready, timeout=60 * ctx.timeout_scale, what="idle services", procs=procs)
         time.sleep(1.0 if ctx.smoke else IDLE_SETTLE)
-        meter = {name: cpu_seconds(w.pid) for name, w in _idle_workers(routers, consumers)}
+        meter = {name: cpu_seconds_exact(w.pid) for name, w in _idle_workers(routers, consumers)}
         started = time.monotonic()
         time.sleep(seconds)
         procs.check()
         elapsed = time.monotonic() - started
         used = {
-            name: cpu_seconds(w.pid) - meter[name] for name, w in _idle_workers(routers, consumers)
+            name: cpu_seconds_exact(w.pid) - meter[name]
+            for name, w in _idle_workers(routers, consumers)
         }
     results = []
     for system in (AK, KC):

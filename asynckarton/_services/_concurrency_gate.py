@@ -417,19 +417,25 @@ class ConcurrencyGate:
                     del self._scopes[digest]
 
     async def sweep(self) -> None:
-        """Unpark tasks whose slot's holder lost its lease; refresh the published policy.
-
-        The policy is filed again every third of ``POLICY_STALE_AFTER`` (it stays live
-        for the whole window), not on every lease round.
-        """
-        store = self._slots()
+        """Unpark tasks whose slot's holder lost its lease (running concurrency only)."""
         if self.running:
-            moved = await store.sweep()
+            moved = await self._slots().sweep()
             if moved:
                 self.log.warning("Unparked %d task(s) whose slot holder died", moved)
+
+    def policy_due(self) -> tuple[str, str] | None:
+        """``(instance, policy JSON)`` when the published policy should be filed again.
+
+        Every third of ``POLICY_STALE_AFTER`` (it stays live for the whole window); the
+        consumer's upkeep files it in its own round trip, then calls :meth:`policy_filed`.
+        """
         if time.monotonic() - self._published >= POLICY_STALE_AFTER / 3:
-            await store.publish_policy(self.instance, self.policy.to_json(), refresh=True)
-            self._published = time.monotonic()
+            return self.instance, self.policy.to_json()
+        return None
+
+    def policy_filed(self) -> None:
+        """The policy :meth:`policy_due` returned was filed."""
+        self._published = time.monotonic()
 
     async def publish(self) -> None:
         """Publish the resolved policy beside the bind; warn if replicas disagree."""

@@ -57,13 +57,14 @@ from ._logging import hot_log
 from ._result_cache import ResultCache
 from ._runtime import Runtime
 from ._service import ServiceBase
-from ._upkeep import LagWatch, Recheck, keep_leases, watch_bind
+from ._upkeep import LagWatch, aligned_wait, idle_round, keep_up
 
 __all__ = ["Consumer"]
 
-#: Seconds a fetch blocks for when the queues are empty (stop() also ends the wait at once
-#: with CLIENT UNBLOCK).  Kept short: a failover test stalled once with 5 s (cause open).
-BLOCKING_POP_TIMEOUT = 0.5
+#: Seconds a fetch blocks for when the queues are empty (at most 0.8 x the connection's
+#: socket_timeout).  Long, so an idle consumer rarely wakes for it: stop() ends the wait at
+#: once with CLIENT UNBLOCK, and a broken connection ends it with an error.
+BLOCKING_POP_TIMEOUT = 25.0
 
 
 class Consumer(ServiceBase):
@@ -121,9 +122,11 @@ class Consumer(ServiceBase):
         self._background: TaskGroup | None = None
         self._blocking: Any = None  # the connection the fetch loop blocks on
         self._blocking_id: int | None = None  # its server-side id, for stop()'s unblock
+        self._waiting = False  # the fetch loop is in (or about to send) its blocking pop
+        self._stop_requested = False  # stop() was called: no new blocking pop
+        self._drained = False  # the last blocking pop timed out: block again at once
         self._backoff = 0.5  # seconds before the next fetch after a Redis error
         self._lag = LagWatch(self.log)
-        self._bind_recheck = Recheck()  # the fetch loop wakes the bind watcher on errors
         policy = self.policy
         self._result_cache = (
             ResultCache(
@@ -201,6 +204,7 @@ class Consumer(ServiceBase):
         if self._scopes is None:
             return
         lifetime, dispatcher = self._scopes
+        self._stop_requested = True
         dispatcher.stop()
         self._gate.stop()  # concurrency control: tasks waiting behind a holder stay unstarted
         if self._background is not None and self._blocking_id is not None:
@@ -234,25 +238,7 @@ class Consumer(ServiceBase):
             async with anyio.create_task_group() as background:
                 self._background = background
                 background.start_soon(self._completer.run)
-                lease = float(self.lease_timeout or 60.0)
-                background.start_soon(
-                    watch_bind,
-                    presence,
-                    self.backend,
-                    self.bind,
-                    self.stop,
-                    self.log,
-                    self._bind_recheck,
-                )
-                background.start_soon(
-                    keep_leases,
-                    self.backend,
-                    self.identity,
-                    self._leased,
-                    lease,
-                    self.log,
-                    self._gate.sweep,  # concurrency control
-                )
+                background.start_soon(self._keep_up, presence)
                 background.start_soon(self._lag.run)
                 background.start_soon(self._gate.run)  # concurrency control
                 background.start_soon(_metrics.serve_consumer, self)  # metrics
@@ -272,6 +258,21 @@ class Consumer(ServiceBase):
                 await presence.aclose()
                 await blocking.aclose()
 
+    async def _keep_up(self, presence: Any) -> None:
+        """Bind, leases, retries and the presence connection: see :func:`keep_up`."""
+        await keep_up(
+            self.backend,
+            presence,
+            self.bind,
+            self._leased,
+            float(self.lease_timeout or 60.0),
+            self.log,
+            replaced=self.stop,
+            sweep=self._gate.sweep,  # concurrency control
+            policy_due=self._gate.policy_due,
+            policy_filed=self._gate.policy_filed,
+        )
+
     async def _register(self) -> None:
         await self._gate.publish()  # concurrency control (before the bind: routers read both)
         old = await self.backend.register_bind(self.bind)
@@ -289,7 +290,7 @@ class Consumer(ServiceBase):
             self._handle, workers=self.concurrency_limit or 1, prefetch=self.prefetch or 0
         )
         with anyio.CancelScope() as lifetime:
-            self._scopes = lifetime, dispatcher
+            self._scopes, self._stop_requested = (lifetime, dispatcher), False
             try:
                 await dispatcher.run(self._fetch, self._release, task_status=task_status)
             finally:  # concurrency control: tasks still waiting behind a holder go back
@@ -309,17 +310,19 @@ class Consumer(ServiceBase):
         try:
             with anyio.CancelScope(shield=True):
                 lease = float(self.lease_timeout or 60.0)
-                items = await self.backend.fetch(self.identity, count, lease)
+                # After a pop that timed out, the queues were empty a moment ago: block
+                # again at once (an idle consumer's one call per wait).
+                items = (
+                    [] if self._drained else await self.backend.fetch(self.identity, count, lease)
+                )
                 if not items:
                     if self._blocking_id is None:
                         self._blocking_id = await self.backend.connection_id(self._blocking)
-                    items = await self.backend.wait_fetch(
-                        self._blocking, self.identity, lease, BLOCKING_POP_TIMEOUT
-                    )
+                    items = await self._wait_fetch(lease)
+                self._drained = not items
                 tasks = await self._accept(items)
         except TRANSIENT_ERRORS as exc:
-            self._blocking_id = None  # it reconnects with a new id
-            self._bind_recheck.request()  # a master that comes back may have lost the bind
+            self._blocking_id, self._drained = None, False  # it reconnects with a new id
             self.log.warning("Redis unavailable (%s); retrying in %.1fs", exc, self._backoff)
             await anyio.sleep(self._backoff)
             self._backoff = min(self._backoff * 2, 10.0)
@@ -327,10 +330,29 @@ class Consumer(ServiceBase):
         self._backoff = 0.5
         return tasks
 
+    async def _wait_fetch(self, lease: float) -> list[tuple[str, str]]:
+        """Block for a task, unless stop() came first (it unblocks a pop under way)."""
+        if self._stop_requested:
+            return []
+        self._waiting = True
+        try:
+            limit = self.backend.block_limit(self._blocking, BLOCKING_POP_TIMEOUT)
+            wait = aligned_wait(idle_round(lease), limit)  # ends with an upkeep round
+            return await self.backend.wait_fetch(self._blocking, self.identity, lease, wait)
+        finally:
+            self._waiting = False
+
     async def _unblock(self, connection_id: int) -> None:
-        """End the fetch loop's blocking pop now (stop() was called)."""
-        with contextlib.suppress(*TRANSIENT_ERRORS):  # else the pop's own timeout ends it
-            await self.backend.unblock(connection_id)
+        """End the fetch loop's blocking pop now (stop() was called).
+
+        The pop may still be on its way to the server when this runs (it is sent on
+        another connection): try again until it is over, for two seconds at most.
+        """
+        with anyio.move_on_after(2), contextlib.suppress(*TRANSIENT_ERRORS):
+            while self._waiting:  # else the pop's own timeout ends it
+                if await self.backend.unblock(connection_id):
+                    return
+                await anyio.sleep(0.01)
 
     async def _accept(self, items: list[tuple[str, str]]) -> list[Task]:
         """Parse fetched bodies and track the tasks' leases; drop broken ones (logged).

@@ -110,7 +110,11 @@ class RedisConnector(Protocol):
         ...
 
     def named(self, client_name: str) -> aredis.Redis:
-        """Return a new client holding one dedicated connection named ``client_name``."""
+        """Return a new client of one dedicated connection named ``client_name``.
+
+        A pool of one connection, not a single-connection client, so pipelines work on
+        it (a consumer's upkeep round is one); it must not be used by two calls at once.
+        """
         ...
 
     def blocking(self) -> aredis.Redis:
@@ -331,7 +335,7 @@ class ServerConnector:
         return self._pool
 
     def named(self, client_name: str) -> aredis.Redis:
-        return self._client(single=True, client_name=client_name, max_connections=1)
+        return self._client(client_name=client_name, max_connections=1)
 
     def blocking(self) -> aredis.Redis:
         return self._client(single=True, max_connections=1)
@@ -373,7 +377,7 @@ class EmbeddedConnector:
         return self._pool
 
     def named(self, client_name: str) -> aredis.Redis:
-        return self._client(client_name=client_name, single_connection_client=True)
+        return self._client(client_name=client_name, max_connections=1)
 
     def blocking(self) -> aredis.Redis:
         return self._client(single_connection_client=True)

@@ -74,21 +74,29 @@ class Script:
                 self._plain = script
         return script
 
-    async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
-        """Run the script (EVALSHA, loading it first if the server lost it)."""
+    async def __call__(
+        self,
+        keys: Sequence[str] = (),
+        args: Sequence[Any] = (),
+        client: aredis.Redis | None = None,
+    ) -> Any:
+        """Run the script (EVALSHA, loading it first if the server lost it).
+
+        On ``client`` when given (e.g. a service's named connection), else the pool.
+        """
         backend = self._backend
         if backend.allow_oom:
             try:
-                return await self._registered(True)(keys=keys, args=args)
+                return await self._registered(True)(keys=keys, args=args, client=client)
             except ResponseError as exc:
-                if _NO_FLAGS not in str(exc):
+                if NO_FLAGS not in str(exc):
                     raise
                 backend.allow_oom = False  # Redis < 7: plain scripts, as before 7.0
-        return await self._registered(False)(keys=keys, args=args)
+        return await self._registered(False)(keys=keys, args=args, client=client)
 
 
 #: How a server without script flags refuses the ``#!lua`` line (Redis 6, fakeredis).
-_NO_FLAGS = "unexpected symbol near '#'"
+NO_FLAGS = "unexpected symbol near '#'"
 
 
 class BackendCore:
@@ -114,6 +122,7 @@ class BackendCore:
         self._reclaim = self._script(scripts.RECLAIM)
         self._route_pop = self._script(scripts.ROUTE_POP)
         self._recover = self._script(scripts.RECOVER_ROUTING)
+        self._heartbeat = self._script(scripts.HEARTBEAT_ROUTER)
         self._release = self._script(scripts.RELEASE_DELAYED)
         self._orphan = self._script(scripts.REQUEUE_ORPHAN)
         self._publish_many = self._script(scripts.PUBLISH_MANY)

@@ -36,6 +36,7 @@ INVALID: Final = "asynckarton.invalid"  # list: uids whose body could not be par
 GC_LOCK: Final = "asynckarton.gc.lock"  # string: token of the collector running now
 RESULT_CACHE_PREFIX: Final = "asynckarton.cache:"  # string per identity and arguments (TTL)
 GC_COUNTS: Final = "asynckarton.gc.counts"  # string: JSON task counts by status, per GC pass
+HOLD: Final = "asynckarton.hold"  # list nobody writes: a BLPOP on it is a server-side wait
 
 
 def task_key(uid: str) -> str:

@@ -19,13 +19,13 @@ from typing import cast
 
 import anyio
 import redis.asyncio as aredis
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from .._wire._task import Task, TaskState
 from . import _keys as keys
 from . import _scripts as scripts
-from ._core import BackendCore
-from ._records import RoutedBatch
+from ._core import NO_FLAGS, BackendCore
+from ._records import Bind, RoutedBatch
 
 __all__ = ["QueueBackend"]
 
@@ -34,6 +34,15 @@ OOM_POLL = 0.25
 
 
 _ROUTE_TAKE = scripts.render(scripts.ROUTE_TAKE)  # sent by EVAL inside a pipeline
+
+
+# Scripts sent with EVAL in pipelines (redis-py adds a SCRIPT EXISTS per pipeline with
+# EVALSHA); the server caches them by digest.
+_HEARTBEAT = scripts.render(scripts.HEARTBEAT_ROUTER)
+_UPKEEP_VIEW = scripts.render(scripts.UPKEEP_VIEW)
+# The same with the allow-oom flag: it files the concurrency policy (an HSET) when due,
+# which a full Redis would refuse, failing the whole upkeep round (leases unrenewed).
+_UPKEEP_VIEW_OOM = scripts.render(scripts.UPKEEP_VIEW, allow_oom=True)
 
 
 def _ms(seconds: float) -> int:
@@ -84,6 +93,93 @@ class QueueBackend(BackendCore):
             keys=[keys.leases_key(identity)], args=[_ms(time.time() + lease), uid]
         )
         return [(uid, bodies[0])]
+
+    async def upkeep_view(
+        self,
+        identity: str,
+        wait: float,
+        *,
+        client: aredis.Redis | None = None,
+        policy: tuple[str, str] | None = None,
+    ) -> tuple[Bind | None, float | None, float | None]:
+        """After ``wait`` seconds, what a consumer's upkeep needs, in one round trip.
+
+        The wait happens on the server (a BLPOP on a key nobody writes, ahead of the
+        reads in one pipeline), so an idle consumer wakes once per round, with fresh
+        answers.  Returns the bind registered for ``identity``, the earliest lease
+        deadline of ``identity`` and the earliest due time of any scheduled retry
+        (seconds since the epoch; None when there is none).
+
+        Args:
+            identity: the consumer's identity.
+            wait: seconds to wait first (0: none).
+            client: run on this client (e.g. the named presence connection, which the
+                round keeps in use) instead of the shared pool.
+            policy: ``(instance, policy JSON)`` to file in ``asynckarton.policy:<identity>``
+                in the same round trip (as ``SlotStore.publish_policy`` does).
+        """
+        flagged = self.allow_oom
+        async with (client or self.redis).pipeline(transaction=False) as pipe:
+            if wait > 0:
+                pipe.blpop([keys.HOLD], timeout=wait)
+            instance, text = policy or ("", "")
+            stamped = f"{_ms(time.time())} {text}"  # SlotStore.publish_policy's format
+            pipe.eval(
+                _UPKEEP_VIEW_OOM if flagged else _UPKEEP_VIEW,
+                4,
+                keys.BINDS,
+                keys.leases_key(identity),
+                keys.DELAYED,
+                keys.policy_key(identity),
+                identity,
+                instance,
+                stamped,
+            )
+            replies = await pipe.execute(raise_on_error=False)
+        view = replies[-1]  # the wait's own reply does not matter
+        if isinstance(view, Exception):
+            if flagged and NO_FLAGS in str(view):  # Redis < 7: plain scripts from now on
+                self.allow_oom = False
+                return await self.upkeep_view(identity, 0.0, client=client, policy=policy)
+            raise view
+        raw, lease, retry = view
+        return (
+            self._bind(identity, raw),
+            float(lease) / 1000 if lease else None,
+            float(retry) / 1000 if retry else None,
+        )
+
+    def _bind(self, identity: str, raw: str | None) -> Bind | None:
+        """``raw`` parsed, cached per identity (upkeep rounds read the same bind)."""
+        if not raw:
+            return None
+        cache: dict[str, tuple[str, Bind]] = self.__dict__.setdefault("_bind_cache", {})
+        cached = cache.get(identity)
+        if cached is None or cached[0] != raw:
+            cached = cache[identity] = (raw, Bind.from_json(identity, raw))
+        return cached[1]
+
+    async def hold(self, client: aredis.Redis, timeout: float) -> None:
+        """Wait ``timeout`` seconds on ``client``'s own connection, on the server.
+
+        A BLPOP on a key nobody writes: the connection stays in use (a broken one
+        raises at once, and reconnects on the next call) without a client-side timer.
+        """
+        try:
+            await client.blpop([keys.HOLD], timeout=timeout)
+        except ResponseError as exc:  # the server turned replica (failover): wait is over
+            if not str(exc).startswith("UNBLOCKED"):
+                raise
+
+    @staticmethod
+    def block_limit(client: aredis.Redis, cap: float) -> float:
+        """The longest blocking wait (seconds, at most ``cap``) ``client`` can afford.
+
+        A blocking command's reply is read under the connection's ``socket_timeout``:
+        a wait close to it would end in a TimeoutError instead of an empty reply.
+        """
+        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        return cap if not timeout else max(0.1, min(cap, 0.8 * float(timeout)))
 
     async def connection_id(self, client: aredis.Redis) -> int:
         """The server's id of ``client``'s own connection (for :meth:`unblock`)."""
@@ -233,6 +329,50 @@ class QueueBackend(BackendCore):
             await client.lpush(keys.TASKS_QUEUE, popped[1])
         return True
 
+    async def route_idle(
+        self, instance: str, timeout: float, ttl: float, *, client: aredis.Redis | None = None
+    ) -> tuple[bool, float | None]:
+        """An idle router's wait: BLMOVE one uid into the journal, then renew the heartbeat.
+
+        One pipeline (one round trip, one wake-up) on ``client`` (e.g. the system
+        service's named connection, which this keeps in use) or the shared pool: the
+        heartbeat runs when the wait ends, so its deadline (``timeout + ttl`` from now)
+        covers this wait and, with ``ttl`` longer than the next wait, that one.  Returns
+        whether a uid was moved, and the earliest heartbeat deadline of another router
+        (seconds since the epoch) or None.  Cancelling the call drops the connection: a
+        uid it moved stays in the journal.  On fakeredis (its BLMOVE does not block) the
+        wait is :meth:`_route_wait_blpop`'s; over ``maxmemory`` (BLMOVE refused) it
+        sleeps ``OOM_POLL`` and the router polls.
+        """
+        if not self._blmove_blocks:  # fakeredis: see route_wait
+            arrived = await self._route_wait_blpop(client or self.redis, timeout)
+            return arrived, await self.heartbeat_router(instance, ttl, client=client)
+        started = time.monotonic()
+        deadline = _ms(time.time() + timeout + ttl)
+        try:
+            moved, earliest = await self._route_idle_round(instance, timeout, deadline, client)
+        except OutOfMemoryError:  # BLMOVE (and the plain heartbeat) refused: poll
+            await anyio.sleep(min(timeout, OOM_POLL))
+            return False, await self.heartbeat_router(instance, ttl, client=client)
+        if moved is None and time.monotonic() - started < timeout / 2:
+            self._blmove_blocks = False  # fakeredis: see route_wait
+        return moved is not None, float(earliest) / 1000 if earliest else None
+
+    async def _route_idle_round(
+        self, instance: str, timeout: float, deadline: int, client: aredis.Redis | None
+    ) -> tuple[str | None, int | None]:
+        async with (client or self.redis).pipeline(transaction=False) as pipe:
+            pipe.blmove(
+                keys.TASKS_QUEUE,
+                keys.routing_key(instance),
+                timeout,  # type: ignore[arg-type]  # Redis takes fractional seconds
+                "LEFT",
+                "RIGHT",
+            )  # EVAL, not EVALSHA: a script in a pipeline costs an extra SCRIPT EXISTS
+            pipe.eval(_HEARTBEAT, 1, keys.ROUTERS, instance, deadline)
+            moved, earliest = await pipe.execute()
+        return moved, earliest
+
     async def journal(self, instance: str) -> list[str]:
         """Return the uids in this router's journal (a batch taken but not committed)."""
         return cast(list[str], await self.redis.lrange(keys.routing_key(instance), 0, -1))
@@ -266,11 +406,19 @@ class QueueBackend(BackendCore):
         writes.call("DEL", keys.routing_key(instance))
         await self.commit(writes)
 
-    async def heartbeat_router(self, instance: str, ttl: float) -> None:
-        """Tell other routers this instance (and its journal) is alive for ``ttl`` s."""
-        writes = scripts.Writes()
-        writes.call("ZADD", keys.ROUTERS, _ms(time.time() + ttl), instance)
-        await self.commit(writes)
+    async def heartbeat_router(
+        self, instance: str, ttl: float, *, client: aredis.Redis | None = None
+    ) -> float | None:
+        """Tell other routers this instance (and its journal) is alive for ``ttl`` s.
+
+        Returns the earliest heartbeat deadline of another router (seconds since the
+        epoch), or None.  One script call, so ``client`` may be a single-connection
+        client (the router's blocking one, which an idle router uses anyway).
+        """
+        earliest = await self._heartbeat(
+            keys=[keys.ROUTERS], args=[instance, _ms(time.time() + ttl)], client=client
+        )
+        return float(earliest) / 1000 if earliest else None
 
     async def forget_router(self, instance: str) -> None:
         """Deregister a router that stopped cleanly (its journal is empty)."""

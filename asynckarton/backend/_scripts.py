@@ -314,6 +314,28 @@ if moved > 0 then redis.call('HINCRBY', KEYS[3], 'rerouted', moved) end
 return moved
 """
 
+# Renew router ARGV[1]'s heartbeat deadline (ms, ARGV[2]) in zset KEYS[1]; return the
+# earliest deadline of another router (a string), or false when there is none.
+HEARTBEAT_ROUTER: Final = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local first = redis.call('ZRANGE', KEYS[1], 0, 1, 'WITHSCORES')
+for i = 1, #first, 2 do
+  if first[i] ~= ARGV[1] then return first[i + 1] end
+end
+return false
+"""
+
+# A consumer's upkeep read: the bind of ARGV[1] (hash KEYS[1]), the earliest deadline in
+# its leases (zset KEYS[2]) and the earliest due time of a retry (zset KEYS[3]), each
+# false when absent; when ARGV[2] is not empty, first file policy ARGV[3] of replica
+# ARGV[2] in hash KEYS[4].
+UPKEEP_VIEW: Final = """
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[4], ARGV[2], ARGV[3]) end
+local lease = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local retry = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+return {redis.call('HGET', KEYS[1], ARGV[1]), lease[2] or false, retry[2] or false}
+"""
+
 # Move retries that are due (zset KEYS[1] scored by ms, ARGV[1] = now, ARGV[2] = limit)
 # to the tail of the queue recorded for them in hash KEYS[2].
 RELEASE_DELAYED: Final = """

@@ -38,6 +38,12 @@ from ._console import ProcessingLines
 __all__ = ["Router"]
 
 HEARTBEAT_TTL = 10.0
+#: Seconds an idle router waits for work per round while it is the only router (at most
+#: 0.8 x the connection's socket_timeout).
+ROUTE_WAIT = 24.0
+#: ... and while there are others: HEARTBEAT_TTL, so it reads their deadlines again before
+#: a heartbeat renewed after its last read (a router that got busy meanwhile) can expire.
+ROUTE_WAIT_SHARED = HEARTBEAT_TTL
 
 
 class Router:
@@ -51,6 +57,8 @@ class Router:
             router's half of pynenc's ``parallel_batch_size``).
         publish_logs: publish a "Processing task" record per task, as karton-system does.
         tracking_ttl: seconds to keep ``karton.outputs:*`` entries; 0 disables tracking.
+        presence: the service's named connection (a pool of one): the heartbeats and the
+            idle wait run on it, which keeps it open (None: the shared pool).
     """
 
     def __init__(
@@ -62,6 +70,7 @@ class Router:
         batch_size: int = 500,
         publish_logs: bool = True,
         tracking_ttl: int = 2592000,
+        presence: Any = None,
     ) -> None:
         self.backend = backend
         self.log = log
@@ -78,51 +87,124 @@ class Router:
         self._line: Callable[[str, float], str] | None = None  # see _log_record
         self.routed = 0
         self._registration = RegistrationGuard(log)  # concurrency control
+        self._drained = False  # the last round found karton.tasks empty: wait for work
+        self._idle = False  # in the idle wait, whose pipeline renews the heartbeat
+        self._deadline = 0.0  # when this router's heartbeat expires at the earliest
+        self._busy = anyio.Event()  # set when the idle wait ends
+        self._other_due: float | None = None  # earliest heartbeat deadline of another router
+        self._presence = presence
+        self._presence_lock = anyio.Lock()  # one call at a time on the one connection
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Route until cancelled; Redis outages are waited out with backoff."""
-        blocking = self.backend.connector.blocking()
         try:
             async with anyio.create_task_group() as group:
-                await until_done(
-                    lambda: self.backend.heartbeat_router(self.instance, HEARTBEAT_TTL),
-                    log=self.log,
-                    what="register the router",
+                self._other_due = await until_done(
+                    self._beat, log=self.log, what="register the router"
                 )
                 group.start_soon(self._heartbeat)
                 task_status.started()
-                await self._loop(blocking)
+                await self._loop()
         finally:
             with anyio.CancelScope(shield=True):
-                await blocking.aclose()
                 await self._deregister()
 
     async def _deregister(self) -> None:
+        """Leave ``asynckarton.routers``; a journal left by a cancelled wait goes back."""
         try:
-            if not await self.backend.journal(self.instance):
-                await self.backend.forget_router(self.instance)
+            if await self.backend.journal(self.instance):  # expire, then recover it now
+                await self.backend.heartbeat_router(self.instance, -1.0)
+                await self.backend.recover_routing()
+            await self.backend.forget_router(self.instance)
         except TRANSIENT_ERRORS:
             pass  # the journal's heartbeat expires; another router recovers it
 
     async def _heartbeat(self) -> None:
+        """Renew the heartbeat and recover dead routers' journals every HEARTBEAT_TTL/4.
+
+        Not while the router waits for work: its idle wait renews the heartbeat itself
+        and ends at the earliest deadline of another router (see :meth:`_wait`).  Back
+        at work, it beats on the same cadence (at once after a long wait, which set a
+        longer deadline).
+        """
+        beaten = float("-inf")
         while True:
+            if self._idle:
+                self._busy = anyio.Event()
+                await self._busy.wait()
+                continue
+            delay = beaten + HEARTBEAT_TTL / 4 - anyio.current_time()
+            if delay > 0:
+                await anyio.sleep(delay)
+                continue
+            beaten = anyio.current_time()
             try:
-                await self.backend.heartbeat_router(self.instance, HEARTBEAT_TTL)
+                self._other_due = await self._beat()
                 moved = await self.backend.recover_routing()
                 if moved:
                     self.log.warning("Recovered %d task(s) from a router that died", moved)
             except TRANSIENT_ERRORS as exc:
                 self.log.warning("Redis unavailable for the router heartbeat: %s", exc)
-            await anyio.sleep(HEARTBEAT_TTL / 4)
 
-    async def _loop(self, blocking: Any) -> None:
+    async def _beat(self) -> float | None:
+        """Renew the heartbeat (HEARTBEAT_TTL); the earliest deadline of another router."""
+        async with self._presence_lock:
+            if self._idle:  # the idle wait began meanwhile: its own heartbeat lasts longer
+                return self._other_due
+            self._deadline = time.time() + HEARTBEAT_TTL
+            return await self.backend.heartbeat_router(
+                self.instance, HEARTBEAT_TTL, client=self._presence
+            )
+
+    async def _wait(self) -> bool:
+        """Wait for an unrouted task (renewing the heartbeat); whether one was moved in.
+
+        One round trip per :data:`ROUTE_WAIT` s at most (:data:`ROUTE_WAIT_SHARED` with
+        other routers): a BLMOVE into the journal and the heartbeat in one pipeline.  The
+        wait ends at the earliest heartbeat deadline of another router (a router found
+        dead then has its journal recovered), and before this router's own heartbeat
+        lapses.  Not shielded: cancelling it (stop) drops its connection, and a uid it
+        moved stays in the journal, which :meth:`_deregister` hands back.
+        """
+        self._idle = True
+        try:
+            now = time.time()
+            if self._other_due is not None and self._other_due <= now:
+                self._other_due = None
+                moved = await self.backend.recover_routing()
+                if moved:
+                    self.log.warning("Recovered %d task(s) from a router that died", moved)
+            client = self._presence or self.backend.redis
+            wait = self.backend.block_limit(client, ROUTE_WAIT)
+            if self._other_due is not None:
+                wait = min(ROUTE_WAIT_SHARED, self._other_due - now + 0.005)
+            # The heartbeat is renewed when the wait ends: end it before the last one lapses.
+            wait = max(0.05, min(wait, self._deadline - now - 1.0))
+            async with self._presence_lock:
+                sent = time.time()
+                arrived, self._other_due = await self.backend.route_idle(
+                    self.instance, wait, ROUTE_WAIT + HEARTBEAT_TTL, client=client
+                )
+                self._deadline = sent + wait + ROUTE_WAIT + HEARTBEAT_TTL
+            return arrived
+        finally:
+            self._idle = False
+            self._busy.set()
+
+    async def _loop(self) -> None:
         backoff = 0.5
         while True:
             try:
+                arrived = False
+                if self._drained:
+                    arrived = await self._wait()
+                    if not arrived:
+                        continue
                 with anyio.CancelScope(shield=True):
-                    uids, bodies = await self._take(blocking)
+                    uids, bodies = await self._take()
                     if uids:
                         await self._route(uids, bodies)
+                self._drained = not uids
                 backoff = 0.5
                 await anyio.lowlevel.checkpoint()
             except TRANSIENT_ERRORS as exc:
@@ -134,13 +216,10 @@ class Router:
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
-    async def _take(self, blocking: Any) -> tuple[list[str], list[str | None]]:
-        """The journal (a failed round's batch first) topped up, and the uids' bodies."""
+    async def _take(self) -> tuple[list[str], list[str | None]]:
+        """The journal (a failed round's batch, or the uid the idle wait moved in first)
+        topped up to ``batch_size``, and the uids' bodies: one round trip."""
         uids, bodies, binds = await self.backend.route_take(self.instance, self.batch_size)
-        if not uids:
-            if not await self.backend.route_wait(blocking, self.instance, 1.0):
-                return [], []
-            uids, bodies, binds = await self.backend.route_take(self.instance, self.batch_size)
         self._use_binds(binds)
         return uids, bodies
 

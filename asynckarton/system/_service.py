@@ -8,7 +8,7 @@ in separate processes, and several routers may run at once.
 from __future__ import annotations
 
 import argparse
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -17,11 +17,12 @@ from .._errors import ConfigError
 from .._services import _embedded, _metrics
 from .._services._runtime import Runtime
 from .._services._service import ServiceBase
+from .._services._upkeep import keep_presence
 from .._settings._builtin import BUILTIN
 from .._settings._config import Config
 from .._settings._flags import add_system_arguments, system_config_from_args
 from .._version import __version__
-from ..backend._guard import TRANSIENT_ERRORS, until_done
+from ..backend._guard import until_done
 from ._gc import GarbageCollector
 from ._router import Router
 
@@ -134,6 +135,7 @@ class SystemService(ServiceBase):
                                 if self.settings.enable_task_tracking
                                 else 0
                             ),
+                            presence=presence,  # its idle waits keep the connection open
                         )
                         await group.start(self.router.run)
                     if self.settings.enable_gc:
@@ -146,7 +148,8 @@ class SystemService(ServiceBase):
                             extra_buckets=self.extra_buckets,
                         )
                         group.start_soon(self.gc.run)
-                    group.start_soon(self._keep_presence, presence)
+                    if self.router is None:
+                        group.start_soon(keep_presence, self.backend, presence, self.log)
                     await group.start(_metrics.serve_system, self)  # metrics
                     self.log.info("Manager %s started", self.identity)
                     task_status.started()
@@ -154,15 +157,6 @@ class SystemService(ServiceBase):
             self._scope = None
             with anyio.CancelScope(shield=True):
                 await presence.aclose()
-
-    async def _keep_presence(self, presence: Any) -> None:
-        """Keep the named connection alive (it reconnects, with its name, after outages)."""
-        while True:
-            await anyio.sleep(5.0)
-            try:
-                await until_done(lambda: self.backend.ping(presence), log=self.log, what="connect")
-            except TRANSIENT_ERRORS as exc:
-                self.log.warning("Redis unavailable for the presence check: %s", exc)
 
     async def _check_bucket(self) -> None:
         bucket = self.runtime.bucket

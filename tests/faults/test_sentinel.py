@@ -304,9 +304,9 @@ async def test_services_recover_from_a_failover_that_lost_everything(
             + "\n".join(f"--- {p.name}\n{p.output()[-3000:]}" for p in env.procs)
         )
         assert all(r.get("master_link_status") != "up" for r in at_kill.values()), message
-        # The consumer's fetch loop wakes its bind watcher (_upkeep.Recheck), which
-        # retries about every second: without it, the bind came back only at the next
-        # periodic check, up to BIND_CHECK_INTERVAL (5 s) later.
+        # The consumer's upkeep round (_upkeep.keep_up) fails with the dead master's
+        # connection and retries every second, registering the bind again on the new
+        # master: not only at the next periodic check, up to BIND_CHECK_INTERVAL later.
         assert bind_back - failover_done < 3.0, message
         assert system.alive() and consumer.alive(), message
     finally:
