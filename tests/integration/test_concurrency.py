@@ -266,8 +266,11 @@ async def test_no_two_tasks_of_a_scope_overlap_across_processes(
         assert max(worst.values()) == 1, f"overlapping runs: {worst}"
         assert int(stats.get("parked", 0)) > 0 and int(stats.get("unparked", 0)) > 0
     assert len(pids) == 2, "both processes must have run tasks"
-    # Nothing is left behind: no slot, no parked task, no lease.
-    assert await r.hlen(f"asynckarton.running:{IDENTITY}") == 0 or mode == "disabled"
+    # Nothing is left behind: no slot, no parked task, no lease.  The last releases are
+    # written in the background (a 20 ms linger), so a loaded machine may see them late.
+    with anyio.fail_after(10):
+        while await r.hlen(f"asynckarton.running:{IDENTITY}") and mode != "disabled":
+            await anyio.sleep(0.05)
     assert await r.hlen(f"asynckarton.parked.index:{IDENTITY}") == 0
 
 
