@@ -279,7 +279,7 @@ class KartonLogHandler(logging.Handler):
 
         The lookup ``Logger.callHandlers`` makes (handlers up the hierarchy while
         ``propagate`` holds, each with its level); handler filters are not consulted.
-        When it is True, :meth:`log` publishes without making a record (module doc).
+        The router's console lines use it (``system/_console.py``).
         """
         current: logging.Logger | None = logger
         while current is not None:
@@ -290,20 +290,6 @@ class KartonLogHandler(logging.Handler):
                 return True
             current = current.parent
         return True
-
-    def log(
-        self,
-        logger: logging.Logger,
-        level: int,
-        msg: str,
-        args: tuple[object, ...],
-        stacklevel: int = 1,
-    ) -> None:
-        """``logger.log(level, msg, *args, stacklevel=stacklevel)``, for hot call sites.
-
-        The same as :func:`hot_log` (which finds this handler on ``logger``).
-        """
-        hot_log(logger, level, msg, args, stacklevel=stacklevel + 1)
 
     def publish_at(
         self, frame: FrameType, logger: logging.Logger, level: int, message: str, created: float

@@ -15,7 +15,13 @@ import pytest
 
 from asynckarton import Consumer, Task, testing
 from asynckarton._services import _consumer
-from asynckarton._services._logging import KartonLogHandler, SiteLines, karton_line, record_fields
+from asynckarton._services._logging import (
+    KartonLogHandler,
+    SiteLines,
+    hot_log,
+    karton_line,
+    record_fields,
+)
 from asynckarton._wire._task import current_task
 from asynckarton.backend import KartonBackend
 
@@ -141,13 +147,13 @@ def test_hot_lines_equal_ordinary_ones_with_or_without_other_handlers(
     keep = _Keep()
     try:
         expected = _next_line()
-        handler.log(log, logging.INFO, "hot %s %d", ("a", 1))  # alone: no record made
+        hot_log(log, logging.INFO, "hot %s %d", ("a", 1))  # alone: no record made
         assert handler.takes_alone(log, logging.INFO)
         log.addHandler(keep)
         assert not handler.takes_alone(log, logging.INFO)
         for _ in range(2):
-            handler.log(log, logging.INFO, "hot %s %d", ("a", 1))  # a record, then handled
-        handler.log(log, logging.DEBUG - 1, "below the level", ())
+            hot_log(log, logging.INFO, "hot %s %d", ("a", 1))  # a record, then handled
+        hot_log(log, logging.DEBUG - 1, "below the level", ())
     finally:
         log.propagate = True
         log.removeHandler(keep)
