@@ -8,7 +8,7 @@ Every write here moves existing work towards completion, so each one also runs w
 Redis is over ``maxmemory``: a flagged script, or plain commands that fall back to one
 (``BackendCore.commit``, see ``_scripts``).  A full Redis stops producers, never the
 draining.  The one exception is the router's blocking wait (BLMOVE), which a
-full Redis refuses; the router then polls (:meth:`QueueBackend.route_pop`).
+full Redis refuses; the router then polls (:meth:`QueueBackend.route_idle`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _ms(seconds: float) -> int:
 class QueueBackend(BackendCore):
     """Queue transitions of consumers and routers (see the module docstring)."""
 
-    #: False once BLMOVE answered "nothing" without waiting (fakeredis): see route_wait.
+    #: False once BLMOVE answered "nothing" without waiting (fakeredis): see route_idle.
     _blmove_blocks: bool = True
 
     # -- consumer side ------------------------------------------------------------------
@@ -288,34 +288,6 @@ class QueueBackend(BackendCore):
         half = len(flat) // 2
         return flat[:half], flat[half:], binds
 
-    async def route_wait(self, client: aredis.Redis, instance: str, timeout: float) -> bool:
-        """Block until one unrouted uid was moved into the journal (BLMOVE).
-
-        Over ``maxmemory`` Redis refuses BLMOVE even on an empty queue: this then waits
-        ``OOM_POLL`` seconds and returns False, and the caller polls with
-        :meth:`route_pop` (which a full Redis accepts).
-        """
-        if not self._blmove_blocks:
-            return await self._route_wait_blpop(client, timeout)
-        started = time.monotonic()
-        try:
-            moved = await client.blmove(
-                keys.TASKS_QUEUE,
-                keys.routing_key(instance),
-                timeout,  # type: ignore[arg-type]  # Redis takes fractional seconds
-                "LEFT",
-                "RIGHT",
-            )
-        except OutOfMemoryError:  # refused even on an empty queue: the caller polls
-            await anyio.sleep(min(timeout, OOM_POLL))
-            return False
-        if moved is None and time.monotonic() - started < timeout / 2:
-            # The server answered "nothing" without waiting: fakeredis (the embedded
-            # default, also when served over TCP) does not block on BLMOVE.  Waiting on
-            # BLPOP from now on keeps an idle router from spinning.
-            self._blmove_blocks = False
-        return moved is not None
-
     async def _route_wait_blpop(self, client: aredis.Redis, timeout: float) -> bool:
         """Wait with BLPOP and put the uid back at the head of ``karton.tasks``.
 
@@ -342,9 +314,9 @@ class QueueBackend(BackendCore):
         (seconds since the epoch) or None.  Cancelling the call drops the connection: a
         uid it moved stays in the journal.  On fakeredis (its BLMOVE does not block) the
         wait is :meth:`_route_wait_blpop`'s; over ``maxmemory`` (BLMOVE refused) it
-        sleeps ``OOM_POLL`` and the router polls.
+        sleeps ``OOM_POLL`` and returns, and the router polls with :meth:`route_take`.
         """
-        if not self._blmove_blocks:  # fakeredis: see route_wait
+        if not self._blmove_blocks:
             arrived = await self._route_wait_blpop(client or self.redis, timeout)
             return arrived, await self.heartbeat_router(instance, ttl, client=client)
         started = time.monotonic()
@@ -355,7 +327,10 @@ class QueueBackend(BackendCore):
             await anyio.sleep(min(timeout, OOM_POLL))
             return False, await self.heartbeat_router(instance, ttl, client=client)
         if moved is None and time.monotonic() - started < timeout / 2:
-            self._blmove_blocks = False  # fakeredis: see route_wait
+            # The server answered "nothing" without waiting: fakeredis (the embedded
+            # default, also when served over TCP) does not block on BLMOVE.  Waiting on
+            # BLPOP from now on keeps an idle router from spinning.
+            self._blmove_blocks = False
         return moved is not None, float(earliest) / 1000 if earliest else None
 
     async def _route_idle_round(

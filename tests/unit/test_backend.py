@@ -311,23 +311,24 @@ async def test_dead_routers_journal_goes_back_in_order(backend: KartonBackend) -
     assert await backend.redis.zcard(keys.ROUTERS) == 0
 
 
-async def test_route_wait_blocks_on_the_embedded_server_and_keeps_the_order(
+async def test_the_idle_wait_blocks_on_the_embedded_server_and_keeps_the_order(
     backend: KartonBackend, connector: EmbeddedConnector
 ) -> None:
     # fakeredis answers BLMOVE at once: the first wait finds that out, later waits block
     # on BLPOP and put the uid back at the head, so an idle router does not spin.
     blocking = connector.blocking()
     try:
-        assert not await backend.route_wait(blocking, "r1", 0.3)
+        assert not (await backend.route_idle("r1", 0.3, 10.0, client=blocking))[0]
         started = time.monotonic()
-        assert not await backend.route_wait(blocking, "r1", 0.3)
+        assert not (await backend.route_idle("r1", 0.3, 10.0, client=blocking))[0]
         assert time.monotonic() - started >= 0.25, "an empty wait returned early (spins)"
         await backend.redis.rpush(keys.TASKS_QUEUE, "a", "b")
-        assert await backend.route_wait(blocking, "r1", 1.0)
+        assert (await backend.route_idle("r1", 1.0, 10.0, client=blocking))[0]
     finally:
         await blocking.aclose()
     assert await backend.journal("r1") == []
     assert await backend.redis.lrange(keys.TASKS_QUEUE, 0, -1) == ["a", "b"]
+    assert await backend.redis.zscore(keys.ROUTERS, "r1") is not None  # heartbeat renewed
     uids, _bodies, _binds = await backend.route_take("r1", 10)
     assert uids == ["a", "b"]
 

@@ -267,7 +267,7 @@ async def test_a_round_reads_uids_bodies_and_binds_in_one_round_trip(
     """Each round is one read (``route_take``) and, with tasks, one commit; nothing else."""
     calls: list[str] = []
     for name in (
-        "route_take", "route_wait", "route_idle", "route_commit", "route_pop",
+        "route_take", "route_idle", "route_commit", "route_pop",
         "get_task_bodies", "get_binds_raw",
     ):  # fmt: skip
         method = getattr(backend, name)
