@@ -20,15 +20,13 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import anyio
 import typer
 
-from .._errors import ConfigError
 from .._services._health import run_checks
 from .._services._inspect import DeploymentState, TaskCounts, count_tasks, delete_bind
 from .._services._log_consumer import LEVELS, LogPrinter
 from .._services._run import startup_errors
-from .._services._runtime import Runtime, open_backend
-from .._settings._config import Config
+from .._services._runtime import Runtime
 from ..backend import KartonBackend
-from ._tasks import CONFIG_FILE_HELP
+from ._tasks import CONFIG_FILE_HELP, server_config, with_backend
 
 if TYPE_CHECKING:  # rich is imported by the commands that draw tables, not at start-up
     from rich.console import Console
@@ -44,35 +42,13 @@ ConfigFile = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
 
-def _config(config_file: str | None) -> Config:
-    config = Config(config_file)
-    if config.embedded:
-        raise ConfigError(
-            "this command needs a Redis server: embedded data lives inside the process "
-            "that runs the services",
-            section="redis",
-        )
-    return config
-
-
 def _with_runtime(config_file: str | None, action: Callable[[Runtime], Awaitable[T]]) -> T:
     """Run ``await action(runtime)`` against the configured Redis and storage."""
-    config = _config(config_file)
+    config = server_config(config_file)
 
     async def go() -> T:
         async with Runtime.from_config(config) as runtime:
             return await action(runtime)
-
-    return anyio.run(go)
-
-
-def _with_backend(config_file: str | None, action: Callable[[KartonBackend], Awaitable[T]]) -> T:
-    """Run ``await action(backend)`` against the configured Redis (no storage client)."""
-    config = _config(config_file)
-
-    async def go() -> T:
-        async with open_backend(config) as backend:
-            return await action(backend)
 
     return anyio.run(go)
 
@@ -103,7 +79,7 @@ def _ago(seconds: float) -> str:
 def list_binds(config_file: ConfigFile = None, as_json: AsJson = False) -> None:
     """List binds: identity, versions, replicas online, persistence (karton list)."""
     with startup_errors():
-        state = _with_backend(config_file, DeploymentState.load)
+        state = with_backend(config_file, DeploymentState.load)
     if as_json:
         for bind in state.binds.values():
             typer.echo(json.dumps({
@@ -147,7 +123,7 @@ def status(
         return state, (await count_tasks(backend) if scan else None)
 
     with startup_errors():
-        state, counts = _with_backend(config_file, load)
+        state, counts = with_backend(config_file, load)
     scanned = counts is not None
     counts = counts if counts is not None else state.tasks  # else: the GC's last count
     by_identity = counts.by_identity() if counts is not None else None
@@ -246,7 +222,7 @@ def delete(
         return await delete_bind(backend, identity, force=force)
 
     with startup_errors():
-        old = _with_backend(config_file, go)
+        old = with_backend(config_file, go)
     if as_json:
         typer.echo(
             json.dumps({"identity": identity, "deleted": True, "persistent": old.persistent})
@@ -307,7 +283,7 @@ def logs(
 ) -> None:
     """Tail every service's log records (Karton's log channels) until interrupted."""
     with startup_errors():
-        config = _config(config_file)
+        config = server_config(config_file)
         printer = LogPrinter(
             config, identities=identity or (), level=level, as_json=as_json,
             colour=sys.stdout.isatty(),

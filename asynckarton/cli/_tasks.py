@@ -7,20 +7,22 @@ the CLI edge, registered by :mod:`asynckarton.cli._app`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import typer
 
 from .._errors import ConfigError
 from .._services._run import startup_errors
-from .._services._runtime import setting_origin
+from .._services._runtime import open_backend
 from .._settings._config import Config
-from ..backend import KartonBackend, ServerConnector
+from ..backend import KartonBackend
 from ..system import _admin
 
-__all__ = ["CONFIG_FILE_HELP", "tasks_app"]
+__all__ = ["CONFIG_FILE_HELP", "server_config", "tasks_app", "with_backend"]
+
+T = TypeVar("T")
 
 tasks_app = typer.Typer(
     help="List, restart or cancel Crashed tasks.", no_args_is_help=True, rich_markup_mode=None
@@ -34,24 +36,25 @@ ConfigFile = Annotated[
 ]
 
 
-def _with_backend(config_file: str | None, action: Callable[[KartonBackend], Any]) -> Any:
-    """Run ``await action(backend)`` against the configured Redis server."""
+def server_config(config_file: str | None) -> Config:
+    """The configuration, refused when it names no Redis server (the embedded mode)."""
     config = Config(config_file)
     if config.embedded:
         raise ConfigError(
-            "task administration needs a Redis server: embedded data lives inside the "
-            "process that runs the services",
+            "this command needs a Redis server: embedded data lives inside the process "
+            "that runs the services",
             section="redis",
         )
-    connector = ServerConnector.from_settings(config.redis_settings())
-    connector.origin = setting_origin(config, "redis", ("url", "host", "port", "db"))
+    return config
 
-    async def go() -> Any:
-        backend = KartonBackend(connector)
-        try:
+
+def with_backend(config_file: str | None, action: Callable[[KartonBackend], Awaitable[T]]) -> T:
+    """Run ``await action(backend)`` against the configured Redis (no storage client)."""
+    config = server_config(config_file)
+
+    async def go() -> T:
+        async with open_backend(config) as backend:
             return await action(backend)
-        finally:
-            await backend.aclose()
 
     return anyio.run(go)
 
@@ -63,7 +66,7 @@ def tasks_list(
 ) -> None:
     """List Crashed tasks: uid, receiver and the last line of their error."""
     with startup_errors():
-        tasks = _with_backend(config_file, _admin.list_crashed)
+        tasks = with_backend(config_file, _admin.list_crashed)
     for task in tasks:
         error = _admin.last_error_line(task)
         if as_json:
@@ -92,7 +95,7 @@ def _act(
         return done
 
     with startup_errors():
-        done = _with_backend(config_file, call)
+        done = with_backend(config_file, call)
     for new in done:
         typer.echo(new)
     typer.echo(f"{verb} {len(done)} task(s)", err=True)
