@@ -22,6 +22,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .._errors import ConfigError, KartonError
+from .._settings._builtin import BUILTIN
 from .._settings._config import Config
 from ._logging import CONSOLE_FORMAT, ConsoleHandler
 from ._runtime import share_runtimes
@@ -30,6 +31,7 @@ __all__ = [
     "Servable",
     "configure_logging",
     "describe_error",
+    "event_loop_options",
     "flush_logs",
     "serve_forever",
     "startup_errors",
@@ -116,6 +118,45 @@ def startup_errors(log_level: str | None = None) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+# -- the event loop ----------------------------------------------------------------------
+
+_EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def event_loop_options(config: Config | None) -> dict[str, Any]:
+    """``anyio.run`` backend options for ``[karton] event_loop`` (auto, uvloop or asyncio).
+
+    ``auto`` (the default) runs on uvloop where it is installed (a dependency on CPython
+    outside Windows): the same asyncio API with a loop written in C, which makes every
+    await of a handler cheaper (benchmarks/README.md).  ``asyncio`` keeps the standard
+    library's loop; ``uvloop`` insists on uvloop.
+
+    Raises:
+        ConfigError: an unknown value, or ``uvloop`` when it is not installed.
+    """
+    option = BUILTIN["karton"]["event_loop"]
+    entry = None if config is None else option.lookup(config, None)
+    name = str(option.default if entry is None else entry.value).strip().lower()
+    source = "default" if entry is None else entry.source
+    if name not in _EVENT_LOOPS:
+        raise ConfigError(
+            "value must be auto, uvloop or asyncio",
+            section="karton", option="event_loop", value=entry and entry.value, source=source,
+        )  # fmt: skip
+    if name == "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401 - only asks whether it is there
+    except ImportError:
+        if name == "auto":
+            return {}
+        raise ConfigError(
+            "uvloop is not installed (pip install uvloop, or event_loop = asyncio)",
+            section="karton", option="event_loop", value=entry and entry.value, source=source,
+        ) from None  # fmt: skip
+    return {"use_uvloop": True}
+
+
 # -- serving -----------------------------------------------------------------------------
 
 
@@ -192,9 +233,10 @@ def serve_forever(
         supervisor = _Supervisor(services, grace)
         level = log_level or supervisor.services[0].config.logging_settings().level
         level = configure_logging(level)
+        loop_options = event_loop_options(getattr(supervisor.services[0], "config", None))
     try:
         with startup_errors(level):
-            anyio.run(supervisor.serve)
+            anyio.run(supervisor.serve, backend_options=loop_options)
         log.info("All services stopped")
     finally:
         flush_logs()

@@ -115,6 +115,9 @@ KARTON = (
            "arguments different: the newcomer crashes naming them", flag=""),
     Option("karton", "reroute_on_concurrency_control", bool, False, "a blocked task runs "
            "later (parked until the holder releases) instead of ending Crashed", flag=""),
+    Option("karton", "event_loop", str, "auto", "the event loop of 'asynckarton run' and "
+           "Service.main(): auto (uvloop where it is installed, else asyncio's), uvloop or "
+           "asyncio", flag=""),
     Option("karton", "metrics_port", int, None, "serve this process's Prometheus metrics on "
            "this port", "--metrics-port", minimum=0),
     Option("karton", "metrics_host", str, "0.0.0.0", "address the metrics port listens on",

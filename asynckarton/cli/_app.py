@@ -24,7 +24,12 @@ from typer.core import TyperCommand
 
 from .._errors import ConfigError
 from .._services._embedded import find_served
-from .._services._run import configure_logging, serve_forever, startup_errors
+from .._services._run import (
+    configure_logging,
+    event_loop_options,
+    serve_forever,
+    startup_errors,
+)
 from .._services._runtime import DEFAULT_BUCKET, Runtime, setting_origin
 from .._settings._builtin import BASE_FLAGS, BUILTIN, CONSUMER_FLAGS, SYSTEM_FLAGS
 from .._settings._check import check_config
@@ -300,7 +305,10 @@ def demo(
         )
         typer.echo(f"asynckarton demo: {len(paths)} file(s), embedded mode, {kept}\n")
         with startup_errors(log_level):
-            result = anyio.run(demo_module.run_demo, paths, config, timeout)
+            result = anyio.run(
+                demo_module.run_demo, paths, config, timeout,
+                backend_options=event_loop_options(config),
+            )  # fmt: skip
     typer.echo(demo_module.format_report(result))
     if not result.complete:
         typer.echo(

@@ -11,6 +11,7 @@ import anyio
 import redis.asyncio as aredis
 
 from asynckarton import Config, Consumer, RemoteResource, Task
+from asynckarton._services._run import event_loop_options
 from benchmarks._workers._common import COUNTER, consumer_args, setup_logging
 
 
@@ -56,13 +57,14 @@ def main() -> None:
         nonlocal counter
         if args.incr_url:
             counter = aredis.Redis.from_url(args.incr_url)
-        consumer = BenchConsumer(Config(args.config))
+        consumer = BenchConsumer(config)
         async with consumer, anyio.create_task_group() as group:
             if os.environ.get("BENCH_CPROFILE"):
                 group.start_soon(_profile, os.environ["BENCH_CPROFILE"])
             await consumer.run()
 
-    anyio.run(run)
+    config = Config(args.config)
+    anyio.run(run, backend_options=event_loop_options(config))  # as `asynckarton run`
 
 
 if __name__ == "__main__":

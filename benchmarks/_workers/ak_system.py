@@ -7,6 +7,7 @@ import argparse
 import anyio
 
 from asynckarton import Config, SystemService
+from asynckarton._services._run import event_loop_options
 from benchmarks._workers._common import setup_logging
 
 
@@ -16,12 +17,14 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
 
+    config = Config(args.config)
+
     async def run() -> None:
-        service = SystemService(Config(args.config))
+        service = SystemService(config)
         async with service:
             await service.run()
 
-    anyio.run(run)
+    anyio.run(run, backend_options=event_loop_options(config))  # as `asynckarton run`
 
 
 if __name__ == "__main__":
