@@ -520,6 +520,11 @@ SETUP = [
         "use their own router)."
     ),
     (
+        "- Event loops: the asynckarton consumer and system workers pick theirs as "
+        "`asynckarton run` does (`[karton] event_loop`, default auto: uvloop); the "
+        "karton-core asyncio consumer runs on asyncio's own loop, as karton-core does."
+    ),
+    (
         "- Producers: asynckarton `send_tasks` in batches of 100; karton-core: its sync "
         "`Producer.send_task` for both karton-core variants (its asyncio producer opens a new "
         "S3 client per upload and was slower here). The notes below the results table show "
