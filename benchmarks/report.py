@@ -395,7 +395,8 @@ def soak_section(results: Sequence[Result]) -> list[str]:
         return ["(soak not run)"]
     lines = [
         (
-            f"{soak.tasks:,} tasks through asynckarton's router and one consumer "
+            f"{soak.tasks:,} tasks through asynckarton's router and one consumer whose "
+            "handler awaits one INCR on its own Redis client, as plain-await's does "
             f"(concurrency {CONCURRENCY}, producer kept at most {SOAK_WINDOW:,} tasks ahead), "
             f"{soak.rate:,.0f} deliveries/s; RSS (VmRSS) sampled every "
             f"{max(1, soak.tasks // SOAK_SAMPLES):,} deliveries."

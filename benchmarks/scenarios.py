@@ -539,13 +539,17 @@ SOAK_WINDOW = 5000
 
 
 def run_soak(ctx: Context) -> Result:
-    """100,000 tasks through asynckarton's router and one consumer; RSS sampled evenly."""
+    """100,000 tasks through asynckarton's router and one consumer; RSS sampled evenly.
+
+    The consumer's handler is plain-await's (one INCR on its own Redis client): a handler
+    that suspends, so the soak covers the path real handlers take.
+    """
     n = SOAK_SMOKE_TASKS if ctx.smoke else SOAK_TASKS
     step = max(1, n // SOAK_SAMPLES)
     result = Result("soak", AK, tasks=n)
     client = ctx.client()
     client.flush()
-    spec = ConsumerSpec("bench.soak", [{"type": "bench-soak"}])
+    spec = ConsumerSpec("bench.soak", [{"type": "bench-soak"}], incr=True)
     samples: list[tuple[int, int, int]] = []  # consumed, consumer RSS KiB, router RSS KiB
     with processes(ctx, "soak") as procs:
         router = start_router(procs, ctx, AK)
