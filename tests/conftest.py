@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,10 @@ from tests.servers import RedisServer, S3Server, redis_server, s3_server
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> tuple[str, dict[str, Any]]:
+    """asyncio's own loop; ``ASYNCKARTON_TEST_LOOP=uvloop`` runs the tests on uvloop, the
+    loop ``asynckarton run`` picks by default (``.ci/run`` runs the integration tests so)."""
+    if os.environ.get("ASYNCKARTON_TEST_LOOP") == "uvloop":
+        return "asyncio", {"use_uvloop": True}
     return "asyncio", {}
 
 
