@@ -23,6 +23,8 @@ import pytest
 if TYPE_CHECKING:
     import redis
 
+    from asynckarton import Config
+
 
 def free_port() -> int:
     """Return a loopback port that was free a moment ago."""
@@ -330,6 +332,34 @@ class S3Server:
 
     def stop(self) -> None:
         self._server.stop()
+
+
+def service_config(
+    redis_url: str,
+    s3: S3Server,
+    bucket: str,
+    *,
+    source: str = "arguments",
+    **sections: dict[str, Any],
+) -> Config:
+    """A Config of no file: ``[redis] url``, ``[s3]`` of ``s3`` and ``bucket``, ``sections``."""
+    from asynckarton import Config
+
+    config = Config(search_paths=[], environ={})
+    config.load_from_dict(
+        {
+            "redis": {"url": redis_url},
+            "s3": {
+                "address": s3.url,
+                "access_key": s3.access_key,
+                "secret_key": s3.secret_key,
+                "bucket": bucket,
+            },
+            **sections,
+        },
+        source=source,
+    )
+    return config
 
 
 @contextmanager

@@ -38,7 +38,7 @@ from asynckarton.backend import Bind
 from asynckarton.storage import S3Storage
 from asynckarton.system import SystemService
 from tests.faults.conftest import poll
-from tests.servers import S3Server
+from tests.servers import S3Server, service_config
 
 pytestmark = [
     pytest.mark.anyio,
@@ -88,22 +88,10 @@ def env(redis_url: str, s3_srv: S3Server, s3_bucket: str, tmp_path: Path) -> dic
         region_name="us-east-1",
     ).create_bucket(Bucket=s3_bucket)
     Recorder.seen, Recorder.errors, Recorder.extract_root = [], [], tmp_path
-    config = Config(search_paths=[], environ={})
-    config.load_from_dict(
-        {
-            "redis": {"url": redis_url},
-            "s3": {
-                "address": s3_srv.url,
-                "access_key": s3_srv.access_key,
-                "secret_key": s3_srv.secret_key,
-                "bucket": s3_bucket,
-            },
-            "karton": {"lease_timeout": 3},
-            "system": {"enable_gc": 0},
-            "logging": {"enable_publish": 0},
-        },
-        source="test",
-    )
+    config = service_config(
+        redis_url, s3_srv, s3_bucket, source="test",
+        karton={"lease_timeout": 3}, system={"enable_gc": 0}, logging={"enable_publish": 0},
+    )  # fmt: skip
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     return {"config": config, "r": client, "bucket": s3_bucket, "s3": s3_srv, "tmp": tmp_path}
 

@@ -17,9 +17,9 @@ import anyio
 import pytest
 import redis.asyncio as aredis
 
-from asynckarton import Config, Consumer, Task
+from asynckarton import Consumer, Task
 from asynckarton._services import _upkeep
-from tests.servers import RedisServer, S3Server
+from tests.servers import RedisServer, S3Server, service_config
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.integration]
 
@@ -50,18 +50,7 @@ def volatile_redis() -> Iterator[RedisServer]:
 async def test_the_bind_is_registered_again_soon_after_redis_comes_back_empty(
     volatile_redis: RedisServer, s3_srv: S3Server, s3_bucket: str
 ) -> None:
-    config = Config(search_paths=[], environ={})
-    config.load_from_dict(
-        {
-            "redis": {"url": volatile_redis.url},
-            "s3": {
-                "address": s3_srv.url,
-                "access_key": s3_srv.access_key,
-                "secret_key": s3_srv.secret_key,
-                "bucket": s3_bucket,
-            },
-        }
-    )
+    config = service_config(volatile_redis.url, s3_srv, s3_bucket)
     client = aredis.Redis.from_url(volatile_redis.url, decode_responses=True)
     consumer = Idle(config)
     try:

@@ -12,13 +12,13 @@ import redis
 import redis.exceptions
 from typer.testing import CliRunner
 
-from asynckarton import Config, Producer, Task, TaskPriority, TaskState
+from asynckarton import Producer, Task, TaskPriority, TaskState
 from asynckarton._errors import BackendUnavailableError, UnknownTaskError
 from asynckarton.backend import KartonBackend, ServerConnector
 from asynckarton.backend._keys import TASKS_QUEUE, dead_key, queue_key, task_key
 from asynckarton.cli._app import app
 from asynckarton.system._admin import cancel_crashed, last_error_line, list_crashed, restart_crashed
-from tests.servers import RedisServer, S3Server
+from tests.servers import RedisServer, S3Server, service_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -232,14 +232,7 @@ async def test_admin_functions_raise_backend_errors_when_redis_is_down(
 async def test_producer_raises_backend_error_when_redis_is_down(
     stopped_redis: RedisServer, s3_srv: S3Server, s3_bucket: str
 ) -> None:
-    config = Config(search_paths=[], environ={})
-    s3 = {
-        "address": s3_srv.url,
-        "access_key": s3_srv.access_key,
-        "secret_key": s3_srv.secret_key,
-        "bucket": s3_bucket,
-    }
-    config.load_from_dict({"redis": {"url": stopped_redis.url}, "s3": s3}, source="test")
+    config = service_config(stopped_redis.url, s3_srv, s3_bucket, source="test")
     async with Producer(config, identity="test.producer") as producer:
         with pytest.raises(BackendUnavailableError, match="failed to send tasks") as info:
             await producer.send_task(Task({"type": "sample"}))

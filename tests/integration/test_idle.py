@@ -20,7 +20,7 @@ import redis.asyncio as aredis
 from asynckarton import Config, Consumer, SystemService, Task, TaskState
 from asynckarton._services import _upkeep
 from asynckarton.storage import S3Storage
-from tests.servers import S3Server
+from tests.servers import S3Server, service_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -44,20 +44,7 @@ async def env(
         await storage.ensure_bucket(s3_bucket, create=True)
 
     def config() -> Config:
-        cfg = Config(search_paths=[], environ={})
-        cfg.load_from_dict(
-            {
-                "redis": {"url": redis_url},
-                "s3": {
-                    "address": s3_srv.url,
-                    "access_key": s3_srv.access_key,
-                    "secret_key": s3_srv.secret_key,
-                    "bucket": s3_bucket,
-                },
-                "system": {"enable_gc": "0"},
-            }
-        )
-        return cfg
+        return service_config(redis_url, s3_srv, s3_bucket, system={"enable_gc": "0"})
 
     Recorder.seen = []
     client = aredis.Redis.from_url(redis_url, decode_responses=True)
