@@ -12,6 +12,24 @@ import pytest
 from tests.servers import RedisServer, S3Server, redis_server, s3_server
 
 
+@pytest.fixture
+def published(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every line a KartonLogHandler buffers for publishing, parsed, in order."""
+    import json
+
+    from asynckarton._services._logging import KartonLogHandler
+
+    lines: list[dict[str, Any]] = []
+    append = KartonLogHandler._append
+
+    def keep(self: KartonLogHandler, item: tuple[str, str]) -> None:
+        lines.append(json.loads(item[1]))
+        append(self, item)
+
+    monkeypatch.setattr(KartonLogHandler, "_append", keep)
+    return lines
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> tuple[str, dict[str, Any]]:
     """asyncio's own loop; ``ASYNCKARTON_TEST_LOOP=uvloop`` runs the tests on uvloop, the

@@ -462,17 +462,9 @@ class Quiet(Consumer):
 
 @pytest.mark.anyio
 async def test_a_consumers_per_task_lines_on_the_console_and_in_karton_logs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, records_made: list[logging.LogRecord]
+    tmp_path: Path, published: list[dict[str, Any]], records_made: list[logging.LogRecord]
 ) -> None:
     """The CLI's set-up: published lines as before, console lines in Karton's format."""
-    published: list[dict[str, Any]] = []
-    append = KartonLogHandler._append
-
-    def keep(self: KartonLogHandler, item: tuple[str, str]) -> None:
-        published.append(json.loads(item[1]))
-        append(self, item)
-
-    monkeypatch.setattr(KartonLogHandler, "_append", keep)
     stream = io.StringIO()
     console = ConsoleHandler(stream)
     log = logging.getLogger(Quiet.identity)

@@ -211,17 +211,9 @@ async def test_per_task_lines_carry_the_consumers_real_line(tmp_path: Path) -> N
 
 @pytest.mark.anyio
 async def test_per_task_lines_carry_the_task_as_karton_logs_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, published: list[dict[str, Any]]
 ) -> None:
     """ "Received new task" carries the task as fetched (Spawned), "Task done" as finished."""
-    published: list[dict[str, Any]] = []
-    append = KartonLogHandler._append
-
-    def keep(self: KartonLogHandler, item: tuple[str, str]) -> None:
-        published.append(json.loads(item[1]))
-        append(self, item)
-
-    monkeypatch.setattr(KartonLogHandler, "_append", keep)
     log = logging.getLogger(Quiet.identity)
     level, log.level = log.level, logging.INFO
     try:
