@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -150,23 +150,31 @@ async def test_consumer_exporter_reports_handlers_outcomes_and_leases(config: Co
         await group.start(worker.run)
         await p.send_task(Task({"type": "work"}))
         await p.send_task(Task({"type": "work", "fail": 1}))
+
+        def handled(count: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                samples = await scrape(port)
+                key = ("asynckarton_handler_duration_seconds_count",
+                       frozenset({("identity", "metrics.worker")}))  # fmt: skip
+                return samples.get(key) == count
+
+            return check
+
+        # The quick tasks are done before the slow one is sent, so the in-flight gauge
+        # seen below can only be the slow handler's (a scrape between the quick tasks
+        # could otherwise catch one of them and the next scrape a gap).
+        await until(handled(2), "two quick handled tasks")
         await p.send_task(Task({"type": "work"}, payload={"sleep": 1.0}))
+        during: Samples = {}
 
         async def busy() -> bool:
-            samples = await scrape(port)
+            nonlocal during
+            during = await scrape(port)
             key = ("asynckarton_handlers_in_flight", frozenset({("identity", "metrics.worker")}))
-            return samples.get(key) == 1
+            return during.get(key) == 1
 
         await until(busy, "the slow handler to run")
-        during = await scrape(port)
-
-        async def finished() -> bool:
-            samples = await scrape(port)
-            key = ("asynckarton_handler_duration_seconds_count",
-                   frozenset({("identity", "metrics.worker")}))  # fmt: skip
-            return samples.get(key) == 3
-
-        await until(finished, "three handled tasks")
+        await until(handled(3), "three handled tasks")
         after = await scrape(port)
         worker.stop()
         system.stop()
