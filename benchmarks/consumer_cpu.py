@@ -84,7 +84,8 @@ def _run_one(server: RedisServer, workdir: Path, n: int, settings: dict[str, str
     handler = settings.get("handler", "incr")
     args = [
         "--config", str(ini), "--identity", IDENTITY,
-        "--filters", json.dumps([{"type": "bench-await"}]), "--concurrency", "64",
+        "--filters", json.dumps([{"type": "bench-await"}]),
+        "--concurrency", settings.get("concurrency", "64"),
     ]  # fmt: skip
     if handler == "incr":
         args += ["--incr-url", server.url]
@@ -92,7 +93,7 @@ def _run_one(server: RedisServer, workdir: Path, n: int, settings: dict[str, str
         args += ["--sleep-ms", "0.001"]
     elif handler != "noop":
         raise SystemExit(f"unknown handler {handler!r} (incr, noop or sleep)")
-    own = {"handler", "level", "publish"}
+    own = {"handler", "level", "publish", "concurrency"}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.update({k: v for k, v in settings.items() if k not in own})
     spy = env.pop("SPY", "")

@@ -10,6 +10,7 @@ a second one hands whatever still runs back to its queue at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -35,6 +36,7 @@ __all__ = [
     "flush_logs",
     "serve_forever",
     "startup_errors",
+    "tune_gc",
 ]
 
 LOG_FORMAT = CONSOLE_FORMAT  # karton-core's format
@@ -157,6 +159,61 @@ def event_loop_options(config: Config | None) -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
+# -- the garbage collector ---------------------------------------------------------------
+
+#: ``[karton] gc_threshold = auto``: the least size of the first generation.
+AUTO_GC_GEN0 = 10_000
+
+
+def gc_thresholds(config: Config | None) -> tuple[int, ...] | None:
+    """The ``gc.set_threshold`` arguments ``[karton] gc_threshold`` asks for (None: keep).
+
+    ``auto`` (the default) makes the first generation at least ``AUTO_GC_GEN0`` objects and
+    keeps the interpreter's other thresholds.  A consumer holds a batch of tasks in flight
+    (coroutines, frames, task objects), so with CPython's 700 every batch set off young
+    collections that promoted live tasks to the old generations, and a full collection of
+    the whole heap followed several times a second: 20% of a busy consumer's CPU
+    (benchmarks/README.md, "The garbage collector").  ``python`` keeps the interpreter's
+    thresholds; one to three integers are passed to ``gc.set_threshold`` (``0`` turns
+    automatic collection off).
+
+    Raises:
+        ConfigError: a value that is none of these.
+    """
+    option = BUILTIN["karton"]["gc_threshold"]
+    entry = None if config is None else option.lookup(config, None)
+    text = str(option.default if entry is None else entry.value).strip().lower()
+    if text == "python":
+        return None
+    if text == "auto":
+        current = gc.get_threshold()
+        return None if current[0] >= AUTO_GC_GEN0 else (AUTO_GC_GEN0, *current[1:])
+    parts = [part.strip() for part in text.split(",")]
+    if 1 <= len(parts) <= 3 and all(part.isdigit() for part in parts):
+        return tuple(int(part) for part in parts)
+    raise ConfigError(
+        "value must be auto, python or one to three non-negative integers separated by "
+        "commas (e.g. 10000,10,10)",
+        section="karton", option="gc_threshold", value=entry and entry.value,
+        source="default" if entry is None else entry.source,
+    )  # fmt: skip
+
+
+def tune_gc(config: Config | None) -> tuple[int, ...]:
+    """Apply ``[karton] gc_threshold`` to this process; return the thresholds in force.
+
+    Only the program's edge calls it (``serve_forever``, the CLI): the collector belongs
+    to the whole process, and an application that embeds services keeps its own.
+
+    Raises:
+        ConfigError: see :func:`gc_thresholds`.
+    """
+    wanted = gc_thresholds(config)
+    if wanted is not None:
+        gc.set_threshold(*wanted)
+    return gc.get_threshold()
+
+
 # -- serving -----------------------------------------------------------------------------
 
 
@@ -233,7 +290,9 @@ def serve_forever(
         supervisor = _Supervisor(services, grace)
         level = log_level or supervisor.services[0].config.logging_settings().level
         level = configure_logging(level)
-        loop_options = event_loop_options(getattr(supervisor.services[0], "config", None))
+        first_config = getattr(supervisor.services[0], "config", None)
+        loop_options = event_loop_options(first_config)
+        tune_gc(first_config)
     try:
         with startup_errors(level):
             anyio.run(supervisor.serve, backend_options=loop_options)

@@ -118,6 +118,10 @@ KARTON = (
     Option("karton", "event_loop", str, "auto", "the event loop of 'asynckarton run' and "
            "Service.main(): auto (uvloop where it is installed, else asyncio's), uvloop or "
            "asyncio", flag=""),
+    Option("karton", "gc_threshold", str, "auto", "the garbage collector of 'asynckarton "
+           "run' and Service.main(): auto (first generation at least 10000 objects), python "
+           "(the interpreter's own) or up to three integers, as gc.set_threshold takes",
+           flag=""),
     Option("karton", "metrics_port", int, None, "serve this process's Prometheus metrics on "
            "this port", "--metrics-port", minimum=0),
     Option("karton", "metrics_host", str, "0.0.0.0", "address the metrics port listens on",

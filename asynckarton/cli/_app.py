@@ -29,6 +29,7 @@ from .._services._run import (
     event_loop_options,
     serve_forever,
     startup_errors,
+    tune_gc,
 )
 from .._services._runtime import DEFAULT_BUCKET, Runtime, setting_origin
 from .._settings._builtin import BASE_FLAGS, BUILTIN, CONSUMER_FLAGS, SYSTEM_FLAGS
@@ -305,6 +306,7 @@ def demo(
         )
         typer.echo(f"asynckarton demo: {len(paths)} file(s), embedded mode, {kept}\n")
         with startup_errors(log_level):
+            tune_gc(config)
             result = anyio.run(
                 demo_module.run_demo, paths, config, timeout,
                 backend_options=event_loop_options(config),

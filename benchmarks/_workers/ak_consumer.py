@@ -11,7 +11,7 @@ import anyio
 import redis.asyncio as aredis
 
 from asynckarton import Config, Consumer, RemoteResource, Task
-from asynckarton._services._run import event_loop_options
+from asynckarton._services._run import event_loop_options, tune_gc
 from benchmarks._workers._common import COUNTER, consumer_args, setup_logging
 
 
@@ -64,7 +64,8 @@ def main() -> None:
             await consumer.run()
 
     config = Config(args.config)
-    anyio.run(run, backend_options=event_loop_options(config))  # as `asynckarton run`
+    tune_gc(config)  # as `asynckarton run` does, with its loop:
+    anyio.run(run, backend_options=event_loop_options(config))
 
 
 if __name__ == "__main__":

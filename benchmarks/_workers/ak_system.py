@@ -7,7 +7,7 @@ import argparse
 import anyio
 
 from asynckarton import Config, SystemService
-from asynckarton._services._run import event_loop_options
+from asynckarton._services._run import event_loop_options, tune_gc
 from benchmarks._workers._common import setup_logging
 
 
@@ -24,7 +24,8 @@ def main() -> None:
         async with service:
             await service.run()
 
-    anyio.run(run, backend_options=event_loop_options(config))  # as `asynckarton run`
+    tune_gc(config)  # as `asynckarton run` does, with its loop:
+    anyio.run(run, backend_options=event_loop_options(config))
 
 
 if __name__ == "__main__":
