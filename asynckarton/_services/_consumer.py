@@ -310,16 +310,20 @@ class Consumer(ServiceBase):
         try:
             with anyio.CancelScope(shield=True):
                 lease = float(self.lease_timeout or 60.0)
-                # After a pop that timed out, the queues were empty a moment ago: block
-                # again at once (an idle consumer's one call per wait).
+                # After a wait that timed out or took fewer than it could, the queues
+                # were empty a moment ago: block again at once (one call per wait).
                 items = (
                     [] if self._drained else await self.backend.fetch(self.identity, count, lease)
                 )
-                if not items:
+                drained = not items
+                if drained:
                     if self._blocking_id is None:
                         self._blocking_id = await self.backend.connection_id(self._blocking)
-                    items = await self._wait_fetch(lease)
-                self._drained = not items
+                    items = await self._wait_fetch(lease, count)
+                    # The wait's lease pops what came with the task: short of ``count``,
+                    # the queues are empty again, and the next fetch blocks at once.
+                    drained = len(items) < count
+                self._drained = drained
                 tasks = await self._accept(items)
         except TRANSIENT_ERRORS as exc:
             self._blocking_id, self._drained = None, False  # it reconnects with a new id
@@ -330,7 +334,7 @@ class Consumer(ServiceBase):
         self._backoff = 0.5
         return tasks
 
-    async def _wait_fetch(self, lease: float) -> list[tuple[str, str]]:
+    async def _wait_fetch(self, lease: float, count: int) -> list[tuple[str, str]]:
         """Block for a task, unless stop() came first (it unblocks a pop under way)."""
         if self._stop_requested:
             return []
@@ -338,7 +342,7 @@ class Consumer(ServiceBase):
         try:
             limit = self.backend.block_limit(self._blocking, BLOCKING_POP_TIMEOUT)
             wait = aligned_wait(idle_round(lease), limit)  # ends with an upkeep round
-            return await self.backend.wait_fetch(self._blocking, self.identity, lease, wait)
+            return await self.backend.wait_fetch(self._blocking, self.identity, lease, wait, count)
         finally:
             self._waiting = False
 

@@ -118,7 +118,6 @@ class BackendCore:
         self.allow_oom: bool = not isinstance(connector, EmbeddedConnector)
         self._applies: dict[tuple[str, ...], Script] = {}
         self._fetch = self._script(scripts.FETCH)
-        self._lease = self._script(scripts.LEASE)
         self._reclaim = self._script(scripts.RECLAIM)
         self._route_pop = self._script(scripts.ROUTE_POP)
         self._recover = self._script(scripts.RECOVER_ROUTING)

@@ -35,6 +35,10 @@ OOM_POLL = 0.25
 
 _ROUTE_TAKE = scripts.render(scripts.ROUTE_TAKE)  # sent by EVAL inside a pipeline
 
+#: What a router's take read: the journal's uids, their bodies (None: the key is gone)
+#: and every bind as identity -> raw JSON.
+Taken = tuple[list[str], list[str | None], dict[str, str]]
+
 
 # Scripts sent with EVAL in pipelines (redis-py adds a SCRIPT EXISTS per pipeline with
 # EVALSHA); the server caches them by digest.
@@ -78,21 +82,23 @@ class QueueBackend(BackendCore):
         return list(zip(flat[::2], flat[1::2], strict=True))
 
     async def wait_fetch(
-        self, client: aredis.Redis, identity: str, lease: float, timeout: float
+        self, client: aredis.Redis, identity: str, lease: float, timeout: float, count: int = 1
     ) -> list[tuple[str, str]]:
         """Block (on ``client``'s own connection) until a task arrives, then lease it.
 
-        The blocking pop and the lease are two commands: a process killed between them
+        The lease also pops and leases up to ``count - 1`` more (a burst that came with
+        it), so fewer than ``count`` means the queues were empty a moment ago.  The
+        blocking pop and the lease are two commands: a process killed between them
         leaves the task Spawned in no queue, which the system's orphan sweep requeues.
         """
         popped = await client.blpop(keys.consumer_queues(identity), timeout=timeout)
         if not popped:
             return []
-        uid = cast(str, popped[1])
-        bodies: list[str] = await self._lease(
-            keys=[keys.leases_key(identity)], args=[_ms(time.time() + lease), uid]
+        flat: list[str] = await self._fetch(
+            keys=[*keys.consumer_queues(identity), keys.leases_key(identity)],
+            args=[max(1, count), _ms(time.time() + lease), cast(str, popped[1])],
         )
-        return [(uid, bodies[0])]
+        return list(zip(flat[::2], flat[1::2], strict=True))
 
     async def upkeep_view(
         self,
@@ -272,9 +278,7 @@ class QueueBackend(BackendCore):
         )
         return uids
 
-    async def route_take(
-        self, instance: str, count: int
-    ) -> tuple[list[str], list[str | None], dict[str, str]]:
+    async def route_take(self, instance: str, count: int) -> Taken:
         """Top the journal up to ``count`` uids and read what routing them needs.
 
         One round trip (the ``ROUTE_TAKE`` script and ``HGETALL karton.binds`` in one
@@ -302,51 +306,78 @@ class QueueBackend(BackendCore):
         return True
 
     async def route_idle(
-        self, instance: str, timeout: float, ttl: float, *, client: aredis.Redis | None = None
-    ) -> tuple[bool, float | None]:
+        self,
+        instance: str,
+        timeout: float,
+        ttl: float,
+        *,
+        client: aredis.Redis | None = None,
+        take: int = 0,
+    ) -> tuple[bool, float | None, Taken | None]:
         """An idle router's wait: BLMOVE one uid into the journal, then renew the heartbeat.
 
         One pipeline (one round trip, one wake-up) on ``client`` (e.g. the system
         service's named connection, which this keeps in use) or the shared pool: the
         heartbeat runs when the wait ends, so its deadline (``timeout + ttl`` from now)
-        covers this wait and, with ``ttl`` longer than the next wait, that one.  Returns
-        whether a uid was moved, and the earliest heartbeat deadline of another router
-        (seconds since the epoch) or None.  Cancelling the call drops the connection: a
-        uid it moved stays in the journal.  On fakeredis (its BLMOVE does not block) the
-        wait is :meth:`_route_wait_blpop`'s; over ``maxmemory`` (BLMOVE refused) it
-        sleeps ``OOM_POLL`` and returns, and the router polls with :meth:`route_take`.
+        covers this wait and, with ``ttl`` longer than the next wait, that one.  With
+        ``take``, the same pipeline then does :meth:`route_take`'s work for ``take`` uids
+        (Redis runs a connection's commands in order, so it reads the journal the
+        BLMOVE filled): a task sent to an idle router is read without a round trip of its
+        own.  Returns whether a uid was moved, the earliest heartbeat deadline of another
+        router (seconds since the epoch) or None, and what the take read (None: no take
+        ran, call :meth:`route_take`).  Cancelling the call drops the connection: uids it
+        moved stay in the journal.  On fakeredis (its BLMOVE does not block) the wait is
+        :meth:`_route_wait_blpop`'s; over ``maxmemory`` (BLMOVE refused) it sleeps
+        ``OOM_POLL`` and polls with :meth:`route_take` (with ``take``; which a full Redis
+        runs: see ``ROUTE_TAKE``).
         """
         if not self._blmove_blocks:
             arrived = await self._route_wait_blpop(client or self.redis, timeout)
-            return arrived, await self.heartbeat_router(instance, ttl, client=client)
+            return arrived, await self.heartbeat_router(instance, ttl, client=client), None
         started = time.monotonic()
         deadline = _ms(time.time() + timeout + ttl)
         try:
-            moved, earliest = await self._route_idle_round(instance, timeout, deadline, client)
+            moved, earliest, taken = await self._route_idle_round(
+                instance, timeout, deadline, client, take
+            )
         except OutOfMemoryError:  # BLMOVE (and the plain heartbeat) refused: poll
             await anyio.sleep(min(timeout, OOM_POLL))
-            return False, await self.heartbeat_router(instance, ttl, client=client)
+            earliest_s = await self.heartbeat_router(instance, ttl, client=client)
+            return False, earliest_s, await self.route_take(instance, take) if take else None
         if moved is None and time.monotonic() - started < timeout / 2:
             # The server answered "nothing" without waiting: fakeredis (the embedded
             # default, also when served over TCP) does not block on BLMOVE.  Waiting on
             # BLPOP from now on keeps an idle router from spinning.
             self._blmove_blocks = False
-        return moved is not None, float(earliest) / 1000 if earliest else None
+        return moved is not None, float(earliest) / 1000 if earliest else None, taken
 
     async def _route_idle_round(
-        self, instance: str, timeout: float, deadline: int, client: aredis.Redis | None
-    ) -> tuple[str | None, int | None]:
+        self,
+        instance: str,
+        timeout: float,
+        deadline: int,
+        client: aredis.Redis | None,
+        take: int,
+    ) -> tuple[str | None, int | None, Taken | None]:
+        journal = keys.routing_key(instance)
         async with (client or self.redis).pipeline(transaction=False) as pipe:
             pipe.blmove(
                 keys.TASKS_QUEUE,
-                keys.routing_key(instance),
+                journal,
                 timeout,  # type: ignore[arg-type]  # Redis takes fractional seconds
                 "LEFT",
                 "RIGHT",
             )  # EVAL, not EVALSHA: a script in a pipeline costs an extra SCRIPT EXISTS
             pipe.eval(_HEARTBEAT, 1, keys.ROUTERS, instance, deadline)
-            moved, earliest = await pipe.execute()
-        return moved, earliest
+            if take:
+                pipe.eval(_ROUTE_TAKE, 2, keys.TASKS_QUEUE, journal, take)
+                pipe.hgetall(keys.BINDS)
+            replies = await pipe.execute()
+        if not take:
+            return replies[0], replies[1], None
+        moved, earliest, flat, binds = replies
+        half = len(flat) // 2
+        return moved, earliest, (flat[:half], flat[half:], binds)
 
     async def journal(self, instance: str) -> list[str]:
         """Return the uids in this router's journal (a batch taken but not committed)."""

@@ -175,12 +175,15 @@ class Writes:
         return args
 
 
-# Pop up to ARGV[1] uids from the queues in KEYS[1..n-1] (strict priority order), lease
-# each one in KEYS[n] until ARGV[2] (ms), and return uid, body pairs ('' = body missing).
-# One ZADD and one MGET per batch: commands inside scripts count in INFO commandstats.
+# Lease the uids ARGV[3..] (a blocking pop took them; none for a plain fetch) and pop
+# more from the queues in KEYS[1..n-1] (strict priority order), up to ARGV[1] uids in all;
+# lease each one in KEYS[n] until ARGV[2] (ms), and return uid, body pairs ('' = body
+# missing).  One ZADD and one MGET per batch: commands inside scripts count in INFO
+# commandstats.
 FETCH: Final = """
 local want = tonumber(ARGV[1])
 local uids = {}
+for i = 3, #ARGV do uids[#uids + 1] = ARGV[i] end
 for i = 1, #KEYS - 1 do
   if #uids >= want then break end
   local got = redis.call('LPOP', KEYS[i], want - #uids)
@@ -201,17 +204,6 @@ local out = {}
 for i, uid in ipairs(uids) do
   out[2 * i - 1] = uid
   out[2 * i] = bodies[i] or ''
-end
-return out
-"""
-
-# Lease uids a blocking pop already took (KEYS[1] = leases; ARGV = deadline, uids...) and
-# return their bodies.
-LEASE: Final = """
-local out = {}
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
-  out[#out + 1] = redis.call('GET', @TASK_PREFIX@ .. ARGV[i]) or ''
 end
 return out
 """

@@ -7,7 +7,8 @@ the compiled bind index (rebuilt only when ``karton.binds`` changed), and commit
 fork, queue push, metric, tracking entry and log record of the batch in one MULTI/EXEC
 that also clears the journal (one ``allow-oom`` script instead when Redis is over
 ``maxmemory``, so a full Redis still routes its backlog).  A task sent to an idle router
-is routed in three round trips: the BLMOVE that wakes it, the read and the commit.  A
+is routed in two round trips: the BLMOVE that wakes it, pipelined with the read of the
+batch (Redis runs them in order), and the commit.  A
 router killed mid-batch leaves the journal behind; once its heartbeat expires any router
 gives it back to ``karton.tasks``, so a batch is routed exactly once or, after a crash,
 again from scratch.
@@ -87,7 +88,7 @@ class Router:
         self._line: Callable[[str, float], str] | None = None  # see _log_record
         self.routed = 0
         self._registration = RegistrationGuard(log)  # concurrency control
-        self._drained = False  # the last round found karton.tasks empty: wait for work
+        self._drained = False  # the last round emptied karton.tasks: wait for work
         self._idle = False  # in the idle wait, whose pipeline renews the heartbeat
         self._deadline = 0.0  # when this router's heartbeat expires at the earliest
         self._busy = anyio.Event()  # set when the idle wait ends
@@ -156,11 +157,13 @@ class Router:
                 self.instance, HEARTBEAT_TTL, client=self._presence
             )
 
-    async def _wait(self) -> bool:
-        """Wait for an unrouted task (renewing the heartbeat); whether one was moved in.
+    async def _wait(self) -> tuple[bool, tuple[list[str], list[str | None]] | None]:
+        """Wait for an unrouted task (renewing the heartbeat).
 
-        One round trip per :data:`ROUTE_WAIT` s at most (:data:`ROUTE_WAIT_SHARED` with
-        other routers): a BLMOVE into the journal and the heartbeat in one pipeline.  The
+        Returns whether one was moved in, and the batch the same round trip took (None:
+        none was taken, :meth:`_take` reads it).  One round trip per :data:`ROUTE_WAIT` s
+        at most (:data:`ROUTE_WAIT_SHARED` with other routers): a BLMOVE into the
+        journal, the heartbeat and the take of :meth:`_take` in one pipeline.  The
         wait ends at the earliest heartbeat deadline of another router (a router found
         dead then has its journal recovered), and before this router's own heartbeat
         lapses.  Not shielded: cancelling it (stop) drops its connection, and a uid it
@@ -182,11 +185,16 @@ class Router:
             wait = max(0.05, min(wait, self._deadline - now - 1.0))
             async with self._presence_lock:
                 sent = time.time()
-                arrived, self._other_due = await self.backend.route_idle(
-                    self.instance, wait, ROUTE_WAIT + HEARTBEAT_TTL, client=client
-                )
+                arrived, self._other_due, taken = await self.backend.route_idle(
+                    self.instance, wait, ROUTE_WAIT + HEARTBEAT_TTL, client=client,
+                    take=self.batch_size,
+                )  # fmt: skip
                 self._deadline = sent + wait + ROUTE_WAIT + HEARTBEAT_TTL
-            return arrived
+            if taken is None:
+                return arrived, None
+            uids, bodies, binds = taken
+            self._use_binds(binds)
+            return arrived, (uids, bodies)
         finally:
             self._idle = False
             self._busy.set()
@@ -195,16 +203,19 @@ class Router:
         backoff = 0.5
         while True:
             try:
-                arrived = False
+                taken = None
                 if self._drained:
-                    arrived = await self._wait()
-                    if not arrived:
+                    arrived, taken = await self._wait()
+                    if not arrived and not (taken and taken[0]):
                         continue
                 with anyio.CancelScope(shield=True):
-                    uids, bodies = await self._take()
+                    uids, bodies = await self._take() if taken is None else taken
                     if uids:
                         await self._route(uids, bodies)
-                self._drained = not uids
+                # A take tops the batch up from karton.tasks: short of batch_size, the queue
+                # was empty, and the next round is the wait (which returns at once if a
+                # task came meanwhile) rather than a take that would find nothing.
+                self._drained = len(uids) < self.batch_size
                 backoff = 0.5
                 await anyio.lowlevel.checkpoint()
             except TRANSIENT_ERRORS as exc:

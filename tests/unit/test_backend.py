@@ -173,6 +173,26 @@ async def test_wait_fetch_blocks_until_a_task_arrives(
     assert await backend.redis.zscore(keys.leases_key("svc"), task.uid) is not None
 
 
+async def test_wait_fetch_leases_up_to_count_with_the_task_that_woke_it(
+    backend: KartonBackend, connector: EmbeddedConnector
+) -> None:
+    """The lease after the blocking pop also takes a burst, in priority order."""
+    tasks = [routed("svc") for _ in range(3)]
+    await backend.set_tasks(tasks)
+    await backend.redis.rpush(keys.queue_key("low", "svc"), tasks[0].uid)
+    await backend.redis.rpush(keys.queue_key("normal", "svc"), tasks[1].uid, tasks[2].uid)
+    blocking = connector.blocking()
+    try:
+        got = await backend.wait_fetch(blocking, "svc", 30, timeout=1, count=2)
+    finally:
+        await blocking.aclose()
+    assert [uid for uid, _ in got] == [tasks[1].uid, tasks[2].uid]
+    assert [body for _, body in got] == [t.serialize_state() for t in tasks[1:]]
+    leased = await scores(backend, keys.leases_key("svc"))
+    assert set(leased) == {tasks[1].uid, tasks[2].uid}
+    assert await backend.redis.lrange(keys.queue_key("low", "svc"), 0, -1) == [tasks[0].uid]
+
+
 async def test_leases_renew_only_existing_and_drop(backend: KartonBackend) -> None:
     await backend.redis.zadd(keys.leases_key("svc"), {"a": 1, "b": 1})
     await backend.renew_leases("svc", ["a", "stranger"], lease=60)

@@ -286,7 +286,8 @@ async def test_a_round_reads_uids_bodies_and_binds_in_one_round_trip(
             while not await queue(backend, "svc.a"):
                 await anyio.sleep(0.01)
         group.cancel_scope.cancel()
-    # route_idle: the idle wait, when the first round found nothing yet
+    # route_idle: the idle wait, when the first round found nothing yet; where BLMOVE
+    # blocks it also reads the batch (tests/integration/test_router_round_trips.py)
     assert set(calls) <= {"route_take", "route_idle", "route_commit"}, calls
     assert "route_commit" in calls, calls
-    assert calls[calls.index("route_commit") - 1] == "route_take"
+    assert calls[calls.index("route_commit") - 1] in ("route_take", "route_idle")
