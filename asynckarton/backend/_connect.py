@@ -17,12 +17,14 @@ changes for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aredis
+import redis.exceptions
 from redis.asyncio.sentinel import (
     Sentinel,
     SentinelConnectionPool,
@@ -39,7 +41,57 @@ except ImportError:  # pragma: no cover - hiredis is a declared dependency
     _hiredis_pack = None
 
 
-class FastConnection(aredis.Connection):
+class _DirectSend(aredis.Connection):
+    """Writes without ``asyncio.wait_for`` (see :meth:`send_packed_command`)."""
+
+    async def send_packed_command(
+        self, command: str | bytes | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        """Write ``command``; bound by ``socket_timeout`` only when the socket pushes back.
+
+        redis.asyncio wraps every write in ``asyncio.wait_for`` when ``socket_timeout``
+        is set: a task, a timer and two extra turns of the event loop per command, about
+        a third of the loop turns of a task delivered to an idle consumer.  A write the
+        transport buffers at once cannot time out, so only a write that leaves the
+        buffer above its high-water mark (then ``drain`` waits) gets the timeout.
+        Errors end as redis.asyncio's do: the connection is dropped and the error is a
+        ``redis.exceptions.TimeoutError`` or ``ConnectionError``.
+        """
+        writer = self._writer
+        if writer is None or not self.is_connected:
+            await super().send_packed_command(command, check_health)
+            return
+        if check_health:
+            await self.check_health()  # type: ignore[no-untyped-call]
+        try:
+            if isinstance(command, str):
+                command = command.encode()
+            if isinstance(command, bytes):
+                command = [command]
+            writer.writelines(command)
+            transport = writer.transport
+            if (
+                self.socket_timeout
+                and transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+            ):
+                async with asyncio.timeout(self.socket_timeout):
+                    await writer.drain()
+            else:
+                await writer.drain()  # returns at once: the transport is not paused
+        except TimeoutError:  # (before OSError, its base class)
+            await self.disconnect(nowait=True)
+            raise redis.exceptions.TimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await self.disconnect(nowait=True)
+            raise redis.exceptions.ConnectionError(
+                f"Error {exc.errno or 'UNKNOWN'} while writing to socket. {exc.strerror or exc}."
+            ) from exc
+        except BaseException:
+            await self.disconnect(nowait=True)
+            raise
+
+
+class FastConnection(_DirectSend):
     """A TCP connection that packs commands with hiredis (C) instead of pure Python.
 
     redis.asyncio parses replies with hiredis but packs requests in Python; for the
@@ -87,7 +139,7 @@ class _ResolveOnConnect(SentinelManagedConnection):
         )
 
 
-class FastSentinelConnection(_ResolveOnConnect):
+class FastSentinelConnection(_DirectSend, _ResolveOnConnect):
     """A Sentinel-resolved connection that packs commands as :class:`FastConnection`."""
 
     pack_command = FastConnection.pack_command
