@@ -31,7 +31,7 @@ async def test_a_write_the_peer_never_reads_times_out_and_drops_the_connection()
     port = server.sockets[0].getsockname()[1]
     connection = FastConnection(host="127.0.0.1", port=port, socket_timeout=0.3)
     try:
-        await connection.connect()
+        await connection.connect()  # type: ignore[no-untyped-call]
         await connection.send_packed_command(b"*1\r\n$4\r\nSTOP\r\n")  # no wait: buffered
         started = time.monotonic()
         with pytest.raises(redis.exceptions.TimeoutError, match="Timeout writing"):
@@ -58,7 +58,7 @@ async def test_a_write_to_a_closed_peer_is_a_connection_error() -> None:
     port = server.sockets[0].getsockname()[1]
     connection = FastConnection(host="127.0.0.1", port=port, socket_timeout=1.0)
     try:
-        await connection.connect()
+        await connection.connect()  # type: ignore[no-untyped-call]
         await connection.send_packed_command(b"*1\r\n$4\r\nSTOP\r\n")
         with pytest.raises(redis.exceptions.ConnectionError):
             for _ in range(200):  # the reset reaches the writer within a few writes
