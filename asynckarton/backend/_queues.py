@@ -87,7 +87,8 @@ class QueueBackend(BackendCore):
         """Block (on ``client``'s own connection) until a task arrives, then lease it.
 
         The lease also pops and leases up to ``count - 1`` more (a burst that came with
-        it), so fewer than ``count`` means the queues were empty a moment ago.  The
+        it), so fewer than ``count`` means the queues were empty a moment ago; it runs on
+        ``client`` too, idle once the pop returned (no pool checkout).  The
         blocking pop and the lease are two commands: a process killed between them
         leaves the task Spawned in no queue, which the system's orphan sweep requeues.
         """
@@ -97,6 +98,7 @@ class QueueBackend(BackendCore):
         flat: list[str] = await self._fetch(
             keys=[*keys.consumer_queues(identity), keys.leases_key(identity)],
             args=[max(1, count), _ms(time.time() + lease), cast(str, popped[1])],
+            client=client,
         )
         return list(zip(flat[::2], flat[1::2], strict=True))
 
