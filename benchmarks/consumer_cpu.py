@@ -5,8 +5,9 @@
 Each variant is ``name`` or ``name:KEY=VALUE,KEY=VALUE``: ``handler`` (``incr``, the
 default, awaits one INCR on its own client as plain-await's does; ``noop``; ``sleep``,
 one ``anyio.sleep`` of 1 us, i.e. one suspension and nothing else) and ``level``
-(``[logging] level``, default INFO), ``publish`` (``[logging] enable_publish``, default 1);
-any other ``KEY`` is put in the worker's environment, e.g. ``KARTON_KARTON_EVENT_LOOP=
+(``[logging] level``, default INFO), ``publish`` (``[logging] enable_publish``, default 1),
+``concurrency`` (default 64), ``keys`` (N: running_concurrency = keys on ``headers.key``,
+N values, rerouted, as the keys scenario); any other ``KEY`` is put in the worker's environment, e.g. ``KARTON_KARTON_EVENT_LOOP=
 asyncio`` or ``SPY=/tmp/stacks.txt`` (run the worker under ``py-spy record``, raw stacks;
 its CPU figure is then meaningless).
 
@@ -46,16 +47,21 @@ def _variant(text: str) -> tuple[str, dict[str, str]]:
     return name, settings
 
 
-def _fill(client: redis.Redis, n: int) -> None:
-    """``n`` Spawned tasks in the consumer's queue, as a router leaves them."""
+def _fill(client: redis.Redis, n: int, keys: int = 0) -> None:
+    """``n`` Spawned tasks in the consumer's queue, as a router leaves them.
+
+    With ``keys``, ``headers.key`` cycles through that many values (the keys scenario).
+    """
     root = str(uuid.uuid4())
     pipe = client.pipeline(transaction=False)
-    for _ in range(n):
+    for i in range(n):
         uid = str(uuid.uuid4())
         now = time.time()
         body = {
             "uid": uid, "root_uid": root, "parent_uid": None, "orig_uid": uid,
-            "headers": {"type": "bench-await", "receiver": IDENTITY}, "status": "Spawned",
+            "headers": {"type": "bench-await", "receiver": IDENTITY}
+            | ({"key": f"k{i % keys}"} if keys else {}),
+            "status": "Spawned",
             "last_update": now, "payload": {"sent": now}, "payload_persistent": {},
             "priority": "normal", "error": None,
         }  # fmt: skip
@@ -71,6 +77,12 @@ def _ini(path: Path, port: int, settings: dict[str, str]) -> None:
         f"[logging]\nlevel = {settings.get('level', 'INFO')}\n"
         f"enable_publish = {settings.get('publish', '1')}\n"
         "[system]\nenable_gc = 0\nenable_task_tracking = 1\n"
+        + (
+            "[karton]\nrunning_concurrency = keys\nkey_arguments = headers.key\n"
+            "reroute_on_concurrency_control = 1\n"
+            if settings.get("keys")
+            else ""
+        )
     )
 
 
@@ -78,7 +90,7 @@ def _run_one(server: RedisServer, workdir: Path, n: int, settings: dict[str, str
     """CPU us per delivery of one drain of ``n`` tasks."""
     client = redis.Redis(port=server.port)
     client.flushall()
-    _fill(client, n)
+    _fill(client, n, int(settings.get("keys", "0")))
     ini = workdir / "bench.ini"
     _ini(ini, server.port, settings)
     handler = settings.get("handler", "incr")
@@ -93,7 +105,7 @@ def _run_one(server: RedisServer, workdir: Path, n: int, settings: dict[str, str
         args += ["--sleep-ms", "0.001"]
     elif handler != "noop":
         raise SystemExit(f"unknown handler {handler!r} (incr, noop or sleep)")
-    own = {"handler", "level", "publish", "concurrency"}
+    own = {"handler", "level", "publish", "concurrency", "keys"}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.update({k: v for k, v in settings.items() if k not in own})
     spy = env.pop("SPY", "")
