@@ -184,7 +184,8 @@ async def test_consumer_exporter_reports_handlers_outcomes_and_leases(config: Co
     assert value(after, "asynckarton_handlers_in_flight", **me) == 0
     assert value(after, "asynckarton_tasks_processed_total", outcome="ok", **me) == 2
     assert value(after, "asynckarton_tasks_processed_total", outcome="error", **me) == 1
-    assert value(after, "asynckarton_handler_duration_seconds_sum", **me) >= 1.0
+    # >= 0.99: uvloop's timers run on a millisecond clock, so a 1 s sleep can end early
+    assert value(after, "asynckarton_handler_duration_seconds_sum", **me) >= 0.99
     assert value(after, "asynckarton_lease_renewals_total", **me) >= 1
     assert value(after, "asynckarton_event_loop_lag_seconds") >= 0
 

@@ -130,7 +130,7 @@ async def test_a_stale_or_damaged_snapshot_is_replaced_by_the_next_pass(
     await anyio.sleep(0.05)
     stale = await DeploymentState.load(backend)
     assert stale.tasks is not None and stale.tasks.counts == before.tasks.counts
-    assert stale.tasks.age >= 0.05
+    assert stale.tasks.age >= 0.045  # uvloop's timers run on a millisecond clock
     await backend.redis.set(keys.GC_COUNTS, '{"counts": [["svc.a", "normal"')  # damaged
     assert (await DeploymentState.load(backend)).tasks is None  # never a partial count
 
