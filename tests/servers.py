@@ -334,6 +334,22 @@ class S3Server:
         self._server.stop()
 
 
+def service_sections(
+    redis_url: str, s3: S3Server, bucket: str, **sections: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """``[redis] url``, ``[s3]`` of ``s3`` and ``bucket``, then ``sections``, as a dict."""
+    return {
+        "redis": {"url": redis_url},
+        "s3": {
+            "address": s3.url,
+            "access_key": s3.access_key,
+            "secret_key": s3.secret_key,
+            "bucket": bucket,
+        },
+        **sections,
+    }
+
+
 def service_config(
     redis_url: str,
     s3: S3Server,
@@ -342,23 +358,11 @@ def service_config(
     source: str = "arguments",
     **sections: dict[str, Any],
 ) -> Config:
-    """A Config of no file: ``[redis] url``, ``[s3]`` of ``s3`` and ``bucket``, ``sections``."""
+    """A Config of no file: :func:`service_sections` loaded from ``source``."""
     from asynckarton import Config
 
     config = Config(search_paths=[], environ={})
-    config.load_from_dict(
-        {
-            "redis": {"url": redis_url},
-            "s3": {
-                "address": s3.url,
-                "access_key": s3.access_key,
-                "secret_key": s3.secret_key,
-                "bucket": bucket,
-            },
-            **sections,
-        },
-        source=source,
-    )
+    config.load_from_dict(service_sections(redis_url, s3, bucket, **sections), source=source)
     return config
 
 

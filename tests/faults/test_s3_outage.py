@@ -45,7 +45,7 @@ from asynckarton import (
 from asynckarton.storage import S3Storage
 from asynckarton.system import GarbageCollector
 from tests.faults.conftest import REPO
-from tests.servers import RestartableS3Server, restartable_s3_server
+from tests.servers import RestartableS3Server, restartable_s3_server, service_sections
 
 pytestmark = [
     pytest.mark.anyio,
@@ -69,17 +69,9 @@ class Env:
     def __init__(self, redis_url: str, s3: RestartableS3Server, bucket: str, tmp: Path) -> None:
         self.s3 = s3
         self.bucket = bucket
-        self.sections: dict[str, dict[str, Any]] = {
-            "redis": {"url": redis_url},
-            "s3": {
-                "address": s3.url,
-                "access_key": s3.access_key,
-                "secret_key": s3.secret_key,
-                "bucket": bucket,
-            },
-            "system": {"enable_gc": "0"},
-            "karton": {"lease_timeout": 5},
-        }
+        self.sections = service_sections(
+            redis_url, s3, bucket, system={"enable_gc": "0"}, karton={"lease_timeout": 5}
+        )
         self.ini = tmp / "karton.ini"
         self.ini.write_text(
             "".join(

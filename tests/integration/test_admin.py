@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +21,6 @@ from asynckarton.system._admin import cancel_crashed, last_error_line, list_cras
 from tests.servers import RedisServer, S3Server, service_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-
-@pytest.fixture
-async def backend(redis_url: str) -> AsyncIterator[KartonBackend]:
-    backend = KartonBackend(ServerConnector(url=redis_url))
-    yield backend
-    await backend.aclose()
 
 
 def routed(receiver: str, status: TaskState, *, priority: TaskPriority | None = None) -> Task:

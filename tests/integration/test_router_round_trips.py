@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import anyio
 import pytest
 
 from asynckarton import Task
-from asynckarton.backend import Bind, KartonBackend, ServerConnector
+from asynckarton.backend import Bind, KartonBackend
 from asynckarton.backend import _keys as keys
 from asynckarton.system import Router
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-
-@pytest.fixture
-async def backend(redis_url: str) -> AsyncIterator[KartonBackend]:
-    backend = KartonBackend(ServerConnector(url=redis_url))
-    yield backend
-    await backend.aclose()
 
 
 def record(backend: KartonBackend, monkeypatch: pytest.MonkeyPatch) -> list[str]:

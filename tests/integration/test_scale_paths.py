@@ -27,7 +27,7 @@ from asynckarton import Config, Task, TaskPriority, TaskState
 from asynckarton._services._inspect import DeploymentState
 from asynckarton._services._metrics import SystemMetrics
 from asynckarton._settings._options import SystemSettings
-from asynckarton.backend import Bind, KartonBackend, ServerConnector, _core
+from asynckarton.backend import Bind, KartonBackend, _core
 from asynckarton.backend import _keys as keys
 from asynckarton.storage import LocalStorage
 from asynckarton.system import GarbageCollector
@@ -37,13 +37,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 HOUR = 3600.0
 LOG = logging.getLogger("test.scale")
-
-
-@pytest.fixture
-async def backend(redis_url: str) -> AsyncIterator[KartonBackend]:
-    backend = KartonBackend(ServerConnector(url=redis_url))
-    yield backend
-    await backend.aclose()
 
 
 @pytest.fixture
